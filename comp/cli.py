@@ -1,0 +1,25 @@
+"""What every comp CLI shares: --config / --set, a console, quiet third-party logging."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the common --config and --set options."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    p.add_argument("--config", default="comp.toml", help="config file (default comp.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+    return p
+
+
+def console() -> Console:
+    """A console for a CLI run; also quiets transformers' load reports and download bars."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return Console(highlight=False, soft_wrap=True)

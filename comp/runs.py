@@ -1,0 +1,104 @@
+"""A run's per-fold artifacts: train a fold and write them atomically; read and check them back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from comp import __version__, metrics
+from comp.artifacts import atomic_path, read_json, read_npy, write_json, write_npy, write_text
+from comp.config import Config, to_toml
+from comp.data import Competition
+from comp.engine import Rows, fit_fold
+from comp.errors import CompError
+from comp.features import MetaEncoder
+from comp.model import build_model
+
+FILES = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy",
+         "test_ids.npy", "config.toml", "metrics.json")
+
+
+def is_complete(cfg: Config, fold: int) -> bool:
+    """A fold is finished when its metrics.json (written last) says so."""
+    path = cfg.fold_dir(fold) / "metrics.json"
+    return path.is_file() and read_json(path).get("status") == "complete"
+
+
+def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of a fold's training part and validation part (disjoint, together every row)."""
+    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+
+
+def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
+               train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console) -> dict:
+    """Fit the metadata encoders and the model on one fold, then write every artifact of that fold."""
+    out = cfg.fold_dir(fold)
+    (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
+    tr, va = split(folds, fold)
+    encoder = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
+    rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
+    train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
+    val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
+    test_rows = Rows(test_tokens, encoder.transform(comp.test))
+    unseen = encoder.unseen(comp.test)
+    if any(unseen.values()):
+        console.print(f"fold {fold}: categories unseen in training encode to zeros; test rows affected: "
+                      + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
+    model = build_model(cfg.model, encoder.width, len(comp.classes))
+    console.print(f"fold {fold}: {len(tr)} train rows, {len(va)} validation rows, {len(test_rows)} test rows, "
+                  f"{encoder.width} metadata features")
+    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold)
+
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
+    encoder.save(out / "encoders.joblib")
+    write_npy(out / "oof_logits.npy", result.val_logits)
+    write_npy(out / "oof_ids.npy", comp.train_ids[va])
+    write_npy(out / "test_logits.npy", result.test_logits)
+    write_npy(out / "test_ids.npy", comp.test_ids)
+    write_text(out / "config.toml", to_toml(cfg))
+    best = result.history[result.best_epoch - 1]
+    record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": result.best_epoch,
+              "best": best, "history": result.history, "monitor": cfg.train.monitor,
+              "config_hash": cfg.hash(), "folds_fingerprint": folds_fp, "model": cfg.model.name_or_path,
+              "comp_version": __version__, "torch_version": torch.__version__, "classes": comp.classes,
+              "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows), "unseen_categories": unseen,
+              "oof": metrics.score(comp.y[va], result.val_logits), "seconds": round(result.seconds, 1),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(out / "metrics.json", record)
+    return record
+
+
+@dataclass
+class FoldOutputs:
+    """One finished fold's logits, ids and record."""
+
+    fold: int
+    record: dict
+    oof_ids: np.ndarray
+    oof_logits: np.ndarray
+    test_ids: np.ndarray
+    test_logits: np.ndarray
+
+
+def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
+    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or config."""
+    out = cfg.fold_dir(fold)
+    if not is_complete(cfg, fold):
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
+                        f"run python -m comp.train --fold {fold} (or --all)")
+    record = read_json(out / "metrics.json")
+    if record.get("folds_fingerprint") != folds_fp:
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
+                        f"retrain it with python -m comp.train --fold {fold} --force")
+    if record.get("config_hash") != cfg.hash():
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
+                        f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
+                        f"restore that config or retrain with python -m comp.train --fold {fold} --force")
+    return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
+                       read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))

@@ -1,0 +1,63 @@
+"""`python -m comp.train`: train one fold (--fold K) or every fold (--all) of the configured run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from comp import cli
+from comp import config as config_mod
+from comp.data import load_competition
+from comp.engine import tokenize
+from comp.errors import CompError, run_cli
+from comp.folds import load_folds
+from comp.model import load_tokenizer
+from comp.runs import is_complete, train_fold
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train folds; each writes its weights, encoders, OOF and test logits and metrics under folds/<run>/."""
+    parser = cli.parser("comp.train", main.__doc__)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fold", type=int, help="the fold to train (0 .. n_splits-1)")
+    which.add_argument("--all", action="store_true", help="train every fold in turn")
+    parser.add_argument("--force", action="store_true", help="retrain folds that are already finished")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    n = cfg.folds.n_splits
+    if args.fold is not None and not 0 <= args.fold < n:
+        raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")
+    console = cli.console()
+    comp = load_competition(cfg)
+    folds, folds_fp = load_folds(cfg, comp)
+    todo = list(range(n)) if args.all else [args.fold]
+    skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
+    for k in skipped:
+        console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
+    todo = [k for k in todo if k not in skipped]
+    if not todo:
+        return 0
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    if tokenizer.pad_token_id is None:
+        raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
+    train_tokens = tokenize(tokenizer, comp.train_text, cfg.model.max_length)
+    test_tokens = tokenize(tokenizer, comp.test_text, cfg.model.max_length)
+    console.print(f"tokenized {len(train_tokens)} train and {len(test_tokens)} test rows "
+                  f"in {time.perf_counter() - t0:.1f}s")
+    for k in todo:
+        record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console)
+        b = record["best"]
+        console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
+                      f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
+                      f"-> {cfg.fold_dir(k)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
