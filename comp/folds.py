@@ -28,13 +28,13 @@ def fingerprint(ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int) -
     return h.hexdigest()[:16]
 
 
-def make_folds(labels: np.ndarray, n_splits: int, seed: int, ids: np.ndarray | None = None) -> np.ndarray:
+def make_folds(labels: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
     """The fold number of each row (shuffled, seeded StratifiedKFold)."""
     classes, counts = np.unique(labels, return_counts=True)
     small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < n_splits]
     if small:
         c, n = small[0]
-        raise CompError(f"class {c!r} has {n} row(s), fewer than folds.n_splits = {n_splits}; "
+        raise CompError(f"class {c} has {n} row(s), fewer than folds.n_splits = {n_splits}; "
                         "lower folds.n_splits or merge / drop that class")
     fold = np.full(len(labels), -1, dtype=np.int64)
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = config_mod.load(args.config, args.set)
         comp = load_competition(cfg)
-        fold = make_folds(comp.y, cfg.folds.n_splits, cfg.folds.seed)
         labels = np.array(comp.classes)[comp.y]
+        fold = make_folds(labels, cfg.folds.n_splits, cfg.folds.seed)
         new_fp = fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed)
         old = read_json(meta_path(cfg)) if meta_path(cfg).is_file() else {}
         dependants = trained_runs(cfg)

@@ -14,7 +14,7 @@ from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_json, read_npy, write_json, write_npy, write_text
 from comp.config import Config, to_toml
 from comp.data import Competition
-from comp.engine import Rows, fit_fold
+from comp.engine import Rows, fit_fold, seed_everything
 from comp.errors import CompError
 from comp.features import MetaEncoder
 from comp.model import build_model
@@ -49,6 +49,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     if any(unseen.values()):
         console.print(f"fold {fold}: categories unseen in training encode to zeros; test rows affected: "
                       + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
+    seed_everything(cfg.train.seed + fold)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes))
     console.print(f"fold {fold}: {len(tr)} train rows, {len(va)} validation rows, {len(test_rows)} test rows, "
                   f"{encoder.width} metadata features")

@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     """Score the out-of-fold predictions (CV) and write submissions/<run>.csv from the fold-averaged test logits."""
     parser = cli.parser("comp.submit", main.__doc__)
     args = parser.parse_args(argv)
-    return run_cli(lambda: submit(config_mod.load(args.config, args.set)))
+
+    def body() -> int:
+        submit(config_mod.load(args.config, args.set))
+        return 0
+
+    return run_cli(body)
 
 
 def submit(cfg: Config, console: Console | None = None) -> dict:
@@ -117,8 +122,8 @@ def submit(cfg: Config, console: Console | None = None) -> dict:
         table.add_column(col, justify="right")
     for o, m in zip(outputs, per_fold, strict=True):
         table.add_row(str(o.fold), str(o.record["best_epoch"]), *(f"{m[k]:.4f}" for k in METRICS))
-    table.add_row("mean ± std", "", *(f"{np.mean([m[k] for m in per_fold]):.4f} ± "
-                                      f"{np.std([m[k] for m in per_fold]):.4f}" for k in METRICS), style="bold")
+    table.add_row("mean±std", "", *(f"{np.mean([m[k] for m in per_fold]):.4f}±{np.std([m[k] for m in per_fold]):.4f}"
+                                    for k in METRICS), style="bold")
     table.add_row("CV (all OOF)", "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
     console.print(table)
     console.print(f"CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"

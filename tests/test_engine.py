@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from comp import engine
+from comp.config import ModelConfig, TrainConfig
+from comp.engine import EarlyStopping, Rows
+from comp.model import build_model, load_tokenizer
+
+
+def test_train_batches_cover_every_row_once_and_bucket_by_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=1003)
+    batches = engine.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1003))
+    # within a batch the lengths are close: far tighter than random batches
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 0.25 * np.ptp(lengths)
+    again = engine.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = engine.train_batches(lengths, 16, np.random.default_rng(2), pool=10)
+    assert not np.array_equal(np.concatenate(other), flat)
+
+
+def test_inference_batches_sorted_and_complete():
+    lengths = np.array([5, 1, 9, 3, 7])
+    batches = engine.inference_batches(lengths, 2)
+    assert np.concatenate(batches).tolist() == [1, 3, 0, 4, 2]
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    mcfg = ModelConfig(name_or_path=str(tiny_model), head_hidden=(8,), dropout=0.0, max_length=48)
+    tok = load_tokenizer(mcfg)
+    texts = ["the dress fits", "lovely", "awful broken refund the size was very plain and the color feels ugly",
+             "okay shirt", "great comfy fabric and stunning color"] * 3
+    rows = Rows(engine.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(15, 2)).astype(np.float32),
+                np.arange(15) % 3)
+    return mcfg, tok, rows
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_never_changes_a_prediction(tiny, pooling):
+    mcfg, tok, rows = tiny
+    mcfg = ModelConfig(**{**mcfg.__dict__, "pooling": pooling})
+    torch.manual_seed(0)
+    model = build_model(mcfg, 2, 3)
+    cpu = torch.device("cpu")
+    one_by_one = engine.predict(model, rows, 1, tok.pad_token_id, cpu, None)  # no padding at all
+    batched = engine.predict(model, rows, 4, tok.pad_token_id, cpu, None)   # padded to each batch's longest row
+    assert np.allclose(one_by_one, batched, atol=1e-5)
+
+
+def test_predict_restores_row_order(tiny):
+    mcfg, tok, rows = tiny
+    model = build_model(mcfg, 2, 3)
+    full = engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    reversed_rows = Rows(rows.tokens[::-1], rows.meta[::-1].copy(), None)
+    back = engine.predict(model, reversed_rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    assert np.allclose(full, back[::-1], atol=1e-5)
+
+
+def test_pooling_changes_the_computation(tiny):
+    mcfg, tok, rows = tiny
+    outs = []
+    for pooling in ("cls", "mean"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**mcfg.__dict__, "pooling": pooling}), 2, 3)
+        outs.append(engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None))
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_metadata_reaches_the_head(tiny):
+    mcfg, tok, rows = tiny
+    model = build_model(mcfg, 2, 3)
+    a = engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    b = engine.predict(model, Rows(rows.tokens, rows.meta + 1.0), 4, tok.pad_token_id, torch.device("cpu"), None)
+    assert not np.allclose(a, b)
+
+
+def test_optimizer_groups_use_their_learning_rates(tiny):
+    mcfg, _, _ = tiny
+    model = build_model(mcfg, 2, 3)
+    opt = engine.make_optimizer(model, TrainConfig(encoder_lr=1e-5, head_lr=1e-3))
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+    for group in opt.param_groups:
+        expected = 1e-5 if id(group["params"][0]) in encoder_ids else 1e-3
+        assert group["lr"] == expected
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))
+
+
+def test_early_stopping():
+    s = EarlyStopping("val_loss", patience=2)
+    assert s.step(1.0, 1) and not s.step(1.1, 2) and not s.should_stop
+    assert not s.step(1.2, 3) and s.should_stop and s.best_epoch == 1
+    f1 = EarlyStopping("val_macro_f1", patience=1)
+    assert f1.step(0.3, 1) and f1.step(0.5, 2) and not f1.step(0.4, 3) and f1.should_stop and f1.best_epoch == 2
