@@ -34,14 +34,15 @@ class Competition:
     y: np.ndarray
     train_text: list[str]
     test_text: list[str]
+    id_col: str
 
     @property
     def train_ids(self) -> np.ndarray:
-        return self.train.iloc[:, 0].to_numpy(dtype=str)
+        return self.train[self.id_col].to_numpy(dtype=str)
 
     @property
     def test_ids(self) -> np.ndarray:
-        return self.test.iloc[:, 0].to_numpy(dtype=str)
+        return self.test[self.id_col].to_numpy(dtype=str)
 
 
 def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -56,7 +57,8 @@ def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple
         if ".parquet" in suffixes:
             df = pd.read_parquet(path)
         elif ".jsonl" in suffixes or ".json" in suffixes:
-            df = pd.read_json(path, lines=".jsonl" in suffixes, dtype=as_str or None, encoding="utf-8")
+            lines = ".jsonl" in suffixes or _first_char(path) == "{"  # a .json file may hold JSON lines too
+            df = pd.read_json(path, lines=lines, dtype=as_str or None, encoding="utf-8")
         else:
             sep = "\t" if ".tsv" in suffixes else ","
             df = pd.read_csv(path, sep=sep, dtype=as_str, encoding="utf-8", keep_default_na=True)
@@ -71,6 +73,11 @@ def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple
         if col in df.columns:
             df[col] = df[col].map(lambda v: v if isinstance(v, str) or _isna(v) else _spell(v))
     return df
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read(4096).lstrip()[:1]
 
 
 def load_competition(cfg: Config, with_test: bool = True) -> Competition:
@@ -89,7 +96,7 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
     train = train.reset_index(drop=True)
     train_text = _join_text(train, cfg, cfg.path(d.train))
 
-    test, sample, test_text = train.iloc[:0], None, []
+    test, sample, test_text = train.iloc[:0].drop(columns=[d.label]), None, []
     if with_test:
         test = read_table(cfg.path(d.test), "test", d.id)
         _require_columns(test, cfg.path(d.test), [d.id, *d.text, *d.categorical, *d.numeric])
@@ -110,7 +117,7 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
     classes = _sorted_classes(train[d.label].unique())
     index = {c: i for i, c in enumerate(classes)}
     y = train[d.label].map(index).to_numpy(dtype=np.int64)
-    return Competition(train, test, sample, classes, y, train_text, test_text)
+    return Competition(train, test, sample, classes, y, train_text, test_text, d.id)
 
 
 def _load_sample(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,12 @@ def test_loads_and_joins_text(project):
     assert np.array_equal(np.array(comp.classes)[comp.y], comp.train["label"].to_numpy())
 
 
+def test_id_column_anywhere(tmp_path, tiny_model):
+    tables = {k: v[[c for c in v.columns if c != "id"] + ["id"]] for k, v in make_tables().items()}
+    comp = load(write_project(tmp_path, tiny_model, tables))
+    assert comp.train_ids[0] == "1000" and comp.test_ids[0] == "1090"
+
+
 def test_subsample_is_stratified_and_seeded(project):
     a, b = load(project, "data.train_rows=30"), load(project, "data.train_rows=30")
     assert len(a.train) == 30 and list(a.train_ids) == list(b.train_ids)
@@ -91,9 +97,11 @@ def test_reads_jsonl_and_parquet(project):
     root = project.parent
     train = pd.read_csv(root / "data" / "train.csv")
     train.to_json(root / "data" / "train.jsonl", orient="records", lines=True)
+    train.to_json(root / "data" / "lines.json", orient="records", lines=True, force_ascii=False)
+    train.to_json(root / "data" / "array.json", orient="records")
     train.to_parquet(root / "data" / "train.parquet")
     csv = load(project)
-    for name in ("train.jsonl", "train.parquet"):
+    for name in ("train.jsonl", "lines.json", "array.json", "train.parquet"):
         other = load(project, f"data.train='data/{name}'")
         assert other.train_text == csv.train_text and list(other.train_ids) == list(csv.train_ids)
         assert np.array_equal(other.y, csv.y)
