@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     log_every: int = 20
+    checkpoint_every: int = 500
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs must be >= 1")
@@ -115,12 +116,13 @@ class TrainConfig:
                  "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         _require(self.precision in ("auto", "fp32", "bf16"), "train.precision must be 'auto', 'fp32' or 'bf16'")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
 
 
 SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir"},
-            "train": {"device", "eval_batch_size", "log_every"}}
+            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
 
 
 @dataclass(frozen=True)

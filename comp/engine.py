@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from comp import metrics
+from comp.artifacts import atomic_path
 from comp.config import MONITORS, Config, TrainConfig
 from comp.errors import CompError
 from comp.model import TextMetaClassifier
@@ -133,16 +137,32 @@ def make_progress(console: Console) -> Progress:
                     console=console, transient=True, disable=not console.is_terminal)
 
 
+@dataclass
+class FitState:
+    """Where a fold's training stands; everything needed, with the model and optimizer, to resume it exactly."""
+
+    epoch: int = 1                  # the epoch in progress (or the next to start)
+    step: int = 0                   # batches of that epoch already done
+    loss_sum: float = 0.0           # summed training loss of those batches
+    seen: int = 0                   # rows in those batches
+    epoch_rng: dict | None = None   # the batch-order generator's state at the start of `epoch`
+    history: list = field(default_factory=list)
+    finished: bool = False
+
+
 def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndarray], optimizer, scheduler,
                     loss_fn: nn.Module, tcfg: TrainConfig, pad_id: int, device: torch.device,
-                    amp_dtype: torch.dtype | None, progress: Progress, description: str) -> float:
-    """One pass over the batches; returns the mean training loss."""
+                    amp_dtype: torch.dtype | None, progress: Progress, description: str,
+                    state: FitState | None = None, on_checkpoint: Callable[[], None] | None = None) -> float:
+    """One pass over the batches (from state.step on, when resuming); returns the mean training loss."""
+    state = state or FitState()
     model.train()
-    task = progress.add_task(description, total=len(batches), info="")
+    task = progress.add_task(description, total=len(batches), completed=state.step, info="")
     y = torch.from_numpy(rows.y).to(device)
-    total = torch.zeros((), device=device)
-    seen = 0
-    for step, index in enumerate(batches, 1):
+    total = torch.tensor(state.loss_sum, dtype=torch.float32, device=device)
+    seen = state.seen
+    for step in range(state.step + 1, len(batches) + 1):
+        index = batches[step - 1]
         input_ids, mask, meta = collate(rows, index, pad_id, device)
         logits = model(input_ids, mask, meta, amp_dtype)
         loss = loss_fn(logits, y[index])
@@ -157,6 +177,9 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
         if step % tcfg.log_every == 0 or step == len(batches):
             # the only host sync: every log_every steps, for the progress bar
             progress.update(task, completed=step, info=f"loss {total.item() / seen:.4f}")
+        if on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < len(batches):
+            state.step, state.loss_sum, state.seen = step, float(total.item()), seen
+            on_checkpoint()
     progress.remove_task(task)
     return float(total.item() / max(seen, 1))
 
@@ -201,6 +224,47 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.bad_epochs >= self.patience
 
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = d["best"], d["best_epoch"], d["bad_epochs"]
+
+
+class Checkpoint:
+    """The fold's `last` checkpoint: model, optimizer, scheduler, loop state, best weights so far, RNG states."""
+
+    def __init__(self, path: Path, identity: dict):
+        self.path, self.identity = path, identity
+
+    def save(self, model, optimizer, scheduler, state: FitState, stopper: EarlyStopping,
+             best_state: dict | None, best_val: np.ndarray | None) -> None:
+        """Write the checkpoint atomically."""
+        blob = {"identity": self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "fit": dataclasses.asdict(state),
+                "stopper": stopper.state_dict(), "best_state": best_state,
+                "best_val": None if best_val is None else torch.from_numpy(best_val),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        with atomic_path(self.path) as tmp:
+            torch.save(blob, tmp)
+
+    def load(self) -> dict | None:
+        """The saved checkpoint, or None when there is none or it belongs to another config / split."""
+        if not self.path.is_file():
+            return None
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read it means a broken file
+            raise CompError(f"checkpoint {self.path} is unreadable ({exc.__class__.__name__}): delete it to start "
+                            "the fold over, or pass --force") from None
+        if blob.get("identity") != self.identity:
+            return None
+        return blob
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
 
 @dataclass
 class FoldResult:
@@ -212,11 +276,13 @@ class FoldResult:
     test_logits: np.ndarray
     state_dict: dict
     seconds: float
+    resumed_from: dict | None = None
 
 
 def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows: Rows, test_rows: Rows,
-             pad_id: int, console: Console, fold: int = 0) -> FoldResult:
-    """Train one fold with early stopping; return the best epoch's weights, OOF logits and test logits."""
+             pad_id: int, console: Console, fold: int = 0, checkpoint: Checkpoint | None = None) -> FoldResult:
+    """Train one fold with early stopping (resuming from `checkpoint` if it holds one); return the best
+    epoch's weights, OOF logits and test logits."""
     tcfg = cfg.train
     started = time.perf_counter()
     device = resolve_device(tcfg)
@@ -230,22 +296,45 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     loss_fn = nn.CrossEntropyLoss()
     stopper = EarlyStopping(tcfg.monitor, tcfg.patience)
-    history: list[dict] = []
-    best_state, best_val = None, None
+    state = FitState(epoch_rng=rng.bit_generator.state)
+    best_state, best_val, resumed_from = None, None, None
+
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = FitState(**saved["fit"])
+        stopper.load_state_dict(saved["stopper"])
+        best_state = saved["best_state"]
+        best_val = None if saved["best_val"] is None else saved["best_val"].numpy()
+        random.setstate(_as_tuple(saved["rng"]["python"]))
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        resumed_from = {"epoch": state.epoch, "step": state.step}
+        console.print(f"fold {fold}: resuming from {checkpoint.path} at epoch {state.epoch}, step {state.step}")
+
+    def save_checkpoint() -> None:
+        if checkpoint:
+            checkpoint.save(model, optimizer, scheduler, state, stopper, best_state, best_val)
+
     lengths = train_rows.lengths
     with make_progress(console) as progress:
-        for epoch in range(1, tcfg.epochs + 1):
-            t0 = time.perf_counter()
+        while not state.finished:
+            epoch, t0 = state.epoch, time.perf_counter()
+            rng.bit_generator.state = state.epoch_rng
             batches = train_batches(lengths, tcfg.batch_size, rng)
             train_loss = train_one_epoch(model, train_rows, batches, optimizer, scheduler, loss_fn, tcfg, pad_id,
-                                         device, amp_dtype, progress, f"fold {fold} epoch {epoch}/{tcfg.epochs}")
+                                         device, amp_dtype, progress, f"fold {fold} epoch {epoch}/{tcfg.epochs}",
+                                         state, save_checkpoint)
             val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
                                  f"fold {fold} validate")
             m = metrics.score(val_rows.y, val_logits)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
                    "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
                    "seconds": round(time.perf_counter() - t0, 2)}
-            history.append(row)
+            state.history.append(row)
             improved = stopper.step(row[tcfg.monitor], epoch)
             if improved:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -255,9 +344,16 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
                           f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)
             if stopper.should_stop:
                 console.print(f"fold {fold}: early stop, no {tcfg.monitor} gain for {tcfg.patience} epoch(s)")
-                break
+            state = FitState(epoch=epoch + 1, epoch_rng=rng.bit_generator.state, history=state.history,
+                             finished=stopper.should_stop or epoch >= tcfg.epochs)
+            save_checkpoint()
         model.load_state_dict(best_state)
         test_logits = predict(model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
                               f"fold {fold} predict test")
-    return FoldResult(stopper.best_epoch, history, best_val, test_logits, best_state,
-                      time.perf_counter() - started)
+    return FoldResult(stopper.best_epoch, state.history, best_val, test_logits, best_state,
+                      time.perf_counter() - started, resumed_from)
+
+
+def _as_tuple(x):
+    """random.setstate needs tuples where a checkpoint may hand back lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

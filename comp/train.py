@@ -13,7 +13,7 @@ from comp.engine import tokenize
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
-from comp.runs import is_complete, train_fold
+from comp.runs import is_complete, train_fold, verify_fold
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +38,13 @@ def train(args: argparse.Namespace) -> int:
     todo = list(range(n)) if args.all else [args.fold]
     skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
     for k in skipped:
+        verify_fold(cfg, k)
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
     if not todo:
         return 0
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.root)
     if tokenizer.pad_token_id is None:
         raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
     train_tokens = tokenize(tokenizer, comp.train_text, cfg.model.max_length)
@@ -51,7 +52,8 @@ def train(args: argparse.Namespace) -> int:
     console.print(f"tokenized {len(train_tokens)} train and {len(test_tokens)} test rows "
                   f"in {time.perf_counter() - t0:.1f}s")
     for k in todo:
-        record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console)
+        record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,
+                            fresh=args.force)
         b = record["best"]
         console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
                       f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "

@@ -4,7 +4,6 @@ import pytest
 
 from comp import config, data, folds
 from comp.errors import CompError
-from tests.conftest import assert_user_error, snapshot
 
 
 def test_stratified_every_row_once_and_seeded():
@@ -49,13 +48,6 @@ def test_cli_writes_split_and_later_stages_check_it(project, capsys):
         folds.load_folds(cfg, data.load_competition(cfg))
     with pytest.raises(CompError, match="n_splits=3"):
         folds.load_folds(config.load(project, ["folds.n_splits=4"]), comp)
-
-
-def test_cli_small_class_is_one_line_and_writes_nothing(project, capsys):
-    before = snapshot(project.parent)
-    code = folds.main(["--config", str(project), "--set", "folds.n_splits=40"])
-    assert_user_error(code, capsys, "fewer than folds.n_splits = 40")
-    assert snapshot(project.parent) == before
 
 
 def test_folds_missing_is_a_clear_order_error(project):

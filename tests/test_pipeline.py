@@ -141,27 +141,6 @@ def test_works_without_metadata_and_with_one_text_column(project):
     assert MetaEncoder.load(fold_files(project, 0) / "encoders.joblib").width == 0
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["train", "--fold", "7"], ["--fold 7", "0..2"]),
-    (["train", "--fold", "0", "--set", "train.epochs=two"], ["train.epochs"]),
-    (["train", "--fold", "0", "--set", "train.epochz=2"], ["train.epochz"]),
-    (["train", "--fold", "0"], ["make folds"]),
-    (["submit"], ["make folds"]),
-    (["folds", "--set", "data.categorical=['colour']"], ["'colour'"]),
-    (["folds", "--set", "data.train='data/nope.csv'"], ["nope.csv", "not found"]),
-    (["train", "--fold", "0", "--set", "model.name_or_path='/no/such/model'"], ["model.name_or_path"]),
-])
-def test_user_errors_are_one_line_and_write_nothing(project, capsys, argv, needles):
-    mains = {"train": train.main, "submit": submit.main, "folds": folds.main}
-    if "model.name_or_path='/no/such/model'" in argv[-1]:
-        assert folds.main(["--config", str(project)]) == 0
-        capsys.readouterr()
-    before = snapshot(project.parent)
-    code = mains[argv[0]](["--config", str(project), *argv[1:]])
-    assert_user_error(code, capsys, *needles)
-    assert snapshot(project.parent) == before
-
-
 def test_submit_before_every_fold_is_trained(project, capsys):
     assert folds.main(["--config", str(project)]) == 0
     assert train.main(["--config", str(project), "--fold", "0", "--set", "train.epochs=1"]) == 0
