@@ -103,3 +103,16 @@ def test_corrupted_checkpoint_refused(project, capsys):
     capsys.readouterr()
     assert_user_error(train.main(["--config", str(project), "--fold", "0"]), capsys, "last.pt", "unreadable", "--force")
     assert not (fold0(project) / "metrics.json").exists()
+
+
+def test_folds_refuse_to_replace_a_split_trained_folds_depend_on(trained_fold_project, capsys):
+    project, over = trained_fold_project
+    folds_csv = project.parent / "folds" / "folds.csv"
+    before = folds_csv.read_bytes()
+    capsys.readouterr()
+    code = folds.main(["--config", str(project), *over, "--set", "folds.seed=99"])
+    assert_user_error(code, capsys, "trained fold", "--force")
+    assert folds_csv.read_bytes() == before
+    assert folds.main(["--config", str(project), *over]) == 0  # the same split again is fine
+    assert folds.main(["--config", str(project), *over, "--set", "folds.seed=99", "--force"]) == 0
+    assert folds_csv.read_bytes() != before
