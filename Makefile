@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 CONFIG ?= comp.toml
 SET ?=
-ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+PARAMS ?=
+ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--params $(PARAMS))
 
-.PHONY: install data folds train submit demo test lint clean
+.PHONY: install data folds train submit tune demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,9 @@ train: install
 
 submit: install
 	$(PY) -m comp.submit $(ARGS)
+
+tune: install
+	$(PY) -m comp.tune $(ARGS)
 
 demo: install data
 	@start=$$(date +%s); \

@@ -60,6 +60,7 @@ class RunConfig:
 
     name: str = "default"
     submissions_dir: str = "submissions"
+    params: str | None = None
 
     def __post_init__(self):
         ok = self.name and all(ch.isalnum() or ch in "-_." for ch in self.name) and self.name[0] != "."
@@ -119,9 +120,75 @@ class TrainConfig:
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
 
 
-SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig}
+def _default_space() -> dict:
+    return {"train.encoder_lr": {"type": "float", "low": 5e-6, "high": 1e-4, "log": True},
+            "train.head_lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}}
+
+
+SPACE_TYPES = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The Optuna search: which folds a trial trains, what it optimises, how trials are pruned and stored."""
+
+    n_trials: int = 20
+    folds: tuple[int, ...] | str = (0,)
+    metric: str = "monitor"
+    pruner: str = "median"
+    pruner_startup_trials: int = 2
+    pruner_warmup_epochs: int = 0
+    train_fraction: float = 1.0
+    seed: int = 42
+    storage: str = ""
+    study_name: str = ""
+    timeout: float = 0.0
+    heartbeat_interval: int = 60
+    grace_period: int = 120
+    max_retry: int = 2
+    best_params: str = "folds/best_params.toml"
+    space: dict = field(default_factory=_default_space)
+
+    def __post_init__(self):
+        _require(self.n_trials >= 1, "tune.n_trials must be >= 1")
+        _require(self.folds == "all" or (isinstance(self.folds, tuple) and len(self.folds) > 0),
+                 "tune.folds must be a non-empty list of fold numbers or 'all'")
+        _require(self.metric == "monitor" or self.metric in MONITORS,
+                 f"tune.metric must be 'monitor' or one of {sorted(MONITORS)}")
+        _require(self.pruner in ("median", "hyperband", "none"), "tune.pruner must be 'median', 'hyperband' or 'none'")
+        _require(self.pruner_startup_trials >= 0 and self.pruner_warmup_epochs >= 0,
+                 "tune.pruner_startup_trials and tune.pruner_warmup_epochs must be >= 0")
+        _require(0.0 < self.train_fraction <= 1.0, "tune.train_fraction must be in (0, 1]")
+        _require(self.timeout >= 0, "tune.timeout must be >= 0 (0 = none)")
+        _require(self.heartbeat_interval >= 1 and self.grace_period >= 1 and self.max_retry >= 0,
+                 "tune.heartbeat_interval and tune.grace_period must be >= 1, tune.max_retry >= 0")
+        merged = {**_default_space(), **self.space}
+        for key, spec in merged.items():
+            section, _, name = key.partition(".")
+            fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in ("train", "model") else set()
+            _require(name in fields, f"tune.space key {key!r} names no config field; use 'train.<key>' or 'model.<key>'")
+            _require(isinstance(spec, dict) and spec.get("type") in SPACE_TYPES,
+                     f"tune.space.{key!r} needs type = 'float', 'int' or 'categorical'")
+            extra = set(spec) - SPACE_TYPES[spec["type"]] - {"type"}
+            _require(not extra, f"tune.space.{key!r}: unknown entry {sorted(extra)}")
+            if spec["type"] == "categorical":
+                _require(isinstance(spec.get("choices"), list) and spec["choices"],
+                         f"tune.space.{key!r} needs a non-empty choices list")
+            else:
+                _require("low" in spec and "high" in spec and spec["low"] <= spec["high"],
+                         f"tune.space.{key!r} needs low <= high")
+        object.__setattr__(self, "space", merged)
+
+    @property
+    def direction_metric(self) -> str | None:
+        return None if self.metric == "monitor" else self.metric
+
+
+SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig,
+            "tune": TuneConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
-UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir"},
+UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
 
 
@@ -134,7 +201,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     root: Path = Path(".")
+    applied: tuple = ()  # (key, value) pairs taken from a best-params file
 
     def path(self, relative: str) -> Path:
         """Resolve a path from the config against the config file's folder."""
@@ -163,6 +232,7 @@ class Config:
     def hash(self) -> str:
         """A short hash of every setting that changes what a fold learns."""
         d = self.to_dict()
+        d.pop("tune")  # searching changes nothing a finished fold learned
         for section, keys in UNHASHED.items():
             for k in keys:
                 d[section].pop(k, None)
@@ -173,22 +243,49 @@ class Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
-def load(path: str | Path = "comp.toml", overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config, apply `section.key=value` overrides, validate everything once."""
+def load(path: str | Path = "comp.toml", overrides: typing.Sequence[str] = (), params: str | Path | None = None) -> Config:
+    """Read a TOML config, then a best-params file (`params`, else run.params), then `section.key=value`
+    overrides; validate everything once."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompError(f"config file {path} not found: pass --config PATH or create it (see README)") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise CompError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = _read_toml(path, "config file")
+    given = set()
     for item in overrides:
         section, key, value = _parse_override(item)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise CompError(f"config section [{section}] in {path} must be a table")
-        raw[section][key] = value
-    return from_dict(raw, root=path.resolve().parent, source=str(path))
+        _set(raw, section, key, value, str(path))
+        given.add((section, key))
+    root = path.resolve().parent
+    params = params if params is not None else raw.get("run", {}).get("params")
+    applied = []
+    if params:
+        params_path = Path(params) if Path(params).is_absolute() else root / params
+        if not Path(params).is_absolute() and not params_path.exists() and Path(params).exists():
+            params_path = Path(params)  # a --params path given relative to the working folder
+        for section, values in _read_toml(params_path, "params file").items():
+            if section not in ("train", "model") or not isinstance(values, dict):
+                raise CompError(f"params file {params_path} may only hold [train] and [model] tables, not [{section}]")
+            for key, value in values.items():
+                if (section, key) not in given:
+                    _set(raw, section, key, value, str(params_path))
+                    applied.append((f"{section}.{key}", value))
+    cfg = from_dict(raw, root=root, source=str(path))
+    return dataclasses.replace(cfg, applied=tuple(applied))
+
+
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        hint = "pass --config PATH or create it (see README)" if what == "config file" else "check the path"
+        raise CompError(f"{what} {path} not found: {hint}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CompError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
+def _set(raw: dict, section: str, key: str, value, source: str) -> None:
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise CompError(f"config section [{section}] in {source} must be a table")
+    raw[section][key] = value
 
 
 def from_dict(raw: dict, root: Path = Path("."), source: str = "config") -> Config:
@@ -225,7 +322,16 @@ def _check_type(key: str, value, hint):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
+        for option in inner[:-1]:
+            try:
+                return _check_type(key, value, option)
+            except CompError:
+                pass
+        return _check_type(key, value, inner[-1])
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, "a table")
+        return value
     if origin is tuple:
         if isinstance(value, str) and args[0] is str:
             value = [value]
@@ -274,9 +380,32 @@ def _plain(obj):
 
 def to_toml(cfg: Config) -> str:
     """Render the resolved config as TOML (for the run's record)."""
+    return dump_toml(cfg.to_dict())
+
+
+def dump_toml(tables: dict[str, dict]) -> str:
+    """Render {section: {key: value}} as TOML; nested tables become inline tables."""
     lines = []
-    for section, values in cfg.to_dict().items():
+    for section, values in tables.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")

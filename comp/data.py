@@ -15,7 +15,6 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from comp import cli
-from comp import config as config_mod
 from comp.artifacts import atomic_path
 from comp.config import Config
 from comp.errors import CompError, run_cli
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = build_demo(Path(args.out), Path(args.cache))
             print(f"demo competition written to {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in sizes.items()))
             return 0
-        cfg = config_mod.load(args.config, args.set)
+        cfg = cli.load_config(args)
         comp = load_competition(cfg)
         print(f"ok: {len(comp.train)} train rows, {len(comp.test)} test rows, classes {comp.classes}")
         return 0

@@ -273,16 +273,18 @@ class FoldResult:
     best_epoch: int
     history: list[dict]
     val_logits: np.ndarray
-    test_logits: np.ndarray
+    test_logits: np.ndarray | None
     state_dict: dict
     seconds: float
     resumed_from: dict | None = None
 
 
-def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows: Rows, test_rows: Rows,
-             pad_id: int, console: Console, fold: int = 0, checkpoint: Checkpoint | None = None) -> FoldResult:
+def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows: Rows, test_rows: Rows | None,
+             pad_id: int, console: Console, fold: int = 0, checkpoint: Checkpoint | None = None,
+             on_epoch: Callable[[dict], None] | None = None) -> FoldResult:
     """Train one fold with early stopping (resuming from `checkpoint` if it holds one); return the best
-    epoch's weights, OOF logits and test logits."""
+    epoch's weights, OOF logits and test logits (none without test rows). `on_epoch` sees each epoch's
+    metrics and may raise to stop the fold (tuning prunes trials that way)."""
     tcfg = cfg.train
     started = time.perf_counter()
     device = resolve_device(tcfg)
@@ -342,14 +344,16 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             console.print(f"fold {fold} epoch {epoch}: loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
                           f"acc {row['val_accuracy']:.4f}  macro_f1 {row['val_macro_f1']:.4f}  "
                           f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)
+            if on_epoch:
+                on_epoch(row)
             if stopper.should_stop:
                 console.print(f"fold {fold}: early stop, no {tcfg.monitor} gain for {tcfg.patience} epoch(s)")
             state = FitState(epoch=epoch + 1, epoch_rng=rng.bit_generator.state, history=state.history,
                              finished=stopper.should_stop or epoch >= tcfg.epochs)
             save_checkpoint()
         model.load_state_dict(best_state)
-        test_logits = predict(model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
-                              f"fold {fold} predict test")
+        test_logits = None if test_rows is None else predict(
+            model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress, f"fold {fold} predict test")
     return FoldResult(stopper.best_epoch, state.history, best_val, test_logits, best_state,
                       time.perf_counter() - started, resumed_from)
 

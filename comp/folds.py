@@ -12,7 +12,6 @@ from rich.table import Table
 from sklearn.model_selection import StratifiedKFold
 
 from comp import cli
-from comp import config as config_mod
 from comp.artifacts import atomic_path, read_json, sha256, write_json
 from comp.config import Config
 from comp.data import Competition, load_competition
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        cfg = config_mod.load(args.config, args.set)
+        cfg = cli.load_config(args)
         comp = load_competition(cfg)
         labels = np.array(comp.classes)[comp.y]
         fold = make_folds(labels, cfg.folds.n_splits, cfg.folds.seed)

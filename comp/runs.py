@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
+from sklearn.model_selection import train_test_split
 
 from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
@@ -34,6 +35,23 @@ def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
 
+def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, train_tokens: list[np.ndarray],
+                 test_tokens: list[np.ndarray] | None, train_fraction: float = 1.0):
+    """The fold's metadata encoder (fitted on its training part only) and its train / validation / test rows.
+    train_fraction < 1 keeps a seeded stratified share of the training part (tuning uses it)."""
+    tr, va = split(folds, fold)
+    if train_fraction < 1.0:
+        keep = max(len(comp.classes), int(round(train_fraction * len(tr))))
+        tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=comp.y[tr])
+        tr = np.sort(tr)
+    encoder = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
+    rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
+    train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
+    val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
+    test_rows = None if test_tokens is None else Rows(test_tokens, encoder.transform(comp.test))
+    return encoder, train_rows, val_rows, test_rows
+
+
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
                train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console,
                fresh: bool = False) -> dict:
@@ -44,12 +62,8 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     checkpoint = Checkpoint(out / "last.pt", {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp})
     if fresh:
         checkpoint.delete()
+    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, folds, fold, train_tokens, test_tokens)
     tr, va = split(folds, fold)
-    encoder = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
-    rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
-    train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
-    val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
-    test_rows = Rows(test_tokens, encoder.transform(comp.test))
     unseen = encoder.unseen(comp.test)
     if any(unseen.values()):
         console.print(f"fold {fold}: categories unseen in training encode to zeros; test rows affected: "
@@ -120,6 +134,7 @@ def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
     if record.get("config_hash") != cfg.hash():
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
                         f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
-                        f"restore that config or retrain with python -m comp.train --fold {fold} --force")
+                        f"use the same config (and --params) as for training, or retrain with "
+                        f"python -m comp.train --fold {fold} --force")
     return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
                        read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))

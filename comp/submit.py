@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from comp import cli, metrics
-from comp import config as config_mod
 from comp.artifacts import atomic_path
 from comp.config import Config
 from comp.data import Competition, load_competition, read_table
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        submit(config_mod.load(args.config, args.set))
+        submit(cli.load_config(args))
         return 0
 
     return run_cli(body)

@@ -7,7 +7,6 @@ import sys
 import time
 
 from comp import cli
-from comp import config as config_mod
 from comp.data import load_competition
 from comp.engine import tokenize
 from comp.errors import CompError, run_cli
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config, args.set)
+    cfg = cli.load_config(args)
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")

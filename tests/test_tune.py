@@ -1,0 +1,149 @@
+"""Optuna tuning on the tiny model: pruning, best params handed to train, workers sharing a study, resume."""
+
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.storages import RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from comp import config, data, engine, folds, train, tune
+from comp.model import load_tokenizer
+from tests.conftest import assert_user_error, make_tables, snapshot, write_project
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def storage_url(cfg_path: Path) -> str:
+    return f"sqlite:///{(cfg_path.parent / 'folds' / 'tune.db').resolve()}"
+
+
+def load(cfg_path: Path) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=storage_url(cfg_path))
+
+
+def test_space_key_naming_no_field_is_one_line(project, capsys):
+    with open(project, "a") as fh:
+        fh.write('\n[tune.space]\n"train.encoder_lrr" = {type = "float", low = 1e-5, high = 1e-3}\n')
+    before = snapshot(project.parent)
+    assert_user_error(tune.main(["--config", str(project)]), capsys, "train.encoder_lrr", "names no config field")
+    assert snapshot(project.parent) == before
+
+
+def test_space_entries_are_validated(tmp_path):
+    for entry, needle in [('{type = "float", low = 1.0}', "low <= high"), ('{type = "normal"}', "type"),
+                          ('{type = "categorical", choices = []}', "choices"), ('{type = "int", low = 1, high = 2, q = 1}',
+                                                                               "unknown entry")]:
+        path = tmp_path / "c.toml"
+        path.write_text(f'[tune.space]\n"train.batch_size" = {entry}\n')
+        with pytest.raises(Exception, match=needle):
+            config.load(path)
+
+
+def test_study_prunes_absurd_lr_writes_best_params_and_train_applies_them(project, capsys):
+    over = ["--set", "tune.pruner_startup_trials=2", "--set", "train.epochs=2"]
+    assert folds.main(["--config", str(project)]) == 0
+    assert tune.main(["--config", str(project), *over, "--n-trials", "3"]) == 0
+    study = load(project)
+    study.enqueue_trial({"train.encoder_lr": 50.0, "train.head_lr": 50.0, "model.dropout": 0.0})
+    capsys.readouterr()
+    assert tune.main(["--config", str(project), *over, "--n-trials", "4"]) == 0  # continues the same study
+    out = capsys.readouterr().out
+    study = load(project)
+    assert len(study.trials) == 4 and "top trials" in out and "pruning saved" in out
+    absurd = [t for t in study.trials if t.params["train.encoder_lr"] == 50.0]
+    assert len(absurd) == 1 and absurd[0].state == TrialState.PRUNED
+    assert absurd[0].user_attrs["epochs_run"] < 2
+
+    best_file = project.parent / "folds" / "best_params.toml"
+    best = study.best_trial.params
+    text = best_file.read_text()
+    assert "[train]" in text and "[model]" in text
+    for name in ("tiny_history.png", "tiny_importances.png"):
+        png = (project.parent / "folds" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    assert train.main(["--config", str(project), "--fold", "0", "--params", str(best_file), "--set", "train.epochs=1"]) == 0
+    assert "applied tuned params: train.encoder_lr=" in capsys.readouterr().out
+    used = config.load(project.parent / "folds" / "tiny" / "fold_0" / "config.toml")
+    assert used.train.encoder_lr == best["train.encoder_lr"] and used.model.dropout == best["model.dropout"]
+    assert used.train.epochs == 1  # --set beats the params file
+
+
+def start_worker(cfg_path: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "comp.tune", "--config", str(cfg_path), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_workers_share_one_study(project):
+    assert folds.main(["--config", str(project)]) == 0
+    workers = [start_worker(project, "--n-trials", "6", "--worker-id", str(i), "--set", "train.epochs=1")
+               for i in range(2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    trials = [t for t in load(project).trials if t.state in tune.FINISHED]
+    # each worker stops once the study holds 6 finished trials; the other may finish the one it was running
+    assert 6 <= len(trials) <= 7
+    assert len({t.number for t in trials}) == len(trials)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+
+
+def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
+    cfg = write_project(tmp_path, tiny_model, make_tables(n_train=300, n_test=6))
+    over = ["--set", "tune.heartbeat_interval=1", "--set", "tune.grace_period=2", "--set", "train.batch_size=4",
+            "--set", "train.epochs=3", "--set", "tune.pruner=none"]
+    assert folds.main(["--config", str(cfg)]) == 0
+    worker = start_worker(cfg, "--n-trials", "2", *over)
+    db = cfg.parent / "folds" / "tune.db"
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                running = load(cfg).get_trials(states=(TrialState.RUNNING,))
+            except Exception:  # noqa: BLE001 - the study may not exist yet
+                running = []
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert worker.returncode == -signal.SIGKILL and running, "the worker finished before it could be killed"
+    time.sleep(3)  # past the grace period: the orphaned trial's heartbeat is stale
+    rerun = start_worker(cfg, "--n-trials", "2", *over)
+    out = rerun.communicate(timeout=240)[0]
+    assert rerun.returncode == 0, out
+    trials = load(cfg).trials
+    orphan = trials[running[0].number]
+    assert orphan.state == TrialState.FAIL
+    retried = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == orphan.number]
+    assert len(retried) == 1 and retried[0].params == orphan.params
+    assert sum(t.state in tune.FINISHED for t in trials) == 2
+
+
+def test_trials_release_memory(project):
+    assert folds.main(["--config", str(project)]) == 0
+    cfg = config.load(project, ["train.epochs=1"])
+    comp = data.load_competition(cfg)
+    f, _ = folds.load_folds(cfg, comp)
+    tok = load_tokenizer(cfg.model, cfg.root)
+    tokens = engine.tokenize(tok, comp.train_text, cfg.model.max_length)
+    from rich.console import Console
+
+    objective = tune.Objective(cfg, comp, f, tokens, tok.pad_token_id, Console(quiet=True))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    live = []
+    for _ in range(5):
+        study.optimize(objective, n_trials=1)
+        gc.collect()
+        live.append(sum(isinstance(o, torch.Tensor) for o in gc.get_objects()))
+    assert max(live[1:]) <= live[0], live  # no tensors kept alive trial over trial
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    json.dumps(live)
