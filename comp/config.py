@@ -101,6 +101,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     precision: str = "auto"
+    grad_accum_steps: int = 1
+    compile: bool = False
     log_every: int = 20
     checkpoint_every: int = 500
 
@@ -115,7 +117,9 @@ class TrainConfig:
         _require(self.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        _require(self.precision in ("auto", "fp32", "bf16"), "train.precision must be 'auto', 'fp32' or 'bf16'")
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"),
+                 "train.precision must be 'auto', 'fp32', 'bf16' or 'fp16'")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
 
@@ -213,6 +217,10 @@ class Config:
     @property
     def folds_path(self) -> Path:
         return self.path(self.folds.path)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.folds_path.parent / "cache"
 
     @property
     def run_dir(self) -> Path:

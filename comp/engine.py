@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import time
@@ -55,6 +57,48 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
     return out
 
 
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides how the tokenizer splits text (vocabulary, normalizer, specials)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # call-time state the tokenizer keeps from its last use
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                    cache_dir: Path | None) -> tuple[list[np.ndarray], bool]:
+    """tokenize(), through an on-disk cache keyed by tokenizer identity, max_length and the texts;
+    returns the token ids and whether the cache answered."""
+    if cache_dir is None:
+        return tokenize(tokenizer, texts, max_length), False
+    h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{max_length}|{len(texts)}|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    path = cache_dir / f"tokens-{h.hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                flat, offsets = z["ids"], z["offsets"]
+            return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], True
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a broken cache file is rebuilt below
+    tokens = tokenize(tokenizer, texts, max_length)
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in tokens])
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=flat.astype(np.int32), offsets=offsets)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(tokens))], False
+
+
 def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50) -> list[np.ndarray]:
     """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches."""
     perm = rng.permutation(len(lengths))
@@ -81,8 +125,10 @@ def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device) ->
     for r, s in enumerate(seqs):
         ids[r, :len(s)] = s
         mask[r, :len(s)] = 1
-    return (torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device),
-            torch.from_numpy(rows.meta[index]).to(device))
+    tensors = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(rows.meta[index]))
+    if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
 
 
 def resolve_device(tcfg: TrainConfig) -> torch.device:
@@ -95,19 +141,17 @@ def resolve_device(tcfg: TrainConfig) -> torch.device:
 
 
 def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the encoder: bf16 where the hardware runs it natively, else None (fp32)."""
-    if tcfg.precision == "fp32":
-        return None
+    """The autocast dtype for the encoder. auto: bf16 where the hardware runs it natively (recent CPUs,
+    Ampere+ GPUs), fp16 on older GPUs (with a grad scaler), else None (fp32)."""
+    if tcfg.precision != "auto":
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        try:
-            supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            supported = False
-    if tcfg.precision == "bf16" or supported:
-        return torch.bfloat16
-    return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else None
 
 
 def make_optimizer(model: TextMetaClassifier, tcfg: TrainConfig) -> torch.optim.Optimizer:
@@ -153,9 +197,13 @@ class FitState:
 def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndarray], optimizer, scheduler,
                     loss_fn: nn.Module, tcfg: TrainConfig, pad_id: int, device: torch.device,
                     amp_dtype: torch.dtype | None, progress: Progress, description: str,
-                    state: FitState | None = None, on_checkpoint: Callable[[], None] | None = None) -> float:
-    """One pass over the batches (from state.step on, when resuming); returns the mean training loss."""
+                    state: FitState | None = None, on_checkpoint: Callable[[], None] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> float:
+    """One pass over the batches (from state.step on, when resuming); returns the mean training loss.
+    Gradients of grad_accum_steps batches are summed before each optimizer step."""
     state = state or FitState()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    accum = tcfg.grad_accum_steps
     model.train()
     task = progress.add_task(description, total=len(batches), completed=state.step, info="")
     y = torch.from_numpy(rows.y).to(device)
@@ -166,18 +214,22 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
         input_ids, mask, meta = collate(rows, index, pad_id, device)
         logits = model(input_ids, mask, meta, amp_dtype)
         loss = loss_fn(logits, y[index])
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss / accum).backward()
+        if step % accum == 0 or step == len(batches):
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         total += loss.detach() * len(index)
         seen += len(index)
         if step % tcfg.log_every == 0 or step == len(batches):
             # the only host sync: every log_every steps, for the progress bar
             progress.update(task, completed=step, info=f"loss {total.item() / seen:.4f}")
-        if on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < len(batches):
+        if (on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step % accum == 0
+                and step < len(batches)):
             state.step, state.loss_sum, state.seen = step, float(total.item()), seen
             on_checkpoint()
     progress.remove_task(task)
@@ -237,11 +289,11 @@ class Checkpoint:
     def __init__(self, path: Path, identity: dict):
         self.path, self.identity = path, identity
 
-    def save(self, model, optimizer, scheduler, state: FitState, stopper: EarlyStopping,
+    def save(self, model, optimizer, scheduler, scaler, state: FitState, stopper: EarlyStopping,
              best_state: dict | None, best_val: np.ndarray | None) -> None:
         """Write the checkpoint atomically."""
         blob = {"identity": self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "fit": dataclasses.asdict(state),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "fit": dataclasses.asdict(state),
                 "stopper": stopper.state_dict(), "best_state": best_state,
                 "best_val": None if best_val is None else torch.from_numpy(best_val),
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -291,9 +343,15 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     amp_dtype = resolve_precision(tcfg, device)
     seed_everything(tcfg.seed + fold)
     rng = np.random.default_rng(tcfg.seed + fold)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     model.to(device)
+    if tcfg.compile:
+        model.encoder.forward = torch.compile(model.encoder.forward, dynamic=True)  # keeps state_dict keys
     optimizer = make_optimizer(model, tcfg)
-    steps_per_epoch = math.ceil(len(train_rows) / tcfg.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / tcfg.batch_size) / tcfg.grad_accum_steps)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -306,6 +364,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
         state = FitState(**saved["fit"])
         stopper.load_state_dict(saved["stopper"])
         best_state = saved["best_state"]
@@ -319,7 +378,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
 
     def save_checkpoint() -> None:
         if checkpoint:
-            checkpoint.save(model, optimizer, scheduler, state, stopper, best_state, best_val)
+            checkpoint.save(model, optimizer, scheduler, scaler, state, stopper, best_state, best_val)
 
     lengths = train_rows.lengths
     with make_progress(console) as progress:
@@ -329,7 +388,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             batches = train_batches(lengths, tcfg.batch_size, rng)
             train_loss = train_one_epoch(model, train_rows, batches, optimizer, scheduler, loss_fn, tcfg, pad_id,
                                          device, amp_dtype, progress, f"fold {fold} epoch {epoch}/{tcfg.epochs}",
-                                         state, save_checkpoint)
+                                         state, save_checkpoint, scaler)
             val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
                                  f"fold {fold} validate")
             m = metrics.score(val_rows.y, val_logits)

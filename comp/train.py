@@ -8,7 +8,7 @@ import time
 
 from comp import cli
 from comp.data import load_competition
-from comp.engine import tokenize
+from comp.engine import cached_tokenize
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
@@ -46,9 +46,10 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     if tokenizer.pad_token_id is None:
         raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
-    train_tokens = tokenize(tokenizer, comp.train_text, cfg.model.max_length)
-    test_tokens = tokenize(tokenizer, comp.test_text, cfg.model.max_length)
-    console.print(f"tokenized {len(train_tokens)} train and {len(test_tokens)} test rows "
+    train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir)
+    test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length, cfg.cache_dir)
+    how = "from the cache" if hit_train and hit_test else "tokenized"
+    console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")
     for k in todo:
         record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,

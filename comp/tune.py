@@ -23,7 +23,7 @@ from comp import cli
 from comp.artifacts import atomic_path, write_text
 from comp.config import MONITORS, Config, dump_toml, from_dict
 from comp.data import Competition, load_competition
-from comp.engine import fit_fold, seed_everything, tokenize
+from comp.engine import cached_tokenize, fit_fold, seed_everything
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import build_model, load_tokenizer
@@ -163,7 +163,7 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
         for value in ends:
             with_params(cfg, {key: value})
     tokenizer = load_tokenizer(cfg.model, cfg.root)
-    train_tokens = tokenize(tokenizer, comp.train_text, cfg.model.max_length)
+    train_tokens, _ = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir)
     storage, url = open_storage(cfg, storage_url)
     name = study_name or cfg.tune.study_name or cfg.run.name
     direction = "minimize" if MONITORS[metric_of(cfg)] == "min" else "maximize"

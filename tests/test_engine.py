@@ -97,3 +97,43 @@ def test_early_stopping():
     assert not s.step(1.2, 3) and s.should_stop and s.best_epoch == 1
     f1 = EarlyStopping("val_macro_f1", patience=1)
     assert f1.step(0.3, 1) and f1.step(0.5, 2) and not f1.step(0.4, 3) and f1.should_stop and f1.best_epoch == 2
+
+
+def test_tokenization_cache_hit_and_invalidation(tmp_path, tiny):
+    mcfg, tok, _ = tiny
+    texts = ["the dress fits", "lovely comfy fabric", "awful"]
+    cache = tmp_path / "cache"
+    first, hit = engine.cached_tokenize(tok, texts, 48, cache)
+    assert not hit and len(list(cache.glob("tokens-*.npz"))) == 1
+    again, hit = engine.cached_tokenize(tok, texts, 48, cache)
+    assert hit and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(first, engine.tokenize(tok, texts, 48), strict=True))
+    assert not engine.cached_tokenize(tok, texts, 4, cache)[1]                        # max_length changed
+    assert not engine.cached_tokenize(tok, [*texts[:2], "awful!"], 48, cache)[1]      # a text changed
+    other = load_tokenizer(mcfg)
+    other.add_tokens(["zzzword"])
+    assert not engine.cached_tokenize(other, texts, 48, cache)[1]                     # the tokenizer changed
+    assert engine.cached_tokenize(tok, texts, 48, cache)[1]
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny):
+    mcfg, tok, rows = tiny
+    cpu = torch.device("cpu")
+    index = np.arange(14)
+    params = []
+    for batches, accum in (([index[:7], index[7:]], 2), ([index], 1)):
+        torch.manual_seed(0)
+        model = build_model(mcfg, 2, 3)
+        for m in model.modules():  # the encoder's own dropout would draw different masks per batch shape
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        tcfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0, warmup_ratio=0.0)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the accumulated gradient itself
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        from rich.console import Console
+
+        progress = engine.make_progress(Console(quiet=True))
+        engine.train_one_epoch(model, rows, batches, opt, sched, torch.nn.CrossEntropyLoss(), tcfg,
+                               tok.pad_token_id, cpu, None, progress, "t")
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)

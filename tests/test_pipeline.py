@@ -149,3 +149,19 @@ def test_submit_before_every_fold_is_trained(project, capsys):
     code = submit.main(["--config", str(project), "--set", "train.epochs=1"])
     assert_user_error(code, capsys, "fold 1", "not trained", "comp.train --fold 1")
     assert snapshot(project.parent) == before
+
+
+def test_precisions_reach_similar_losses_and_second_run_uses_token_cache(project, capsys):
+    assert folds.main(["--config", str(project)]) == 0
+    losses = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        capsys.readouterr()
+        assert train.main(["--config", str(project), "--fold", "0", "--set", f"train.precision={precision}",
+                           "--set", f"run.name={precision}"]) == 0
+        out = capsys.readouterr().out
+        assert ("from the cache" in out) == (precision != "fp32")  # tokenized once, then read back
+        record = json.loads((project.parent / "folds" / precision / "fold_0" / "metrics.json").read_text())
+        losses[precision] = [h["train_loss"] for h in record["history"]]
+        assert np.isfinite(np.load(project.parent / "folds" / precision / "fold_0" / "oof_logits.npy")).all()
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05)
+    assert losses["fp16"] == pytest.approx(losses["fp32"], abs=0.05)
