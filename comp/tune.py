@@ -208,8 +208,8 @@ def summarize(cfg: Config, study: optuna.Study, console: Console, n_folds: int) 
     failed = [t for t in trials if t.state == TrialState.FAIL]
     keys = list(cfg.tune.space)
     table = Table(title=f"study {study.study_name!r}: top trials by {study.user_attrs.get('metric', 'value')}")
-    for col in ("trial", "value", *keys, "epochs", "state"):
-        table.add_column(col, justify="right")
+    for col in ("trial", "value", *(k.partition(".")[2] for k in keys), "epochs", "state"):
+        table.add_column(col, justify="right", no_wrap=True)
     reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
     ranked = sorted(complete, key=lambda t: t.value, reverse=reverse) + pruned
     for t in ranked[:10]:

@@ -115,6 +115,13 @@ def test_finished_fold_is_skipped_unless_forced(trained, capsys):
     assert (fold_files(trained, 1) / "metrics.json").stat().st_mtime_ns == before
 
 
+def test_train_refuses_to_skip_a_fold_of_another_config(trained, capsys):
+    before = snapshot(trained.parent)
+    code = train.main(["--config", str(trained), "--fold", "0", "--set", "train.head_lr=0.5"])
+    assert_user_error(code, capsys, "fold 0", "another config", "--force", "run.name")
+    assert snapshot(trained.parent) == before
+
+
 def test_submit_refuses_folds_of_another_config(trained, capsys):
     sub_dir = trained.parent / "submissions"
     before = snapshot(sub_dir) if sub_dir.exists() else {}
