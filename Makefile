@@ -54,4 +54,4 @@ lint: install
 	$(VENV)/bin/ruff check comp tests
 
 clean:
-	rm -rf folds/*/ folds/folds.* submissions/*.csv
+	rm -rf folds/*/ folds/folds.* folds/tune.db folds/best_params.toml folds/*.png submissions/*.csv
