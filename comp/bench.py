@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        console = cli.console()
+        console = cli.console(args.quiet)
         cfg = cli.load_config(args)
         result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality)
         print_result(result, console)

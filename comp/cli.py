@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 
 from rich.console import Console
 
@@ -17,22 +18,46 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--params", metavar="FILE", help="a best-params file from comp.tune (default: run.params)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
 
 
 def load_config(args: argparse.Namespace, console: Console | None = None) -> Config:
     """The config named by --config, with --params and --set applied; says which tuned values it applied."""
     cfg = config.load(args.config, args.set, args.params)
-    if cfg.applied:
+    if cfg.applied and not getattr(args, "quiet", False):
         (console or Console(highlight=False, soft_wrap=True)).print(
             "applied tuned params: " + ", ".join(f"{k}={v}" for k, v in cfg.applied))
     return cfg
 
 
-def console() -> Console:
-    """A console for a CLI run; also quiets transformers' load reports and download bars."""
+class LoggingConsole(Console):
+    """A console whose printed lines (never its progress bars) can also be collected as a plain-text log."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._log: Console | None = None
+
+    def start_log(self) -> None:
+        """Collect from now on what is printed."""
+        self._log = Console(file=io.StringIO(), width=160, color_system=None, soft_wrap=True, highlight=False)
+
+    def take_log(self) -> str:
+        """What was printed since start_log(); stops collecting."""
+        text = self._log.file.getvalue() if self._log else ""
+        self._log = None
+        return text
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*objects, **kwargs)
+        if self._log is not None:
+            self._log.print(*objects, **kwargs)
+
+
+def console(quiet: bool = False) -> LoggingConsole:
+    """The console of a CLI run (quiet: prints to nowhere, logs still collect); quiets transformers' reports."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return Console(highlight=False, soft_wrap=True)
+    return LoggingConsole(file=io.StringIO() if quiet else None, highlight=False, soft_wrap=True)

@@ -60,6 +60,7 @@ class RunConfig:
 
     name: str = "default"
     submissions_dir: str = "submissions"
+    reports_dir: str = "reports"
     params: str | None = None
 
     def __post_init__(self):
@@ -192,7 +193,7 @@ class TuneConfig:
 SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig,
             "tune": TuneConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
-UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "params"},
+UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
 
 

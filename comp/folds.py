@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        started = time.perf_counter()
         cfg = cli.load_config(args)
         comp = load_competition(cfg)
         labels = np.array(comp.classes)[comp.y]
@@ -106,14 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             raise CompError(f"{cfg.folds_path} already holds another split that {len(dependants)} trained fold(s) "
                             f"depend on (e.g. {dependants[0].parent}); pass --force to replace it")
         fp = write_folds(cfg, comp, fold)
-        _print_summary(cfg, comp, fold, fp)
+        _print_summary(cfg, comp, fold, fp, args.quiet)
+        if not args.quiet:
+            print(f"folds took {time.perf_counter() - started:.1f}s")
         return 0
 
     return run_cli(body)
 
 
-def _print_summary(cfg: Config, comp: Competition, fold: np.ndarray, fp: str) -> None:
-    console = cli.console()
+def _print_summary(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, quiet: bool = False) -> None:
+    console = cli.console(quiet)
     table = Table(title=f"{cfg.folds_path}  ({len(fold)} rows, fingerprint {fp})")
     table.add_column("fold", justify="right")
     table.add_column("rows", justify="right")

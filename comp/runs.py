@@ -21,7 +21,7 @@ from comp.features import MetaEncoder
 from comp.model import build_model
 
 CHECKED = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
-FILES = (*CHECKED, "config.toml", "metrics.json")
+FILES = (*CHECKED, "config.toml", "metrics.json", "train.log")
 
 
 def is_complete(cfg: Config, fold: int) -> bool:

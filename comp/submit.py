@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from comp import cli, metrics
+from comp import cli, metrics, report
 from comp.artifacts import atomic_path
 from comp.config import Config
 from comp.data import Competition, load_competition, read_table
@@ -94,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        submit(cli.load_config(args))
+        started = time.perf_counter()
+        console = cli.console(args.quiet)
+        submit(cli.load_config(args, console), console)
+        console.print(f"submit took {time.perf_counter() - started:.1f}s")
         return 0
 
     return run_cli(body)
@@ -133,6 +137,9 @@ def submit(cfg: Config, console: Console | None = None) -> dict:
     with atomic_path(cfg.submission_path) as tmp:
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows)")
+    report.append_run(cfg, cv, lb)
+    page = report.write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
+    console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
     return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline_macro_f1": baseline,
             "path": str(cfg.submission_path)}
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 from comp import cli
+from comp.artifacts import write_text
 from comp.data import load_competition
 from comp.engine import cached_tokenize
 from comp.errors import CompError, run_cli
@@ -31,7 +32,7 @@ def train(args: argparse.Namespace) -> int:
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")
-    console = cli.console()
+    console = cli.console(args.quiet)
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
     todo = list(range(n)) if args.all else [args.fold]
@@ -55,12 +56,14 @@ def train(args: argparse.Namespace) -> int:
     console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")
     for k in todo:
+        console.start_log()
         record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,
                             fresh=args.force)
         b = record["best"]
         console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
                       f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
                       f"-> {cfg.fold_dir(k)}")
+        write_text(cfg.fold_dir(k) / "train.log", console.take_log())
     return 0
 
 

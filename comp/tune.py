@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CompError("--n-trials must be >= 1")
         started = time.perf_counter()
         cfg = cli.load_config(args)
-        run_study(cfg, args.storage, args.n_trials, args.worker_id, args.study)
+        run_study(cfg, args.storage, args.n_trials, args.worker_id, args.study, cli.console(args.quiet))
         print(f"tuning took {time.perf_counter() - started:.0f}s")
         return 0
 

@@ -1,0 +1,269 @@
+"""`python -m comp.report`: the plots and tables of a run on one static page; `--runs`: every submit so far."""
+
+from __future__ import annotations
+
+import html
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from comp import cli, metrics
+from comp.artifacts import atomic_path, write_text
+from comp.config import Config
+from comp.data import load_competition
+from comp.errors import CompError, run_cli
+from comp.folds import load_folds
+from comp.runs import FoldOutputs, read_fold
+
+RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "cv_macro_f1", "cv_accuracy",
+               "cv_log_loss", "lb_macro_f1", "lb_accuracy", "lb_log_loss", "submission"]
+
+
+def report_dir(cfg: Config) -> Path:
+    return cfg.path(cfg.run.reports_dir) / cfg.run.name
+
+
+def runs_path(cfg: Config) -> Path:
+    return cfg.path(cfg.run.submissions_dir) / "runs.csv"
+
+
+def append_run(cfg: Config, cv: dict, lb: dict | None) -> None:
+    """Add one row for this submit to submissions/runs.csv (rewritten atomically)."""
+    path = runs_path(cfg)
+    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=RUN_COLUMNS)
+    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": cfg.run.name, "model": cfg.model.name_or_path,
+           "config_hash": cfg.hash(), "folds_fingerprint": _folds_fingerprint(cfg),
+           "cv_macro_f1": cv["macro_f1"], "cv_accuracy": cv["accuracy"], "cv_log_loss": cv["log_loss"],
+           "lb_macro_f1": lb["macro_f1"] if lb else None, "lb_accuracy": lb["accuracy"] if lb else None,
+           "lb_log_loss": lb["log_loss"] if lb else None, "submission": str(cfg.submission_path)}
+    table = pd.concat([old, pd.DataFrame([row])], ignore_index=True) if len(old) else pd.DataFrame([row])
+    with atomic_path(path) as tmp:
+        table[RUN_COLUMNS].to_csv(tmp, index=False)
+
+
+def _folds_fingerprint(cfg: Config) -> str:
+    from comp.artifacts import read_json
+    from comp.folds import meta_path
+
+    return read_json(meta_path(cfg)).get("fingerprint", "")
+
+
+def print_runs(cfg: Config, console: Console) -> None:
+    """Every recorded submit, best CV first, with the CV - leaderboard gap."""
+    path = runs_path(cfg)
+    if not path.is_file():
+        raise CompError(f"{path} not found: it is written by python -m comp.submit")
+    runs = pd.read_csv(path).sort_values("cv_macro_f1", ascending=False)
+    table = Table(title=f"{path}: {len(runs)} submit(s), best CV first")
+    for col in ("time", "run", "model", "config", "CV macro-F1", "LB macro-F1", "CV - LB", "CV log loss"):
+        table.add_column(col, justify="right")
+    for _, r in runs.iterrows():
+        lb = r["lb_macro_f1"]
+        has_lb = pd.notna(lb)
+        table.add_row(str(r["time"]), str(r["run"]), str(r["model"]).split("/")[-1], str(r["config_hash"])[:8],
+                      f"{r['cv_macro_f1']:.4f}", f"{lb:.4f}" if has_lb else "",
+                      f"{r['cv_macro_f1'] - lb:+.4f}" if has_lb else "", f"{r['cv_log_loss']:.4f}")
+    console.print(table)
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
+def plot_learning_curves(records: list[dict], monitor: str, path: Path) -> None:
+    """Per fold: train and validation loss, and the monitored metric, per epoch; the best epoch marked."""
+    plt = _pyplot()
+    n = len(records)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 1, 3.4), squeeze=False)
+    for ax, rec in zip(axes[0], records, strict=True):
+        hist = rec["history"]
+        epochs = [h["epoch"] for h in hist]
+        ax.plot(epochs, [h["train_loss"] for h in hist], "o-", label="train loss")
+        ax.plot(epochs, [h["val_loss"] for h in hist], "o-", label="val loss")
+        ax.axvline(rec["best_epoch"], color="grey", linestyle=":", label=f"best epoch {rec['best_epoch']}")
+        ax.set_title(f"fold {rec['fold']}")
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        twin = ax.twinx()
+        twin.plot(epochs, [h["val_macro_f1"] for h in hist], "s--", color="tab:green", label="val macro-F1")
+        twin.set_ylim(0, 1)
+        if rec is records[-1]:
+            lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
+            ax.legend(lines, labels, fontsize=7, loc="upper right")
+    fig.suptitle(f"learning curves (early stopping on {monitor})", fontsize=10)
+    _save(fig, path)
+
+
+def plot_confusion(y: np.ndarray, pred: np.ndarray, classes: list[str], path: Path) -> np.ndarray:
+    """The OOF confusion matrix, normalised per true class, with the counts written in; returns the counts."""
+    plt = _pyplot()
+    counts = confusion_matrix(y, pred, labels=np.arange(len(classes)))
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = 1.2 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({counts[i, j]})", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("OOF confusion matrix (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    _save(fig, path)
+    return counts
+
+
+def per_class_table(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support of each class over the OOF predictions."""
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=np.arange(len(classes)), zero_division=0)
+    return pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s})
+
+
+def plot_per_class(table: pd.DataFrame, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(table), 3.4))
+    x = np.arange(len(table))
+    for k, col in enumerate(("precision", "recall", "f1")):
+        ax.bar(x + (k - 1) * 0.27, table[col], width=0.27, label=col)
+    ax.set_xticks(x, [f"{c}\n(n={n})" for c, n in zip(table["class"], table["support"], strict=True)])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("per-class precision / recall / F1 (OOF)")
+    _save(fig, path)
+
+
+def plot_confidence(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
+    """Distribution of the OOF max-probability for correct and wrong predictions."""
+    plt = _pyplot()
+    top = probs.max(1)
+    right = probs.argmax(1) == y
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bins = np.linspace(1 / probs.shape[1], 1, 21)
+    ax.hist(top[right], bins=bins, alpha=0.6, label=f"correct ({right.sum()})", density=True)
+    ax.hist(top[~right], bins=bins, alpha=0.6, label=f"wrong ({(~right).sum()})", density=True)
+    ax.set_xlabel("OOF max probability")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.set_title("confidence of correct vs wrong OOF predictions")
+    _save(fig, path)
+
+
+# --- the page ----------------------------------------------------------------------------------------
+
+def write_report(cfg: Config, outputs: list[FoldOutputs], folds: np.ndarray, y: np.ndarray, oof: np.ndarray,
+                 classes: list[str], cv: dict, lb: dict | None) -> Path:
+    """PNGs and index.html for a run under reports/<run>/; returns the page's path."""
+    out = report_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [o.record for o in outputs]
+    pred = oof.argmax(1)
+    probs = metrics.probabilities(oof)
+    plot_learning_curves(records, cfg.train.monitor, out / "learning_curves.png")
+    counts = plot_confusion(y, pred, classes, out / "confusion_matrix.png")
+    per_class = per_class_table(y, pred, classes)
+    plot_per_class(per_class, out / "per_class.png")
+    plot_confidence(y, probs, out / "confidence.png")
+    images = ["learning_curves.png", "confusion_matrix.png", "per_class.png", "confidence.png"]
+    study = cfg.tune.study_name or cfg.run.name
+    for suffix in ("history", "importances"):
+        src = cfg.folds_path.parent / f"{study}_{suffix}.png"
+        if src.is_file():
+            shutil.copyfile(src, out / f"tune_{suffix}.png")
+            images.append(f"tune_{suffix}.png")
+    fold_rows = [[o.fold, o.record["best_epoch"], *(metrics.score(y[folds == o.fold], o.oof_logits)[k]
+                                                    for k in ("macro_f1", "accuracy", "log_loss"))] for o in outputs]
+    folds_df = pd.DataFrame(fold_rows, columns=["fold", "best epoch", "macro_f1", "accuracy", "log_loss"])
+    summary = pd.DataFrame([{"": "CV (all OOF)", **cv}] + ([{"": "leaderboard", **lb}] if lb else []))
+    page = _html(cfg, summary, folds_df, per_class, counts, classes, images)
+    write_text(out / "index.html", page)
+    return out / "index.html"
+
+
+def _html(cfg, summary, folds_df, per_class, counts, classes, images) -> str:
+    def table(df: pd.DataFrame) -> str:
+        return df.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, classes="t")
+
+    cm = pd.DataFrame(counts, index=[f"true {c}" for c in classes], columns=[f"pred {c}" for c in classes])
+    imgs = "\n".join(f'<figure><img src="{html.escape(i)}" alt="{html.escape(i)}"><figcaption>{html.escape(i)}'
+                     "</figcaption></figure>" for i in images)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>comp report: {html.escape(cfg.run.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;color:#222}} table.t{{border-collapse:collapse;margin:0.5em 0 1.5em}}
+table.t td,table.t th{{padding:3px 10px;text-align:right;border-bottom:1px solid #ddd}}
+figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:100%;border:1px solid #eee}}</style></head>
+<body><h1>run {html.escape(cfg.run.name)}</h1>
+<p>model {html.escape(cfg.model.name_or_path)} · config {cfg.hash()} · {len(folds_df)} folds ·
+generated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
+<h2>scores</h2>{table(summary)}
+<h2>folds</h2>{table(folds_df)}
+<h2>per class (OOF)</h2>{table(per_class)}
+<h2>OOF confusion matrix (counts)</h2>{cm.to_html(border=0, classes="t")}
+<h2>plots</h2>{imgs}
+</body></html>
+"""
+
+
+def load_run(cfg: Config):
+    """Every finished fold of the run with the OOF logits assembled in train-row order."""
+    from comp.submit import assemble_oof
+
+    comp = load_competition(cfg)
+    folds, fp = load_folds(cfg, comp)
+    outputs = [read_fold(cfg, k, fp) for k in range(cfg.folds.n_splits)]
+    return comp, folds, outputs, assemble_oof(comp, folds, outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write reports/<run>/index.html with the run's tables and plots, or (--runs) list every submit."""
+    parser = cli.parser("comp.report", main.__doc__)
+    parser.add_argument("--runs", action="store_true", help="print submissions/runs.csv, best CV first")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        console = cli.console(args.quiet)
+        cfg = cli.load_config(args, console)
+        if args.runs:
+            print_runs(cfg, console)
+            return 0
+        started = time.perf_counter()
+        comp, folds, outputs, oof = load_run(cfg)
+        cv = metrics.score(comp.y, oof)
+        lb = None
+        if cfg.data.solution:
+            from comp.submit import average_probabilities, leaderboard, test_logits_in_order
+
+            lb = leaderboard(cfg, comp, average_probabilities(test_logits_in_order(comp, outputs)))
+        page = write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
+        console.print(f"wrote {page} and its plots in {time.perf_counter() - started:.1f}s")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

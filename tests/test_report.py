@@ -1,0 +1,89 @@
+"""Reports: run logs, plots, the run record and the one-page report; console output fit for CI logs."""
+
+import struct
+
+import pandas as pd
+import pytest
+
+from comp import config, folds, report, submit, train
+from tests.conftest import write_project
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model):
+    cfg = write_project(tmp_path_factory.mktemp("report"), tiny_model)
+    assert folds.main(["--config", str(cfg)]) == 0
+    assert train.main(["--config", str(cfg), "--all"]) == 0
+    return cfg
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    width, height = struct.unpack(">II", data[16:24])
+    return len(data), width, height
+
+
+def test_submit_writes_plots_page_and_one_run_row_per_submit(run, capsys):
+    root = run.parent
+    runs_csv = root / "submissions" / "runs.csv"
+    rows_before = len(pd.read_csv(runs_csv)) if runs_csv.exists() else 0
+    results = [submit.submit(config.load(run)) for _ in range(2)]
+    table = pd.read_csv(runs_csv)
+    assert len(table) == rows_before + 2
+    for row, res in zip(table.tail(2).itertuples(), results, strict=True):
+        assert row.cv_macro_f1 == pytest.approx(res["cv"]["macro_f1"])
+        assert row.cv_log_loss == pytest.approx(res["cv"]["log_loss"])
+        assert row.lb_macro_f1 == pytest.approx(res["leaderboard"]["macro_f1"])
+        assert row.run == "tiny" and row.config_hash == config.load(run).hash()
+    out = root / "reports" / "tiny"
+    for name in ("learning_curves.png", "confusion_matrix.png", "per_class.png", "confidence.png"):
+        size, width, height = png_size(out / name)
+        assert size > 8000 and width >= 300 and height >= 200, name
+    page = (out / "index.html").read_text()
+    for name in ("learning_curves.png", "confusion_matrix.png", "per_class.png", "confidence.png"):
+        assert f'src="{name}"' in page
+    assert "CV (all OOF)" in page and "leaderboard" in page
+
+
+def test_confusion_matrix_counts_every_training_row_once(run, tmp_path):
+    cfg = config.load(run)
+    comp, f, outputs, oof = report.load_run(cfg)
+    counts = report.plot_confusion(comp.y, oof.argmax(1), comp.classes, tmp_path / "cm.png")
+    assert counts.sum() == len(comp.train) == 90
+    assert counts.sum(axis=1).tolist() == [int((comp.y == k).sum()) for k in range(3)]
+    assert counts.trace() == int((oof.argmax(1) == comp.y).sum())
+    table = report.per_class_table(comp.y, oof.argmax(1), comp.classes)
+    assert table["support"].sum() == 90
+
+
+def test_report_cli_and_runs_table(run, capsys):
+    assert submit.main(["--config", str(run)]) == 0
+    capsys.readouterr()
+    assert report.main(["--config", str(run)]) == 0
+    assert "index.html" in capsys.readouterr().out
+    assert report.main(["--config", str(run), "--runs"]) == 0
+    out = capsys.readouterr().out
+    assert "best CV first" in out and "CV - LB" in out and "tiny" in out
+
+
+def test_run_log_and_plain_output_outside_a_terminal(run, capsys):
+    capsys.readouterr()
+    assert train.main(["--config", str(run), "--fold", "1", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1 epoch 1:" in out
+    assert "\x1b" not in out and "\r" not in out  # no progress-bar control characters in logs
+    log = (run.parent / "folds" / "tiny" / "fold_1" / "train.log").read_text()
+    assert "fold 1 epoch 1:" in log and "fold 1 done" in log and "\x1b" not in log
+    assert submit.main(["--config", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "CV macro_f1" in out
+
+
+def test_quiet_prints_nothing(run, capsys):
+    capsys.readouterr()
+    assert train.main(["--config", str(run), "--fold", "2", "--force", "--quiet"]) == 0
+    assert submit.main(["--config", str(run), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert "fold 2 epoch 1:" in (run.parent / "folds" / "tiny" / "fold_2" / "train.log").read_text()
