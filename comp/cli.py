@@ -60,4 +60,6 @@ def console(quiet: bool = False) -> LoggingConsole:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return LoggingConsole(file=io.StringIO() if quiet else None, highlight=False, soft_wrap=True)
+    plain = not Console().is_terminal  # logs and CI: wide enough that tables keep their columns
+    return LoggingConsole(file=io.StringIO() if quiet else None, highlight=False, soft_wrap=True,
+                          width=160 if plain or quiet else None)

@@ -47,13 +47,19 @@ class Rows:
         return Rows([self.tokens[i] for i in index], meta, y)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048) -> list[np.ndarray]:
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048,
+             progress: Progress | None = None) -> list[np.ndarray]:
     """Token ids of each text, truncated to max_length, without padding; batched through the fast tokenizer."""
     out: list[np.ndarray] = []
+    task = progress.add_task("tokenize", total=len(texts), info="") if progress else None
     for start in range(0, len(texts), chunk):
         enc = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
                         return_attention_mask=False, return_token_type_ids=False)
         out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        if progress:
+            progress.update(task, completed=len(out))
+    if progress:
+        progress.remove_task(task)
     return out
 
 
@@ -73,11 +79,11 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-                    cache_dir: Path | None) -> tuple[list[np.ndarray], bool]:
+                    cache_dir: Path | None, progress: Progress | None = None) -> tuple[list[np.ndarray], bool]:
     """tokenize(), through an on-disk cache keyed by tokenizer identity, max_length and the texts;
     returns the token ids and whether the cache answered."""
     if cache_dir is None:
-        return tokenize(tokenizer, texts, max_length), False
+        return tokenize(tokenizer, texts, max_length, progress=progress), False
     h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{max_length}|{len(texts)}|".encode())
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
@@ -90,7 +96,7 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_le
             return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], True
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a broken cache file is rebuilt below
-    tokens = tokenize(tokenizer, texts, max_length)
+    tokens = tokenize(tokenizer, texts, max_length, progress=progress)
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in tokens])
     flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
@@ -226,8 +232,10 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
         total += loss.detach() * len(index)
         seen += len(index)
         if step % tcfg.log_every == 0 or step == len(batches):
-            # the only host sync: every log_every steps, for the progress bar
+            # the only host sync: every log_every steps, for the running loss on the progress bar
             progress.update(task, completed=step, info=f"loss {total.item() / seen:.4f}")
+        else:
+            progress.update(task, completed=step)
         if (on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step % accum == 0
                 and step < len(batches)):
             state.step, state.loss_sum, state.seen = step, float(total.item()), seen

@@ -9,7 +9,7 @@ import time
 from comp import cli
 from comp.artifacts import write_text
 from comp.data import load_competition
-from comp.engine import cached_tokenize
+from comp.engine import cached_tokenize, make_progress
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
@@ -50,8 +50,11 @@ def train(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     if tokenizer.pad_token_id is None:
         raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
-    train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir)
-    test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length, cfg.cache_dir)
+    with make_progress(console) as progress:
+        train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir,
+                                                  progress)
+        test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length, cfg.cache_dir,
+                                                progress)
     how = "from the cache" if hit_train and hit_test else "tokenized"
     console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")

@@ -34,3 +34,14 @@ def test_save_load_round_trip(tmp_path):
     enc = MetaEncoder(("shop",), ("count",)).fit(frame())
     enc.save(tmp_path / "e.joblib")
     assert np.array_equal(MetaEncoder.load(tmp_path / "e.joblib").transform(frame()), enc.transform(frame()))
+
+
+def test_artifacts_are_not_private_files(tmp_path):
+    import os
+
+    from comp.artifacts import write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -87,3 +87,21 @@ def test_quiet_prints_nothing(run, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert "fold 2 epoch 1:" in (run.parent / "folds" / "tiny" / "fold_2" / "train.log").read_text()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="Debian's chromium is not installed")
+def test_page_renders_in_headless_chromium(run, tmp_path):
+    import subprocess
+
+    import matplotlib.image
+
+    assert submit.main(["--config", str(run), "--quiet"]) == 0
+    page = run.parent / "reports" / "tiny" / "index.html"
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000", f"--screenshot={shot}",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    coloured = (abs(pixels - pixels.mean(axis=2, keepdims=True)).sum(axis=2) > 0.1).mean()
+    assert coloured > 0.02  # the plots' colours are on screen, not just black text on white
