@@ -84,10 +84,12 @@ def start_worker(cfg_path: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_workers_share_one_study(project):
+def test_two_workers_share_one_study(tmp_path, tiny_model):
+    # trials long enough (about 2 s) that neither worker can finish the study before the other has started
+    project = write_project(tmp_path, tiny_model, make_tables(n_train=300, n_test=6))
     assert folds.main(["--config", str(project)]) == 0
-    workers = [start_worker(project, "--n-trials", "6", "--worker-id", str(i), "--set", "train.epochs=1")
-               for i in range(2)]
+    workers = [start_worker(project, "--n-trials", "6", "--worker-id", str(i), "--set", "train.epochs=2",
+                            "--set", "train.batch_size=8", "--set", "tune.pruner=none") for i in range(2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     trials = [t for t in load(project).trials if t.state in tune.FINISHED]
@@ -110,7 +112,8 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
         time.sleep(0.2)
         if db.exists():
             try:
-                running = load(cfg).get_trials(states=(TrialState.RUNNING,))
+                # mid-trial: running, with its values already drawn (so the retry must reuse them)
+                running = [t for t in load(cfg).get_trials(states=(TrialState.RUNNING,)) if t.params]
             except Exception:  # noqa: BLE001 - the study may not exist yet
                 running = []
     worker.send_signal(signal.SIGKILL)
