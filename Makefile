@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 CONFIG ?= comp.toml
 SET ?=
 PARAMS ?=
+DEVICES ?=
+JOBS ?= 1
 ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--params $(PARAMS))
 
 .PHONY: install data folds train submit tune bench demo test lint clean
@@ -29,7 +31,7 @@ folds: data
 	$(PY) -m comp.folds $(ARGS)
 
 train: install
-	$(PY) -m comp.train --all $(ARGS)
+	$(PY) -m comp.train --all $(ARGS) --jobs $(JOBS) $(if $(DEVICES),--devices $(DEVICES))
 
 submit: install
 	$(PY) -m comp.submit $(ARGS)

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from comp import cli
 from comp.artifacts import write_text
 from comp.data import load_competition
@@ -13,6 +15,7 @@ from comp.engine import cached_tokenize, make_progress
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
+from comp.parallel import make_slots, run_folds
 from comp.runs import is_complete, train_fold, verify_fold
 
 
@@ -23,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--fold", type=int, help="the fold to train (0 .. n_splits-1)")
     which.add_argument("--all", action="store_true", help="train every fold in turn")
     parser.add_argument("--force", action="store_true", help="retrain folds that are already finished")
+    parser.add_argument("--devices", help="with --all: GPU ids, e.g. 0,1,2,3; one fold process per GPU at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="with --all: fold processes at once on the CPU")
     args = parser.parse_args(argv)
     return run_cli(lambda: train(args))
 
@@ -32,7 +37,13 @@ def train(args: argparse.Namespace) -> int:
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")
+    if args.jobs < 1:
+        raise CompError(f"--jobs {args.jobs}: must be at least 1")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     console = cli.console(args.quiet)
+    if devices and not torch.cuda.is_available():
+        console.print("no CUDA GPU is visible: --devices is ignored and the folds run in turn")
+        devices = None
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
     todo = list(range(n)) if args.all else [args.fold]
@@ -58,6 +69,12 @@ def train(args: argparse.Namespace) -> int:
     how = "from the cache" if hit_train and hit_test else "tokenized"
     console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")
+    if len(todo) > 1 and (devices or args.jobs > 1):
+        failed = run_folds(cfg, args, todo, make_slots(devices, args.jobs), console)
+        if failed:
+            raise CompError(f"fold(s) {failed} failed (see the lines above); rerun python -m comp.train --all "
+                            "to continue them")
+        return 0
     for k in todo:
         console.start_log()
         record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,
