@@ -120,6 +120,16 @@ def write_project(root: Path, model: Path | str, tables: dict[str, pd.DataFrame]
     return cfg
 
 
+def trained_project(root: Path, model: Path) -> Path:
+    """write_project, then folds made and every fold trained once through the CLIs; returns the config path."""
+    from comp import folds, train
+
+    cfg = write_project(root, model)
+    assert folds.main(["--config", str(cfg)]) == 0
+    assert train.main(["--config", str(cfg), "--all"]) == 0
+    return cfg
+
+
 def snapshot(root: Path) -> dict[str, float]:
     """Every file under root with its modification time, to show a command wrote nothing."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}

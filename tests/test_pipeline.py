@@ -9,18 +9,13 @@ from scipy.special import softmax
 
 from comp import config, data, folds, runs, submit, train
 from comp.features import MetaEncoder
-from tests.conftest import assert_user_error, snapshot
+from tests.conftest import assert_user_error, snapshot, trained_project
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     """A project with folds made and every fold trained once, shared by the read-only tests below."""
-    from tests.conftest import write_project
-
-    cfg_path = write_project(tmp_path_factory.mktemp("trained"), tiny_model)
-    assert folds.main(["--config", str(cfg_path)]) == 0
-    assert train.main(["--config", str(cfg_path), "--all"]) == 0
-    return cfg_path
+    return trained_project(tmp_path_factory.mktemp("trained"), tiny_model)
 
 
 def fold_files(cfg_path, k):

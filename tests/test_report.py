@@ -5,16 +5,13 @@ import struct
 import pandas as pd
 import pytest
 
-from comp import config, folds, report, submit, train
-from tests.conftest import write_project
+from comp import config, report, submit, train
+from tests.conftest import trained_project
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model):
-    cfg = write_project(tmp_path_factory.mktemp("report"), tiny_model)
-    assert folds.main(["--config", str(cfg)]) == 0
-    assert train.main(["--config", str(cfg), "--all"]) == 0
-    return cfg
+    return trained_project(tmp_path_factory.mktemp("report"), tiny_model)
 
 
 def png_size(path):
