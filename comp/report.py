@@ -17,10 +17,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from comp import cli, metrics
 from comp.artifacts import atomic_path, write_text
 from comp.config import Config
-from comp.data import load_competition
 from comp.errors import CompError, run_cli
-from comp.folds import load_folds
-from comp.runs import FoldOutputs, read_fold
+from comp.runs import FoldOutputs, load_run
 
 RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "cv_macro_f1", "cv_accuracy",
                "cv_log_loss", "lb_macro_f1", "lb_accuracy", "lb_log_loss", "submission"]
@@ -34,25 +32,18 @@ def runs_path(cfg: Config) -> Path:
     return cfg.path(cfg.run.submissions_dir) / "runs.csv"
 
 
-def append_run(cfg: Config, cv: dict, lb: dict | None) -> None:
+def append_run(cfg: Config, cv: dict, lb: dict | None, folds_fp: str) -> None:
     """Add one row for this submit to submissions/runs.csv (rewritten atomically)."""
     path = runs_path(cfg)
     old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=RUN_COLUMNS)
     row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": cfg.run.name, "model": cfg.model.name_or_path,
-           "config_hash": cfg.hash(), "folds_fingerprint": _folds_fingerprint(cfg),
+           "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
            "cv_macro_f1": cv["macro_f1"], "cv_accuracy": cv["accuracy"], "cv_log_loss": cv["log_loss"],
            "lb_macro_f1": lb["macro_f1"] if lb else None, "lb_accuracy": lb["accuracy"] if lb else None,
            "lb_log_loss": lb["log_loss"] if lb else None, "submission": str(cfg.submission_path)}
     table = pd.concat([old, pd.DataFrame([row])], ignore_index=True) if len(old) else pd.DataFrame([row])
     with atomic_path(path) as tmp:
         table[RUN_COLUMNS].to_csv(tmp, index=False)
-
-
-def _folds_fingerprint(cfg: Config) -> str:
-    from comp.artifacts import read_json
-    from comp.folds import meta_path
-
-    return read_json(meta_path(cfg)).get("fingerprint", "")
 
 
 def print_runs(cfg: Config, console: Console) -> None:
@@ -228,16 +219,6 @@ generated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 """
 
 
-def load_run(cfg: Config):
-    """Every finished fold of the run with the OOF logits assembled in train-row order."""
-    from comp.submit import assemble_oof
-
-    comp = load_competition(cfg)
-    folds, fp = load_folds(cfg, comp)
-    outputs = [read_fold(cfg, k, fp) for k in range(cfg.folds.n_splits)]
-    return comp, folds, outputs, assemble_oof(comp, folds, outputs)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Write reports/<run>/index.html with the run's tables and plots, or (--runs) list every submit."""
     parser = cli.parser("comp.report", main.__doc__)
@@ -251,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print_runs(cfg, console)
             return 0
         started = time.perf_counter()
-        comp, folds, outputs, oof = load_run(cfg)
+        comp, folds, _, outputs, oof = load_run(cfg)
         cv = metrics.score(comp.y, oof)
         lb = None
         if cfg.data.solution:

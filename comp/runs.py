@@ -14,10 +14,11 @@ from sklearn.model_selection import train_test_split
 from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
 from comp.config import Config, to_toml
-from comp.data import Competition
+from comp.data import Competition, load_competition
 from comp.engine import Checkpoint, Rows, fit_fold, seed_everything
 from comp.errors import CompError
 from comp.features import MetaEncoder
+from comp.folds import load_folds
 from comp.model import build_model
 
 CHECKED = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
@@ -138,3 +139,27 @@ def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
                         f"python -m comp.train --fold {fold} --force")
     return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
                        read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
+
+
+def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:
+    """OOF logits in train-row order, after checking each fold predicted exactly its own validation rows."""
+    oof = np.full((len(comp.train), len(comp.classes)), np.nan, dtype=np.float32)
+    for out in outputs:
+        _, va = split(folds, out.fold)
+        if out.record.get("classes") != comp.classes:
+            raise CompError(f"fold {out.fold} was trained with classes {out.record.get('classes')}, train now has "
+                            f"{comp.classes}: retrain it with --force")
+        if not np.array_equal(out.oof_ids, comp.train_ids[va]) or out.oof_logits.shape != (len(va), len(comp.classes)):
+            raise CompError(f"fold {out.fold}'s OOF predictions do not cover its validation rows: "
+                            f"retrain it with python -m comp.train --fold {out.fold} --force")
+        oof[va] = out.oof_logits
+    return oof
+
+
+def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutputs], np.ndarray]:
+    """The tables, the checked split and its fingerprint, every finished fold of the run, and the OOF logits
+    assembled in train-row order (refusing missing, stale or mixed folds)."""
+    comp = load_competition(cfg)
+    folds, folds_fp = load_folds(cfg, comp)
+    outputs = [read_fold(cfg, k, folds_fp) for k in range(cfg.folds.n_splits)]
+    return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)

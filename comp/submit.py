@@ -13,10 +13,9 @@ from rich.table import Table
 from comp import cli, metrics, report
 from comp.artifacts import atomic_path
 from comp.config import Config
-from comp.data import Competition, load_competition, read_table
+from comp.data import Competition, read_table
 from comp.errors import CompError, run_cli
-from comp.folds import load_folds
-from comp.runs import FoldOutputs, read_fold, split
+from comp.runs import FoldOutputs, load_run
 
 METRICS = ("macro_f1", "accuracy", "log_loss")
 
@@ -24,21 +23,6 @@ METRICS = ("macro_f1", "accuracy", "log_loss")
 def average_probabilities(fold_logits: list[np.ndarray]) -> np.ndarray:
     """Test probabilities: the mean over folds of each fold's softmax (not the softmax of mean logits)."""
     return np.mean([metrics.probabilities(lg) for lg in fold_logits], axis=0)
-
-
-def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:
-    """OOF logits in train-row order, after checking each fold predicted exactly its own validation rows."""
-    oof = np.full((len(comp.train), len(comp.classes)), np.nan, dtype=np.float32)
-    for out in outputs:
-        _, va = split(folds, out.fold)
-        if out.record.get("classes") != comp.classes:
-            raise CompError(f"fold {out.fold} was trained with classes {out.record.get('classes')}, train now has "
-                            f"{comp.classes}: retrain it with --force")
-        if not np.array_equal(out.oof_ids, comp.train_ids[va]) or out.oof_logits.shape != (len(va), len(comp.classes)):
-            raise CompError(f"fold {out.fold}'s OOF predictions do not cover its validation rows: "
-                            f"retrain it with python -m comp.train --fold {out.fold} --force")
-        oof[va] = out.oof_logits
-    return oof
 
 
 def test_logits_in_order(comp: Competition, outputs: list[FoldOutputs]) -> list[np.ndarray]:
@@ -107,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def submit(cfg: Config, console: Console | None = None) -> dict:
     """Check and combine every fold of the run; print the CV table; write the submission."""
     console = console or cli.console()
-    comp = load_competition(cfg)
-    folds, folds_fp = load_folds(cfg, comp)
-    outputs = [read_fold(cfg, k, folds_fp) for k in range(cfg.folds.n_splits)]
-    oof = assemble_oof(comp, folds, outputs)
+    comp, folds, folds_fp, outputs, oof = load_run(cfg)
     probs = average_probabilities(test_logits_in_order(comp, outputs))
     frame = submission_frame(cfg, comp, probs)
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
@@ -137,7 +118,7 @@ def submit(cfg: Config, console: Console | None = None) -> dict:
     with atomic_path(cfg.submission_path) as tmp:
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows)")
-    report.append_run(cfg, cv, lb)
+    report.append_run(cfg, cv, lb, folds_fp)
     page = report.write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
     console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
     return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline_macro_f1": baseline,
