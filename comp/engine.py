@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from comp import metrics
 from comp.artifacts import atomic_path
 from comp.config import MONITORS, Config, TrainConfig
+from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
 from comp.errors import CompError
 from comp.model import TextMetaClassifier
 
@@ -116,9 +118,10 @@ def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def inference_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Rows sorted by length, cut into batches (the caller restores the original order)."""
-    order = np.argsort(lengths, kind="stable")
+def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE) -> list[np.ndarray]:
+    """Rows sorted by length, cut into batches (the caller restores the original order); under DDP only
+    this rank's share, every world-th row of that order."""
+    order = shard_rows(np.argsort(lengths, kind="stable"), d)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -204,24 +207,32 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
                     loss_fn: nn.Module, tcfg: TrainConfig, pad_id: int, device: torch.device,
                     amp_dtype: torch.dtype | None, progress: Progress, description: str,
                     state: FitState | None = None, on_checkpoint: Callable[[], None] | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> float:
+                    scaler: torch.amp.GradScaler | None = None, scales: list[float] | None = None,
+                    d: Dist = SINGLE) -> float:
     """One pass over the batches (from state.step on, when resuming); returns the mean training loss.
-    Gradients of grad_accum_steps batches are summed before each optimizer step."""
+    Gradients of grad_accum_steps batches are summed before each optimizer step. Under DDP (`model`
+    wrapped, `d` its job) `batches` are this rank's shares and `scales` weight each share's mean loss;
+    the returned loss is the mean over every rank's rows."""
     state = state or FitState()
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     accum = tcfg.grad_accum_steps
     model.train()
     task = progress.add_task(description, total=len(batches), completed=state.step, info="")
     y = torch.from_numpy(rows.y).to(device)
-    total = torch.tensor(state.loss_sum, dtype=torch.float32, device=device)
-    seen = state.seen
+    # the sums of a resumed epoch's first steps come from the checkpoint: rank 0 carries them
+    total = torch.tensor(state.loss_sum if d.is_main else 0.0, dtype=torch.float32, device=device)
+    seen = state.seen if d.is_main else 0
     for step in range(state.step + 1, len(batches) + 1):
         index = batches[step - 1]
         input_ids, mask, meta = collate(rows, index, pad_id, device)
-        logits = model(input_ids, mask, meta, amp_dtype)
-        loss = loss_fn(logits, y[index])
-        scaler.scale(loss / accum).backward()
-        if step % accum == 0 or step == len(batches):
+        boundary = step % accum == 0 or step == len(batches)
+        with model.no_sync() if ddp and not boundary else contextlib.nullcontext():  # DDP syncs at the step only
+            logits = model(input_ids, mask, meta, amp_dtype)
+            loss = loss_fn(logits, y[index])
+            scale = scales[step - 1] / accum if scales else 1.0 / accum
+            scaler.scale(loss * scale).backward()
+        if boundary:
             if tcfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -238,19 +249,27 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
             progress.update(task, completed=step)
         if (on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step % accum == 0
                 and step < len(batches)):
-            state.step, state.loss_sum, state.seen = step, float(total.item()), seen
+            # under DDP the checkpoint (rank 0's) holds every rank's sums; the other ranks go on from zero
+            loss_sum, n = d.sum(float(total.item()), seen)
+            state.step, state.loss_sum, state.seen = step, loss_sum, int(n)
+            total.fill_(loss_sum if d.is_main else 0.0)
+            seen = int(n) if d.is_main else 0
             on_checkpoint()
     progress.remove_task(task)
-    return float(total.item() / max(seen, 1))
+    loss_sum, n = d.sum(float(total.item()), seen)
+    return float(loss_sum / max(n, 1))
 
 
 @torch.inference_mode()
 def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int, device: torch.device,
-            amp_dtype: torch.dtype | None, progress: Progress | None = None, description: str = "predict") -> np.ndarray:
-    """fp32 logits for every row, in the rows' original order."""
+            amp_dtype: torch.dtype | None, progress: Progress | None = None, description: str = "predict",
+            d: Dist = SINGLE) -> np.ndarray:
+    """fp32 logits for every row, in the rows' original order. Under DDP each rank predicts every
+    world-th row of the length order and every rank gets all the logits back."""
     model.eval()
     out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
-    batches = inference_batches(rows.lengths, batch_size)
+    batches = inference_batches(rows.lengths, batch_size, d)
+    mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     task = progress.add_task(description, total=len(batches), info="") if progress else None
     for step, index in enumerate(batches, 1):
         input_ids, mask, meta = collate(rows, index, pad_id, device)
@@ -259,6 +278,13 @@ def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int,
             progress.update(task, completed=step)
     if progress:
         progress.remove_task(task)
+    if d.enabled:
+        parts = d.gather((mine, out[mine]))
+        covered = np.concatenate([index for index, _ in parts])
+        if len(covered) != len(rows) or not np.array_equal(np.sort(covered), np.arange(len(rows))):
+            raise CompError(f"{description}: the ranks' predictions do not cover every row exactly once")
+        for index, logits in parts:
+            out[index] = logits
     return out
 
 
@@ -341,13 +367,16 @@ class FoldResult:
 
 def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows: Rows, test_rows: Rows | None,
              pad_id: int, console: Console, fold: int = 0, checkpoint: Checkpoint | None = None,
-             on_epoch: Callable[[dict], None] | None = None) -> FoldResult:
+             on_epoch: Callable[[dict], None] | None = None, d: Dist = SINGLE) -> FoldResult:
     """Train one fold with early stopping (resuming from `checkpoint` if it holds one); return the best
     epoch's weights, OOF logits and test logits (none without test rows). `on_epoch` sees each epoch's
-    metrics and may raise to stop the fold (tuning prunes trials that way)."""
+    metrics and may raise to stop the fold (tuning prunes trials that way). Under DDP (`d` from torchrun)
+    train.batch_size is per process, every rank returns the same result and only rank 0 saves checkpoints."""
     tcfg = cfg.train
     started = time.perf_counter()
     device = resolve_device(tcfg)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
     amp_dtype = resolve_precision(tcfg, device)
     seed_everything(tcfg.seed + fold)
     rng = np.random.default_rng(tcfg.seed + fold)
@@ -357,9 +386,14 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     model.to(device)
     if tcfg.compile:
         model.encoder.forward = torch.compile(model.encoder.forward, dynamic=True)  # keeps state_dict keys
+    trained = model
+    if d.enabled:  # DDP broadcasts rank 0's initial weights; dropout draws its own masks on each rank
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+        torch.manual_seed(tcfg.seed + fold + 7919 * d.rank)
     optimizer = make_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / tcfg.batch_size) / tcfg.grad_accum_steps)
+    global_batch = tcfg.batch_size * d.world
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / global_batch) / tcfg.grad_accum_steps)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -381,11 +415,13 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        if not d.is_main:  # the checkpoint holds rank 0's generators
+            torch.manual_seed(tcfg.seed + fold + 7919 * d.rank + 104729 * state.epoch + state.step)
         resumed_from = {"epoch": state.epoch, "step": state.step}
         console.print(f"fold {fold}: resuming from {checkpoint.path} at epoch {state.epoch}, step {state.step}")
 
     def save_checkpoint() -> None:
-        if checkpoint:
+        if checkpoint and d.is_main:
             checkpoint.save(model, optimizer, scheduler, scaler, state, stopper, best_state, best_val)
 
     lengths = train_rows.lengths
@@ -393,12 +429,13 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         while not state.finished:
             epoch, t0 = state.epoch, time.perf_counter()
             rng.bit_generator.state = state.epoch_rng
-            batches = train_batches(lengths, tcfg.batch_size, rng)
-            train_loss = train_one_epoch(model, train_rows, batches, optimizer, scheduler, loss_fn, tcfg, pad_id,
-                                         device, amp_dtype, progress, f"fold {fold} epoch {epoch}/{tcfg.epochs}",
-                                         state, save_checkpoint, scaler)
+            batches, scales = zip(*shard_batches(train_batches(lengths, global_batch, rng), d))
+            train_loss = train_one_epoch(trained, train_rows, list(batches), optimizer, scheduler, loss_fn, tcfg,
+                                         pad_id, device, amp_dtype, progress,
+                                         f"fold {fold} epoch {epoch}/{tcfg.epochs}", state, save_checkpoint, scaler,
+                                         list(scales), d)
             val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
-                                 f"fold {fold} validate")
+                                 f"fold {fold} validate", d)
             m = metrics.score(val_rows.y, val_logits)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
                    "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
@@ -420,7 +457,8 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             save_checkpoint()
         model.load_state_dict(best_state)
         test_logits = None if test_rows is None else predict(
-            model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress, f"fold {fold} predict test")
+            model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress, f"fold {fold} predict test",
+            d)
     return FoldResult(stopper.best_epoch, state.history, best_val, test_logits, best_state,
                       time.perf_counter() - started, resumed_from)
 

@@ -15,6 +15,7 @@ from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
 from comp.config import Config, to_toml
 from comp.data import Competition, load_competition
+from comp.distributed import SINGLE, Dist
 from comp.engine import Checkpoint, Rows, fit_fold, seed_everything
 from comp.errors import CompError
 from comp.features import MetaEncoder
@@ -55,14 +56,16 @@ def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, t
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
                train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console,
-               fresh: bool = False) -> dict:
+               fresh: bool = False, d: Dist = SINGLE) -> dict:
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
-    then write every artifact of that fold."""
+    then write every artifact of that fold (under DDP: every rank trains, rank 0 writes)."""
     out = cfg.fold_dir(fold)
-    (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
     checkpoint = Checkpoint(out / "last.pt", {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp})
-    if fresh:
-        checkpoint.delete()
+    if d.is_main:
+        (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
+        if fresh:
+            checkpoint.delete()
+    d.barrier()
     encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, folds, fold, train_tokens, test_tokens)
     tr, va = split(folds, fold)
     unseen = encoder.unseen(comp.test)
@@ -72,8 +75,18 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     seed_everything(cfg.train.seed + fold)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
     console.print(f"fold {fold}: {len(tr)} train rows, {len(va)} validation rows, {len(test_rows)} test rows, "
-                  f"{encoder.width} metadata features")
-    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold, checkpoint)
+                  f"{encoder.width} metadata features" + (f", {d.world} processes (DDP)" if d.enabled else ""))
+    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold, checkpoint, d=d)
+    record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": result.best_epoch,
+              "best": result.history[result.best_epoch - 1], "history": result.history,
+              "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
+              "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
+              "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows),
+              "processes": d.world, "unseen_categories": unseen, "oof": metrics.score(comp.y[va], result.val_logits),
+              "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
+    if not d.is_main:
+        d.barrier()  # rank 0 writes
+        return record
 
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
@@ -83,17 +96,11 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     write_npy(out / "test_logits.npy", result.test_logits)
     write_npy(out / "test_ids.npy", comp.test_ids)
     write_text(out / "config.toml", to_toml(cfg))
-    best = result.history[result.best_epoch - 1]
-    record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": result.best_epoch,
-              "best": best, "history": result.history, "monitor": cfg.train.monitor,
-              "config_hash": cfg.hash(), "folds_fingerprint": folds_fp, "model": cfg.model.name_or_path,
-              "comp_version": __version__, "torch_version": torch.__version__, "classes": comp.classes,
-              "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows), "unseen_categories": unseen,
-              "oof": metrics.score(comp.y[va], result.val_logits), "seconds": round(result.seconds, 1),
-              "resumed_from": result.resumed_from, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "sha256": {name: sha256(out / name) for name in CHECKED}}
+    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  sha256={name: sha256(out / name) for name in CHECKED})
     write_json(out / "metrics.json", record)
     checkpoint.delete()
+    d.barrier()
     return record
 
 

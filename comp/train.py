@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from comp import cli
+from comp import cli, distributed
 from comp.artifacts import write_text
 from comp.data import load_competition
 from comp.engine import cached_tokenize, make_progress
@@ -33,12 +33,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    d = distributed.from_env()  # under torchrun: this process's rank in a DDP job
+    try:
+        return _train(args, d)
+    finally:
+        distributed.close(d)
+
+
+def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
+    if not d.is_main:
+        args.quiet = True  # rank 0 speaks and writes for the job
     cfg = cli.load_config(args)
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")
     if args.jobs < 1:
         raise CompError(f"--jobs {args.jobs}: must be at least 1")
+    if d.enabled and (args.devices or args.jobs > 1):
+        raise CompError("--devices / --jobs run one fold per process; under torchrun every process trains the same "
+                        "fold: drop them (or drop torchrun)")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     console = cli.console(args.quiet)
     if devices and not torch.cuda.is_available():
@@ -55,17 +68,21 @@ def train(args: argparse.Namespace) -> int:
                             f"pass --force to retrain it, or set another run.name to keep both")
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
+    d.barrier()  # every rank has decided what to train before rank 0 starts replacing files
     if not todo:
         return 0
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     if tokenizer.pad_token_id is None:
         raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
-    with make_progress(console) as progress:
-        train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir,
-                                                  progress)
-        test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length, cfg.cache_dir,
-                                                progress)
+    for turn in (True, False) if d.enabled else (True,):  # under DDP rank 0 fills the cache, the others read it
+        if d.is_main == turn:
+            with make_progress(console) as progress:
+                train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length,
+                                                          cfg.cache_dir, progress)
+                test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length,
+                                                        cfg.cache_dir, progress)
+        d.barrier()
     how = "from the cache" if hit_train and hit_test else "tokenized"
     console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")
@@ -78,12 +95,14 @@ def train(args: argparse.Namespace) -> int:
     for k in todo:
         console.start_log()
         record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,
-                            fresh=args.force)
+                            fresh=args.force, d=d)
         b = record["best"]
         console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
                       f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
                       f"-> {cfg.fold_dir(k)}")
-        write_text(cfg.fold_dir(k) / "train.log", console.take_log())
+        log = console.take_log()
+        if d.is_main:
+            write_text(cfg.fold_dir(k) / "train.log", log)
     return 0
 
 
