@@ -144,3 +144,54 @@ def assert_user_error(code: int, capsys, *needles: str) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL server programs (initdb, pg_ctl), if installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    import shutil
+
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback (trust auth, its own data folder); yields its SQLAlchemy URL.
+    PostgreSQL refuses to run as root: as root the server runs as the `postgres` system user."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server programs are not installed (Debian: apt-get install postgresql)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg (3) is not installed (pip install -e '.[postgres]')")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root without a postgres system user to run the server as")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    home = Path(tempfile.mkdtemp(prefix="comp-pg-"))
+    if prefix:
+        shutil.chown(home, "postgres")
+    data = home / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = dict(check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "comp", "--auth=trust", "-E", "UTF8"], **run)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(home / "log"), "-w", "start", "-o",
+                    f"-c listen_addresses=127.0.0.1 -p {port} -k {home} -c max_connections=50"], **run)
+    try:
+        yield f"postgresql://comp@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(home, ignore_errors=True)

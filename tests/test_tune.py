@@ -84,19 +84,24 @@ def start_worker(cfg_path: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_workers_share_one_study(tmp_path, tiny_model):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(tmp_path, tiny_model, backend, request):
     # trials long enough (about 2 s) that neither worker can finish the study before the other has started
     project = write_project(tmp_path, tiny_model, make_tables(n_train=300, n_test=6))
+    url = storage_url(project) if backend == "sqlite" else request.getfixturevalue("postgres_url")
     assert folds.main(["--config", str(project)]) == 0
-    workers = [start_worker(project, "--n-trials", "6", "--worker-id", str(i), "--set", "train.epochs=2",
-                            "--set", "train.batch_size=8", "--set", "tune.pruner=none") for i in range(2)]
+    workers = [start_worker(project, "--n-trials", "6", "--worker-id", str(i), "--storage", url, "--set",
+                            "train.epochs=2", "--set", "train.batch_size=8", "--set", "tune.pruner=none")
+               for i in range(2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    trials = [t for t in load(project).trials if t.state in tune.FINISHED]
+    trials = [t for t in optuna.load_study(study_name="tiny", storage=url).trials if t.state in tune.FINISHED]
     # each worker stops once the study holds 6 finished trials; the other may finish the one it was running
     assert 6 <= len(trials) <= 7
     assert len({t.number for t in trials}) == len(trials)
     assert {t.user_attrs["worker"] for t in trials} == {0, 1}
+    if backend == "postgresql":  # the trials live in the server's tables, not in a file beside the project
+        assert not (project.parent / "folds" / "tune.db").exists()
 
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
