@@ -77,10 +77,16 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (512, 64)
     dropout: float = 0.2
     max_length: int = 256
+    fusion: str = "concat"
+    msd_samples: int = 1
+    reinit_layers: int = 0
 
     def __post_init__(self):
         _require(self.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'")
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        _require(self.fusion in ("concat", "gated"), "model.fusion must be 'concat' or 'gated'")
+        _require(self.msd_samples >= 1, "model.msd_samples must be >= 1 (1 = one dropout sample)")
+        _require(self.reinit_layers >= 0, "model.reinit_layers must be >= 0")
         _require(self.max_length >= 8, "model.max_length must be >= 8")
         _require(all(h > 0 for h in self.head_hidden), "model.head_hidden sizes must be > 0")
 
@@ -106,6 +112,12 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 20
     checkpoint_every: int = 500
+    layer_decay: float = 1.0
+    loss: str = "ce"
+    focal_gamma: float = 2.0
+    ema_decay: float = 0.0
+    pseudo_run: str = ""
+    pseudo_threshold: float = 0.9
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs must be >= 1")
@@ -123,6 +135,11 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
+        _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
+        _require(self.loss in ("ce", "balanced_ce", "focal"), "train.loss must be 'ce', 'balanced_ce' or 'focal'")
+        _require(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
+        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
+        _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
 
 
 def _default_space() -> dict:
@@ -195,6 +212,10 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
+# Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
+LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0},
+         "train": {"layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0, "pseudo_run": "",
+                   "pseudo_threshold": 0.9}}
 
 
 @dataclass(frozen=True)
@@ -245,6 +266,12 @@ class Config:
         for section, keys in UNHASHED.items():
             for k in keys:
                 d[section].pop(k, None)
+        for section, defaults in LATER.items():
+            for k, default in defaults.items():
+                if d[section].get(k) == default:
+                    d[section].pop(k)
+        if not d["train"].get("pseudo_run"):
+            d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, section: str, **changes) -> Config:

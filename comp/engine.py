@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from comp.artifacts import atomic_path
 from comp.config import MONITORS, Config, TrainConfig
 from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
 from comp.errors import CompError
-from comp.model import TextMetaClassifier
+from comp.model import TextMetaClassifier, encoder_layers
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Rows:
         """Rows at `index` with a freshly encoded metadata matrix."""
         y = None if self.y is None else self.y[index]
         return Rows([self.tokens[i] for i in index], meta, y)
+
+    def __add__(self, other: Rows) -> Rows:
+        """These rows followed by the other's (both labelled)."""
+        return Rows(self.tokens + other.tokens, np.concatenate([self.meta, other.meta]), np.concatenate([self.y, other.y]))
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048,
@@ -163,17 +168,87 @@ def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | 
     return torch.bfloat16 if native else None
 
 
+def encoder_lr_scale(name: str, n_layers: int, decay: float) -> float:
+    """Layer-wise lr decay: block i of n gets decay**(n - i), the embeddings decay**(n + 1), anything
+    above the blocks (a final norm) 1."""
+    if decay == 1.0:
+        return 1.0
+    m = re.search(r"(?:^|\.)layers?\.(\d+)\.", name)
+    if m:
+        return decay ** (n_layers - int(m.group(1)))
+    return decay ** (n_layers + 1) if "embed" in name else 1.0
+
+
 def make_optimizer(model: TextMetaClassifier, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the encoder and the head at their own learning rates; no decay on biases and norms."""
-    groups = []
-    for part, lr in ((model.encoder, tcfg.encoder_lr), (nn.ModuleList([model.head, model.out]), tcfg.head_lr)):
-        decay, no_decay = [], []
+    """AdamW with the encoder and the head at their own learning rates (the encoder's decaying layer by
+    layer from the top with train.layer_decay < 1); no weight decay on biases and norms."""
+    groups: dict[tuple, dict] = {}
+    n_layers = len(encoder_layers(model.encoder)) if tcfg.layer_decay < 1.0 else 0
+    for part, lr, decayed in ((model.encoder, tcfg.encoder_lr, True), (model.head_modules(), tcfg.head_lr, False)):
         for name, p in part.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups += [{"params": decay, "lr": lr, "weight_decay": tcfg.weight_decay},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+            if not p.requires_grad:
+                continue
+            scale = encoder_lr_scale(name, n_layers, tcfg.layer_decay) if decayed else 1.0
+            wd = 0.0 if p.ndim < 2 or "norm" in name.lower() else tcfg.weight_decay
+            groups.setdefault((lr * scale, wd), {"params": [], "lr": lr * scale, "weight_decay": wd})["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()))
+
+
+class FocalLoss(nn.Module):
+    """Cross-entropy scaled by (1 - p_true)**gamma: easy rows count less (gamma 0 is plain cross-entropy)."""
+
+    def __init__(self, gamma: float):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        return (-(1 - logp.exp()).pow(self.gamma) * logp).mean()
+
+
+def make_loss(tcfg: TrainConfig, y: np.ndarray, n_classes: int, device: torch.device) -> nn.Module:
+    """train.loss: ce, balanced_ce (classes weighted by n / (k · count), from the fold's training rows) or focal."""
+    if tcfg.loss == "focal":
+        return FocalLoss(tcfg.focal_gamma)
+    if tcfg.loss == "balanced_ce":
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        weight = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+        return nn.CrossEntropyLoss(weight=torch.tensor(weight, dtype=torch.float32, device=device))
+    return nn.CrossEntropyLoss()
+
+
+class EMA:
+    """An exponential moving average of the model's floating-point weights (warm-up: the decay grows as
+    min(decay, (1 + t) / (10 + t)) so early weights do not linger); evaluation swaps it in."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if k in self.names}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        state = model.state_dict()
+        torch._foreach_lerp_([self.shadow[k] for k in self.names], [state[k].float() for k in self.names], 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The model with the averaged weights inside the block, its own weights back after it."""
+        state = model.state_dict()
+        backup = {k: state[k].detach().clone() for k in self.names}
+        model.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in self.shadow.items()}})
+        try:
+            yield model
+        finally:
+            model.load_state_dict({**model.state_dict(), **backup})
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.updates, self.shadow = d["updates"], d["shadow"]
 
 
 def seed_everything(seed: int) -> None:
@@ -208,7 +283,7 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
                     amp_dtype: torch.dtype | None, progress: Progress, description: str,
                     state: FitState | None = None, on_checkpoint: Callable[[], None] | None = None,
                     scaler: torch.amp.GradScaler | None = None, scales: list[float] | None = None,
-                    d: Dist = SINGLE) -> float:
+                    d: Dist = SINGLE, after_step: Callable[[], None] | None = None) -> float:
     """One pass over the batches (from state.step on, when resuming); returns the mean training loss.
     Gradients of grad_accum_steps batches are summed before each optimizer step. Under DDP (`model`
     wrapped, `d` its job) `batches` are this rank's shares and `scales` weight each share's mean loss;
@@ -240,6 +315,8 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                after_step()
         total += loss.detach() * len(index)
         seen += len(index)
         if step % tcfg.log_every == 0 or step == len(batches):
@@ -324,9 +401,10 @@ class Checkpoint:
         self.path, self.identity = path, identity
 
     def save(self, model, optimizer, scheduler, scaler, state: FitState, stopper: EarlyStopping,
-             best_state: dict | None, best_val: np.ndarray | None) -> None:
+             best_state: dict | None, best_val: np.ndarray | None, ema: EMA | None = None) -> None:
         """Write the checkpoint atomically."""
         blob = {"identity": self.identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema else None,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "fit": dataclasses.asdict(state),
                 "stopper": stopper.state_dict(), "best_state": best_state,
                 "best_val": None if best_val is None else torch.from_numpy(best_val),
@@ -396,7 +474,8 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / global_batch) / tcfg.grad_accum_steps)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = make_loss(tcfg, train_rows.y, model.out.out_features, device)
+    ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     stopper = EarlyStopping(tcfg.monitor, tcfg.patience)
     state = FitState(epoch_rng=rng.bit_generator.state)
     best_state, best_val, resumed_from = None, None, None
@@ -411,6 +490,9 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         stopper.load_state_dict(saved["stopper"])
         best_state = saved["best_state"]
         best_val = None if saved["best_val"] is None else saved["best_val"].numpy()
+        if ema and saved.get("ema"):
+            ema.load_state_dict({"updates": saved["ema"]["updates"],
+                                 "shadow": {k: v.to(device) for k, v in saved["ema"]["shadow"].items()}})
         random.setstate(_as_tuple(saved["rng"]["python"]))
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] and torch.cuda.is_available():
@@ -422,20 +504,23 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
 
     def save_checkpoint() -> None:
         if checkpoint and d.is_main:
-            checkpoint.save(model, optimizer, scheduler, scaler, state, stopper, best_state, best_val)
+            checkpoint.save(model, optimizer, scheduler, scaler, state, stopper, best_state, best_val, ema)
 
     lengths = train_rows.lengths
     with make_progress(console) as progress:
         while not state.finished:
             epoch, t0 = state.epoch, time.perf_counter()
             rng.bit_generator.state = state.epoch_rng
-            batches, scales = zip(*shard_batches(train_batches(lengths, global_batch, rng), d))
-            train_loss = train_one_epoch(trained, train_rows, list(batches), optimizer, scheduler, loss_fn, tcfg,
+            shares = shard_batches(train_batches(lengths, global_batch, rng), d)
+            batches, scales = [b for b, _ in shares], [w for _, w in shares]
+            train_loss = train_one_epoch(trained, train_rows, batches, optimizer, scheduler, loss_fn, tcfg,
                                          pad_id, device, amp_dtype, progress,
                                          f"fold {fold} epoch {epoch}/{tcfg.epochs}", state, save_checkpoint, scaler,
-                                         list(scales), d)
-            val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
-                                 f"fold {fold} validate", d)
+                                         scales, d, (lambda: ema.update(model)) if ema else None)
+            with ema.applied(model) if ema else contextlib.nullcontext():  # evaluation sees the averaged weights
+                val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
+                                     f"fold {fold} validate", d)
+                current = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             m = metrics.score(val_rows.y, val_logits)
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
                    "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
@@ -443,8 +528,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             state.history.append(row)
             improved = stopper.step(row[tcfg.monitor], epoch)
             if improved:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best_val = val_logits
+                best_state, best_val = current, val_logits
             console.print(f"fold {fold} epoch {epoch}: loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
                           f"acc {row['val_accuracy']:.4f}  macro_f1 {row['val_macro_f1']:.4f}  "
                           f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)

@@ -1,4 +1,5 @@
-"""Encoder → pooled vector ⊕ encoded metadata → dropout → MLP (ReLU) → class logits."""
+"""Encoder → pooled vector ⊕ encoded metadata (concatenated, or gating the text vector) → dropout → MLP (ReLU)
+→ class logits."""
 
 from __future__ import annotations
 
@@ -62,14 +63,52 @@ def _bad_model(name: str, exc: Exception) -> str:
             "(config.json + weights + tokenizer) or an installed packaged model")
 
 
+GATE_BETA = 0.2  # the gated shift's norm is at most this share of the text vector's (MAG / Multimodal-Toolkit)
+
+
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer blocks (BERT-style `encoder.layer` or any `layers` list)."""
+    for name in ("encoder.layer", "layer", "layers", "transformer.layer", "encoder.layers"):
+        module = encoder
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise CompError(f"cannot find the transformer blocks of {type(encoder).__name__}: model.reinit_layers and "
+                    "train.layer_decay need a BERT-style encoder")
+
+
+def reinit_top_layers(encoder: nn.Module, n: int) -> None:
+    """Re-draw the weights of the top `n` blocks with the model's own initialiser (seeded by the caller)."""
+    layers = encoder_layers(encoder)
+    if n > len(layers):
+        raise CompError(f"model.reinit_layers = {n} but the encoder has {len(layers)} layers")
+    for block in list(layers)[len(layers) - n:]:
+        for t in [*block.parameters(), *block.buffers()]:
+            t._is_hf_initialized = False  # transformers' initialisers skip tensors loaded from a checkpoint
+        with torch.no_grad():
+            block.apply(encoder._init_weights)
+
+
 class TextMetaClassifier(nn.Module):
-    """A transformer encoder whose pooled vector is concatenated with metadata and fed to an MLP head."""
+    """A transformer encoder whose pooled vector is fused with the metadata and fed to an MLP head.
+    fusion "concat": [text; meta]. fusion "gated": the metadata shifts the text vector through a gate,
+    text + a·(ReLU(W_g[text; meta]) ⊙ W_m meta), the shift's norm capped at GATE_BETA of the text's.
+    msd_samples > 1: in training the head runs on that many dropout masks and their logits are averaged."""
 
     def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig):
         super().__init__()
         self.encoder = encoder
         self.pooling = mcfg.pooling
-        width = encoder.config.hidden_size + n_meta
+        self.msd_samples = mcfg.msd_samples
+        hidden = encoder.config.hidden_size
+        self.fusion = mcfg.fusion if n_meta else "concat"
+        if self.fusion == "gated":
+            self.gate = nn.Linear(hidden + n_meta, hidden)
+            self.meta_proj = nn.Linear(n_meta, hidden)
+            width = hidden
+        else:
+            width = hidden + n_meta
         layers: list[nn.Module] = [nn.Dropout(mcfg.dropout)]
         for hidden in mcfg.head_hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
@@ -88,7 +127,21 @@ class TextMetaClassifier(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.out(self.head(torch.cat([pooled, meta.float()], dim=1)))
+        fused = self.fuse(pooled, meta.float())
+        if self.training and self.msd_samples > 1:
+            return torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0)
+        return self.out(self.head(fused))
+
+    def fuse(self, text: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "gated":
+            shift = torch.relu(self.gate(torch.cat([text, meta], dim=1))) * self.meta_proj(meta)
+            ratio = GATE_BETA * text.norm(dim=1, keepdim=True) / shift.norm(dim=1, keepdim=True).clamp(min=1e-6)
+            return text + ratio.clamp(max=1.0) * shift
+        return torch.cat([text, meta], dim=1)
+
+    def head_modules(self) -> nn.ModuleList:
+        """Everything but the encoder (trained at head_lr)."""
+        return nn.ModuleList([m for name, m in self.named_children() if name != "encoder"])
 
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
@@ -99,4 +152,6 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
     if limit is not None and mcfg.max_length > limit:
         raise CompError(f"model.max_length = {mcfg.max_length} exceeds what {mcfg.name_or_path!r} supports "
                         f"({limit}); lower model.max_length")
+    if mcfg.reinit_layers and pretrained:
+        reinit_top_layers(encoder, mcfg.reinit_layers)
     return TextMetaClassifier(encoder, n_meta, n_classes, mcfg)

@@ -32,12 +32,13 @@ def runs_path(cfg: Config) -> Path:
     return cfg.path(cfg.run.submissions_dir) / "runs.csv"
 
 
-def append_run(cfg: Config, cv: dict, lb: dict | None, folds_fp: str) -> None:
-    """Add one row for this submit to submissions/runs.csv (rewritten atomically)."""
+def append_run(cfg: Config, cv: dict, lb: dict | None, folds_fp: str, model: str | None = None,
+               config_hash: str | None = None) -> None:
+    """Add one row for this submit (or blend) to submissions/runs.csv (rewritten atomically)."""
     path = runs_path(cfg)
     old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=RUN_COLUMNS)
-    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": cfg.run.name, "model": cfg.model.name_or_path,
-           "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
+    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": cfg.run.name, "model": model or cfg.model.name_or_path,
+           "config_hash": config_hash or cfg.hash(), "folds_fingerprint": folds_fp,
            "cv_macro_f1": cv["macro_f1"], "cv_accuracy": cv["accuracy"], "cv_log_loss": cv["log_loss"],
            "lb_macro_f1": lb["macro_f1"] if lb else None, "lb_accuracy": lb["accuracy"] if lb else None,
            "lb_log_loss": lb["log_loss"] if lb else None, "submission": str(cfg.submission_path)}

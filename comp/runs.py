@@ -37,10 +37,50 @@ def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
 
+@dataclass
+class Pseudo:
+    """Test rows a teacher run labelled confidently, added to one fold's training part."""
+
+    index: np.ndarray      # test row positions
+    labels: np.ndarray     # class indices
+    record: dict           # what metrics.json says about them
+
+
+def pseudo_labels(cfg: Config, comp: Competition, folds_fp: str, fold: int) -> Pseudo | None:
+    """train.pseudo_run's confident test predictions for this fold: only the teacher's own fold `fold`
+    model is asked, the one model of that run that never saw this fold's validation rows (the fold
+    average would carry them into the training part and flatter the CV)."""
+    name = cfg.train.pseudo_run
+    if not name:
+        return None
+    if name == cfg.run.name:
+        raise CompError(f"train.pseudo_run names this run ({name!r}): name the finished run to take labels from "
+                        "and give this one another run.name")
+    teacher = cfg.replace("run", name=name)
+    if not is_complete(teacher, fold):
+        raise CompError(f"train.pseudo_run {name!r} has no finished fold {fold} ({teacher.fold_dir(fold)}): train "
+                        f"that run first (python -m comp.train --all --set run.name={name} ...)")
+    record = verify_fold(teacher, fold)
+    if record.get("folds_fingerprint") != folds_fp or record.get("classes") != comp.classes:
+        raise CompError(f"train.pseudo_run {name!r} was trained on another split or other classes: retrain it on "
+                        "the current folds, or pick another run")
+    ids, logits = read_npy(teacher.fold_dir(fold) / "test_ids.npy"), read_npy(teacher.fold_dir(fold) / "test_logits.npy")
+    if not np.array_equal(ids, comp.test_ids):
+        raise CompError(f"train.pseudo_run {name!r} predicted another test table: retrain it on the current one")
+    probs = metrics.probabilities(logits)
+    index = np.flatnonzero(probs.max(1) >= cfg.train.pseudo_threshold)
+    labels = probs[index].argmax(1)
+    counts = np.bincount(labels, minlength=len(comp.classes))
+    return Pseudo(index, labels, {"from": name, "threshold": cfg.train.pseudo_threshold, "rows": int(len(index)),
+                                  "per_class": {str(c): int(n) for c, n in zip(comp.classes, counts, strict=True)},
+                                  "teacher_sha256": record["sha256"]["test_logits.npy"]})
+
+
 def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, train_tokens: list[np.ndarray],
-                 test_tokens: list[np.ndarray] | None, train_fraction: float = 1.0):
+                 test_tokens: list[np.ndarray] | None, train_fraction: float = 1.0, pseudo: Pseudo | None = None):
     """The fold's metadata encoder (fitted on its training part only) and its train / validation / test rows.
-    train_fraction < 1 keeps a seeded stratified share of the training part (tuning uses it)."""
+    train_fraction < 1 keeps a seeded stratified share of the training part (tuning uses it); `pseudo`
+    rows (test rows with a teacher's labels) join the training part only."""
     tr, va = split(folds, fold)
     if train_fraction < 1.0:
         keep = max(len(comp.classes), int(round(train_fraction * len(tr))))
@@ -51,6 +91,9 @@ def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, t
     train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
     val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
     test_rows = None if test_tokens is None else Rows(test_tokens, encoder.transform(comp.test))
+    if pseudo is not None and len(pseudo.index):
+        extra = comp.test.iloc[pseudo.index]
+        train_rows = train_rows + Rows([test_tokens[i] for i in pseudo.index], encoder.transform(extra), pseudo.labels)
     return encoder, train_rows, val_rows, test_rows
 
 
@@ -66,8 +109,14 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
         if fresh:
             checkpoint.delete()
     d.barrier()
-    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, folds, fold, train_tokens, test_tokens)
+    pseudo = pseudo_labels(cfg, comp, folds_fp, fold)
+    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, folds, fold, train_tokens, test_tokens,
+                                                            pseudo=pseudo)
     tr, va = split(folds, fold)
+    if pseudo is not None:
+        console.print(f"fold {fold}: +{pseudo.record['rows']} pseudo-labelled test rows from run {pseudo.record['from']!r} "
+                      f"(probability >= {pseudo.record['threshold']}): "
+                      + ", ".join(f"{c} {n}" for c, n in pseudo.record["per_class"].items()))
     unseen = encoder.unseen(comp.test)
     if any(unseen.values()):
         console.print(f"fold {fold}: categories unseen in training encode to zeros; test rows affected: "
@@ -82,7 +131,8 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows),
-              "processes": d.world, "unseen_categories": unseen, "oof": metrics.score(comp.y[va], result.val_logits),
+              "processes": d.world, "pseudo": pseudo.record if pseudo else None, "unseen_categories": unseen,
+              "oof": metrics.score(comp.y[va], result.val_logits),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
     if not d.is_main:
         d.barrier()  # rank 0 writes
@@ -129,8 +179,9 @@ class FoldOutputs:
     test_logits: np.ndarray
 
 
-def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
-    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or config."""
+def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True) -> FoldOutputs:
+    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or (unless
+    check_config is off) another config."""
     out = cfg.fold_dir(fold)
     if not is_complete(cfg, fold):
         raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
@@ -139,7 +190,7 @@ def read_fold(cfg: Config, fold: int, folds_fp: str) -> FoldOutputs:
     if record.get("folds_fingerprint") != folds_fp:
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
                         f"retrain it with python -m comp.train --fold {fold} --force")
-    if record.get("config_hash") != cfg.hash():
+    if check_config and record.get("config_hash") != cfg.hash():
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
                         f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
                         f"use the same config (and --params) as for training, or retrain with "

@@ -75,8 +75,13 @@ def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Score the out-of-fold predictions (CV) and write submissions/<run>.csv from the fold-averaged test logits."""
+    from comp import blend
+
     parser = cli.parser("comp.submit", main.__doc__)
+    blend.add_arguments(parser, required=False)
     args = parser.parse_args(argv)
+    if args.runs:  # several runs: the blend's submission
+        return run_cli(lambda: blend.run(args))
 
     def body() -> int:
         started = time.perf_counter()

@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain folds that are already finished")
     parser.add_argument("--devices", help="with --all: GPU ids, e.g. 0,1,2,3; one fold process per GPU at a time")
     parser.add_argument("--jobs", type=int, default=1, help="with --all: fold processes at once on the CPU")
+    parser.add_argument("--pseudo", metavar="RUN", help="add RUN's confident test predictions (train.pseudo_threshold) "
+                        "to every fold's training part; the same as --set train.pseudo_run=RUN")
     args = parser.parse_args(argv)
+    if args.pseudo:
+        args.set.append(f"train.pseudo_run={args.pseudo}")
     return run_cli(lambda: train(args))
 
 

@@ -158,6 +158,9 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
     comp = load_competition(cfg)
     folds, _ = load_folds(cfg, comp)
     fold_ids = tune_folds(cfg)
+    if cfg.train.pseudo_run:
+        raise CompError("comp.tune does not add pseudo-labelled rows: tune without train.pseudo_run, then train "
+                        "the pseudo-label round with the tuned params")
     for key, spec in cfg.tune.space.items():  # every end of every range must make a valid config
         ends = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in ends:

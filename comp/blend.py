@@ -1,0 +1,162 @@
+"""`python -m comp.blend --runs a,b,c` (or `comp.submit --runs a,b,c`): one submission from several runs
+trained on the same folds, with equal weights or weights fitted on their out-of-fold probabilities."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from scipy.optimize import minimize
+
+from comp import cli, metrics, report
+from comp.artifacts import atomic_path, write_json
+from comp.config import Config
+from comp.data import load_competition
+from comp.errors import CompError, run_cli
+from comp.folds import load_folds
+from comp.runs import assemble_oof, read_fold
+from comp.submit import average_probabilities, leaderboard, submission_frame, test_logits_in_order
+
+
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)).mean())
+
+
+def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log loss of sum_r w_r · probs_r on these rows."""
+    k = len(probs)
+    if k == 1:
+        return np.ones(1)
+    stacked = np.stack([p[np.arange(len(y)), y] for p in probs], axis=1)  # each run's probability of the truth
+
+    def loss(w):
+        return -np.log(np.clip(stacked @ w, 1e-15, None)).mean()
+
+    def grad(w):
+        return -(stacked / np.clip(stacked @ w, 1e-15, None)[:, None]).mean(0)
+
+    res = minimize(loss, np.full(k, 1.0 / k), jac=grad, method="SLSQP", bounds=[(0.0, 1.0)] * k,
+                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(k)}])
+    w = np.clip(res.x, 0.0, None)
+    return w / w.sum()
+
+
+def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The fitted blend's OOF probabilities where each fold's rows are blended with weights fitted on the
+    other folds' rows only; returns them and the per-fold weights."""
+    out = np.zeros_like(probs[0])
+    weights = []
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        w = fit_weights(y[fit], [p[fit] for p in probs])
+        out[held] = sum(wi * p[held] for wi, p in zip(w, probs, strict=True))
+        weights.append(w)
+    return out, weights
+
+
+def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
+    """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
+    finished, on these folds, for these classes and this test table."""
+    member = cfg.replace("run", name=name)
+    outputs = [read_fold(member, k, folds_fp, check_config=False) for k in range(cfg.folds.n_splits)]
+    hashes = {o.record.get("config_hash") for o in outputs}
+    if len(hashes) > 1:
+        raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
+    oof = metrics.probabilities(assemble_oof(comp, folds, outputs))
+    test = average_probabilities(test_logits_in_order(comp, outputs))
+    return oof, test, outputs[0].record
+
+
+def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None) -> dict:
+    """Blend the runs; print each run's CV, the blend's and its weights; write the blend's submission
+    (submissions/<run.name>.csv) and its record (folds/<run.name>/blend.json)."""
+    console = console or cli.console()
+    if not names:
+        raise CompError("--runs is empty: name the runs to blend, e.g. --runs a,b,c")
+    if cfg.run.name in names:
+        raise CompError(f"the blend's run.name {cfg.run.name!r} is one of the blended runs: pass --name for the blend")
+    if how not in ("fit", "equal"):
+        raise CompError(f"--weights {how!r}: use 'fit' or 'equal'")
+    comp = load_competition(cfg)
+    folds, folds_fp = load_folds(cfg, comp)
+    members = [load_member(cfg, n, folds_fp, comp, folds) for n in names]
+    y = comp.y
+    oofs, tests = [m[0] for m in members], [m[1] for m in members]
+
+    equal_oof = np.mean(oofs, axis=0)
+    if how == "fit":
+        weights = fit_weights(y, oofs)
+        cv_oof, fold_weights = honest_oof(y, folds, oofs)
+    else:
+        weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
+    probs = sum(w * t for w, t in zip(weights, tests, strict=True))
+
+    def score(p):
+        return metrics.score(y, np.log(np.clip(p, 1e-15, 1.0)))
+
+    table = Table(title=f"blend {cfg.run.name!r} of {len(names)} run(s) on {cfg.folds.n_splits} folds, {len(y)} OOF rows")
+    for col in ("", "weight", "macro_f1", "accuracy", "log_loss"):
+        table.add_column(col, justify="right")
+    rows = {}
+    for name, w, p in zip(names, weights, oofs, strict=True):
+        rows[name] = score(p)
+        table.add_row(f"run {name}", f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")))
+    equal = score(equal_oof)
+    table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")))
+    cv = score(cv_oof)
+    if how == "fit":
+        table.add_row("fitted (weights from the other folds)", "",
+                      *(f"{cv[k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")), style="bold")
+    console.print(table)
+    console.print(f"blend CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
+                  f"  ({'weights fitted on k-1 folds, scored on the held-out fold' if how == 'fit' else 'equal weights'})"
+                  f"; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights, strict=True)))
+    lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
+    if lb:
+        console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
+                      f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
+    frame = submission_frame(cfg, comp, probs)
+    record = {"runs": names, "weights_method": how, "weights": weights.tolist(),
+              "fold_weights": [w.tolist() for w in fold_weights], "cv": cv, "equal_weights_cv": equal,
+              "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
+              "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(cfg.run_dir / "blend.json", record)
+    with atomic_path(cfg.submission_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    console.print(f"wrote {cfg.submission_path} ({len(frame)} rows) and {cfg.run_dir / 'blend.json'}")
+    report.append_run(cfg, cv, lb, folds_fp, model=f"blend of {'+'.join(names)}", config_hash="blend")
+    return record
+
+
+def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--runs", required=required, help="comma-separated run names trained on the same folds")
+    parser.add_argument("--weights", default="fit", choices=("fit", "equal"),
+                        help="fit: weights minimising OOF log loss (default); equal: plain average")
+    parser.add_argument("--name", default="blend", help="the blend's run name (submission file name); default blend")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    console = cli.console(args.quiet)
+    args.set = [*args.set, f"run.name={args.name}"]
+    cfg = cli.load_config(args, console)
+    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console)
+    console.print(f"blend took {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Blend several runs trained on the same folds into one submission."""
+    parser = cli.parser("comp.blend", main.__doc__)
+    add_arguments(parser, required=True)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

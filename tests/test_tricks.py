@@ -1,0 +1,153 @@
+"""Fine-tuning tricks and gated fusion: each key changes the computation the way it says."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from comp import config, engine
+from comp.config import ModelConfig, TrainConfig
+from comp.engine import Rows
+from comp.model import GATE_BETA, build_model, load_tokenizer
+from tests.conftest import write_project
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    mcfg = ModelConfig(name_or_path=str(tiny_model), head_hidden=(8,), dropout=0.3, max_length=48)
+    tok = load_tokenizer(mcfg)
+    texts = ["the dress fits", "lovely", "awful broken refund the size was very plain", "okay shirt",
+             "great comfy fabric and stunning color", "plain fine"] * 4
+    rows = Rows(engine.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(24, 2)).astype(np.float32),
+                np.array([0, 0, 0, 0, 1, 2] * 4))
+    return mcfg, tok, rows
+
+
+def batch(rows, tok, n=6):
+    return engine.collate(rows, np.arange(n), tok.pad_token_id, torch.device("cpu"))
+
+
+def test_layer_decay_scales_each_encoder_layer(tiny):
+    mcfg, _, _ = tiny
+    model = build_model(mcfg, 2, 3)
+    tcfg = TrainConfig(encoder_lr=1e-3, head_lr=5e-3, layer_decay=0.5)
+    opt = engine.make_optimizer(model, tcfg)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for p in model.parameters())  # every parameter exactly once
+    named = dict(model.named_parameters())
+    # 2 layers: layer 1 (top) 0.5, layer 0 0.25, embeddings 0.125 of encoder_lr; the head untouched
+    assert lr_of[id(named["encoder.encoder.layer.1.attention.self.query.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(named["encoder.encoder.layer.0.output.dense.weight"])] == pytest.approx(2.5e-4)
+    assert lr_of[id(named["encoder.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
+    assert lr_of[id(named["out.weight"])] == pytest.approx(5e-3)
+    flat = engine.make_optimizer(model, TrainConfig(encoder_lr=1e-3, head_lr=5e-3))
+    assert {g["lr"] for g in flat.param_groups} == {1e-3, 5e-3}
+
+
+def test_multi_sample_dropout_averages_head_passes(tiny):
+    mcfg, tok, rows = tiny
+    ids, mask, meta = batch(rows, tok)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(mcfg, msd_samples=4), 2, 3)
+    model.train()
+    model.encoder.eval()  # only the head's dropout is random below
+    torch.manual_seed(1)
+    got = model(ids, mask, meta)
+    hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    torch.manual_seed(1)
+    fused = model.fuse(hidden, meta)
+    passes = [model.out(model.head(fused)) for _ in range(4)]
+    assert torch.allclose(got, torch.stack(passes).mean(0), atol=1e-5)
+    assert not torch.allclose(got, passes[0], atol=1e-3)  # not one sample
+    model.eval()  # at inference: one pass, no dropout
+    assert torch.allclose(model(ids, mask, meta), model.out(model.head(fused)), atol=1e-5)
+
+
+def test_losses(tiny):
+    _, _, rows = tiny
+    logits = torch.randn(24, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.from_numpy(rows.y)
+    cpu = torch.device("cpu")
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(engine.make_loss(TrainConfig(), rows.y, 3, cpu)(logits, y), ce)
+    # balanced: 16 / 4 / 4 rows -> weights n / (k count) = 0.5, 2, 2
+    balanced = engine.make_loss(TrainConfig(loss="balanced_ce"), rows.y, 3, cpu)
+    w = torch.tensor([0.5, 2.0, 2.0])
+    per_row = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(balanced(logits, y), (w[y] * per_row).sum() / w[y].sum())
+    focal = engine.make_loss(TrainConfig(loss="focal", focal_gamma=2.0), rows.y, 3, cpu)
+    p = torch.softmax(logits, 1)[torch.arange(24), y]
+    assert torch.allclose(focal(logits, y), ((1 - p) ** 2 * per_row).mean(), atol=1e-6)
+    assert torch.allclose(engine.make_loss(TrainConfig(loss="focal", focal_gamma=0.0), rows.y, 3, cpu)(logits, y), ce)
+
+
+def test_ema_tracks_the_weights_and_evaluation_uses_it(tiny):
+    mcfg, _, _ = tiny
+    model = build_model(mcfg, 2, 3)
+    ema = engine.EMA(model, 0.9)
+    start = model.out.weight.detach().clone()
+    with torch.no_grad():
+        model.out.weight.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.shadow["out.weight"], d * start + (1 - d) * (start + 1.0), atol=1e-6)
+    with ema.applied(model):
+        assert torch.allclose(model.out.weight, ema.shadow["out.weight"])
+    assert torch.allclose(model.out.weight, start + 1.0)  # its own weights back
+
+
+def test_reinit_layers_redraws_only_the_top_layers(tiny, tiny_model):
+    mcfg, _, _ = tiny
+    saved = load_file(str(tiny_model / "model.safetensors"))
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(mcfg, reinit_layers=1), 2, 3)
+    state = model.encoder.state_dict()
+    key = next(k for k in saved if k.endswith("layer.0.attention.self.query.weight"))
+    top = key.replace("layer.0", "layer.1")
+    mine = key.removeprefix("bert.")
+    assert torch.equal(state[mine], saved[key])
+    assert not torch.equal(state[top.removeprefix("bert.")], saved[top])
+    with pytest.raises(Exception, match="reinit_layers = 5"):
+        build_model(dataclasses.replace(mcfg, reinit_layers=5), 2, 3)
+
+
+def test_gated_fusion_lets_metadata_shift_the_text_vector(tiny):
+    mcfg, tok, rows = tiny
+    ids, mask, meta = batch(rows, tok)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(mcfg, fusion="gated", dropout=0.0), 2, 3).eval()
+    concat = build_model(dataclasses.replace(mcfg, dropout=0.0), 2, 3)
+    hidden = model.encoder.config.hidden_size
+    assert model.head[1].in_features == hidden and concat.head[1].in_features == hidden + 2
+    text = torch.randn(6, hidden)
+    fused = model.fuse(text, meta)
+    shift = fused - text
+    assert (shift.norm(dim=1) <= GATE_BETA * text.norm(dim=1) + 1e-5).all()  # capped shift
+    assert shift.abs().sum() > 0
+    assert not torch.allclose(model(ids, mask, meta), model(ids, mask, meta + 1.0))  # metadata matters
+    # without metadata columns there is nothing to gate
+    assert build_model(dataclasses.replace(mcfg, fusion="gated"), 0, 3).fusion == "concat"
+
+
+def test_ema_and_tricks_run_through_fit_fold(tmp_path, tiny_model, tiny):
+    """Each key reaches the loop: with it the fold's validation logits differ from the plain run's."""
+    _, tok, rows = tiny
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=1", "train.batch_size=6"])
+    results = {}
+    for name, overrides in {"plain": {}, "ema": {"train": {"ema_decay": 0.9}},
+                            "layer_decay": {"train": {"layer_decay": 0.3}}, "focal": {"train": {"loss": "focal"}},
+                            "balanced": {"train": {"loss": "balanced_ce"}}, "msd": {"model": {"msd_samples": 3}},
+                            "reinit": {"model": {"reinit_layers": 1}}, "gated": {"model": {"fusion": "gated"}}}.items():
+        c = cfg
+        for section, changes in overrides.items():
+            c = c.replace(section, **changes)
+        torch.manual_seed(0)
+        model = build_model(c.model, 2, 3, root=c.root)
+        res = engine.fit_fold(c, model, rows, rows, None, tok.pad_token_id, Console(quiet=True))
+        results[name] = res.val_logits
+    for name, logits in results.items():
+        if name != "plain":
+            assert not np.allclose(logits, results["plain"], atol=1e-6), name
