@@ -112,6 +112,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 20
     checkpoint_every: int = 500
+    max_tokens_per_batch: int = 0
     layer_decay: float = 1.0
     loss: str = "ce"
     focal_gamma: float = 2.0
@@ -135,6 +136,7 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
+        _require(self.max_tokens_per_batch >= 0, "train.max_tokens_per_batch must be >= 0 (0 = no token cap)")
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
         _require(self.loss in ("ce", "balanced_ce", "focal"), "train.loss must be 'ce', 'balanced_ce' or 'focal'")
         _require(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
@@ -214,8 +216,8 @@ UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir"
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0},
-         "train": {"layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0, "pseudo_run": "",
-                   "pseudo_threshold": 0.9}}
+         "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,
+                   "pseudo_run": "", "pseudo_threshold": 0.9}}
 
 
 @dataclass(frozen=True)

@@ -112,14 +112,24 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_le
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(tokens))], False
 
 
-def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50) -> list[np.ndarray]:
-    """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches."""
+def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50,
+                  max_tokens: int = 0) -> list[np.ndarray]:
+    """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches.
+    max_tokens > 0 also caps each batch's padded size (rows × its longest row): long rows come in smaller
+    batches."""
     perm = rng.permutation(len(lengths))
     batches = []
     for start in range(0, len(perm), batch_size * pool):
         chunk = perm[start:start + batch_size * pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        if max_tokens <= 0:
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            continue
+        begin = 0
+        for i in range(1, len(chunk) + 1):  # sorted: the row just added is the batch's longest
+            if i == len(chunk) or i - begin >= batch_size or (i + 1 - begin) * lengths[chunk[i]] > max_tokens:
+                batches.append(chunk[begin:i])
+                begin = i
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -471,7 +481,9 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     optimizer = make_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     global_batch = tcfg.batch_size * d.world
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / global_batch) / tcfg.grad_accum_steps)
+    budget = tcfg.max_tokens_per_batch * d.world
+    n_batches = len(train_batches(train_rows.lengths, global_batch, np.random.default_rng(0), max_tokens=budget))
+    steps_per_epoch = math.ceil(n_batches / tcfg.grad_accum_steps)
     total_steps = steps_per_epoch * tcfg.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     loss_fn = make_loss(tcfg, train_rows.y, model.out.out_features, device)
@@ -511,7 +523,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         while not state.finished:
             epoch, t0 = state.epoch, time.perf_counter()
             rng.bit_generator.state = state.epoch_rng
-            shares = shard_batches(train_batches(lengths, global_batch, rng), d)
+            shares = shard_batches(train_batches(lengths, global_batch, rng, max_tokens=budget), d)
             batches, scales = [b for b, _ in shares], [w for _, w in shares]
             train_loss = train_one_epoch(trained, train_rows, batches, optimizer, scheduler, loss_fn, tcfg,
                                          pad_id, device, amp_dtype, progress,

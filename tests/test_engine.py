@@ -137,3 +137,14 @@ def test_grad_accumulation_matches_one_big_batch(tiny):
                                tok.pad_token_id, cpu, None, progress, "t")
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_token_budget_caps_padded_batch_size_and_keeps_every_row():
+    lengths = np.random.default_rng(3).integers(4, 120, size=500)
+    batches = engine.train_batches(lengths, 32, np.random.default_rng(0), pool=5, max_tokens=1500)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    assert all(len(b) * lengths[b].max() <= 1500 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 32 for b in batches)
+    plain = engine.train_batches(lengths, 32, np.random.default_rng(0), pool=5)
+    assert len(batches) > len(plain)  # long rows went into smaller batches
+    assert max(len(b) for b in batches) == 32  # short rows still fill whole batches
