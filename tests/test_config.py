@@ -67,6 +67,14 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     assert base.hash() == config.load(write(tmp_path, ""), ["data.solution='x.csv'"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["train.encoder_lr=1e-5"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=mean"]).hash()
+    # keys added later enter the hash only away from their defaults (folds trained before them stay valid)
+    assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=ce", "model.msd_samples=1"]).hash()
+    for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
+        other = {str: "'x'", float: "0.5", int: "2"}[type(default)]
+        if key == "train.pseudo_threshold":
+            continue  # only meaningful with a teacher
+        value = {"model.fusion": "gated", "train.loss": "focal"}.get(key, other)
+        assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
 
 
 def test_resolved_config_round_trips(tmp_path):
