@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=256, help="training samples each loop is timed on")
     parser.add_argument("--quality-rows", type=int, default=200, help="train rows (and as many val rows) for the "
                                                                       "quality check")
-    parser.add_argument("--quality-epochs", type=int, default=3, help="most epochs of the quality check")
+    parser.add_argument("--quality-epochs", type=int, default=8, help="most epochs of the quality check")
     parser.add_argument("--skip-quality", action="store_true", help="only measure speed")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
