@@ -36,7 +36,7 @@ from comp.engine import (
 )
 from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
-from comp.model import build_model, load_encoder, load_tokenizer, resolve_model_path
+from comp.model import build_model, encoder_config, load_encoder, load_tokenizer, resolve_model_path
 
 # --- measurement helpers ---------------------------------------------------------------------------
 
@@ -176,9 +176,11 @@ def seed_predict(model, dataset, device) -> tuple[np.ndarray, float]:
 # --- (c) Hugging Face Trainer ----------------------------------------------------------------------
 
 def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, epochs=1, max_steps=-1,
-                eval_rows=None, patience=None):
-    """A text-only Trainer with dynamic padding and length-grouped sampling."""
+                eval_rows=None, patience=None, mcfg=None):
+    """A text-only Trainer with dynamic padding and length-grouped sampling, on the same encoder config
+    (the [model] overrides) as comp."""
     from transformers import (
+        AutoConfig,
         AutoModelForSequenceClassification,
         DataCollatorWithPadding,
         EarlyStoppingCallback,
@@ -186,7 +188,9 @@ def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, 
         TrainingArguments,
     )
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_classes)
+    config = encoder_config(mcfg, path) if mcfg else AutoConfig.from_pretrained(path)
+    config.num_labels = n_classes
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     quality = eval_rows is not None
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=bs, per_device_eval_batch_size=128,
@@ -228,7 +232,8 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     result = {"machine": {"platform": platform.platform(), "processor": _cpu_name(), "device": str(device),
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "comp": __version__},
               "model": cfg.model.name_or_path, "precision": str(amp).replace("torch.", "") if amp else "fp32",
-              "batch_size": cfg.train.batch_size, "samples": n_samples}
+              "batch_size": cfg.train.batch_size, "samples": n_samples,
+              "attention_dropout": "encoder default" if cfg.model.attention_dropout is None else cfg.model.attention_dropout}
 
     console.print("matmul peaks ...")
     result["matmul_tflops"] = {"fp32": matmul_peak(device, torch.float32) / 1e12,
@@ -293,9 +298,9 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     hf = hf_rows([tokens[i] for i in speed_idx], comp.y[speed_idx])
     with tempfile.TemporaryDirectory() as tmp:
         trainer_for(path, tokenizer, n_classes, hf[:cfg.train.batch_size * 2], cfg.train.batch_size, amp, device,
-                    cfg.train.encoder_lr, Path(tmp) / "warm", max_steps=2).train()
+                    cfg.train.encoder_lr, Path(tmp) / "warm", max_steps=2, mcfg=cfg.model).train()
         trainer = trainer_for(path, tokenizer, n_classes, hf, cfg.train.batch_size, amp, device,
-                              cfg.train.encoder_lr, Path(tmp) / "speed")
+                              cfg.train.encoder_lr, Path(tmp) / "speed", mcfg=cfg.model)
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             trainer.train()
@@ -363,7 +368,7 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(path, tokenizer, n_classes, hf_rows([tokens[i] for i in tr], comp.y[tr]),
                               cfg.train.batch_size, amp, device, cfg.train.encoder_lr, Path(tmp), epochs=epochs,
-                              eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=1)
+                              eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=1, mcfg=cfg.model)
         trainer.train()
         logits = trainer.predict(hf_rows([tokens[i] for i in va], comp.y[va])).predictions
         epochs_run = int(round(trainer.state.epoch or 0))

@@ -80,6 +80,7 @@ class ModelConfig:
     fusion: str = "concat"
     msd_samples: int = 1
     reinit_layers: int = 0
+    attention_dropout: float | None = None
 
     def __post_init__(self):
         _require(self.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'")
@@ -87,6 +88,8 @@ class ModelConfig:
         _require(self.fusion in ("concat", "gated"), "model.fusion must be 'concat' or 'gated'")
         _require(self.msd_samples >= 1, "model.msd_samples must be >= 1 (1 = one dropout sample)")
         _require(self.reinit_layers >= 0, "model.reinit_layers must be >= 0")
+        _require(self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
+                 "model.attention_dropout must be in [0, 1) (leave it out to keep the encoder's own)")
         _require(self.max_length >= 8, "model.max_length must be >= 8")
         _require(all(h > 0 for h in self.head_hidden), "model.head_hidden sizes must be > 0")
 
@@ -215,7 +218,7 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0},
+LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,
                    "pseudo_run": "", "pseudo_threshold": 0.9}}
 
@@ -271,7 +274,7 @@ class Config:
         for section, defaults in LATER.items():
             for k, default in defaults.items():
                 if d[section].get(k) == default:
-                    d[section].pop(k)
+                    d[section].pop(k, None)
         if not d["train"].get("pseudo_run"):
             d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

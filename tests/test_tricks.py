@@ -151,3 +151,11 @@ def test_ema_and_tricks_run_through_fit_fold(tmp_path, tiny_model, tiny):
     for name, logits in results.items():
         if name != "plain":
             assert not np.allclose(logits, results["plain"], atol=1e-6), name
+
+
+def test_attention_dropout_override_reaches_the_encoder(tiny):
+    mcfg, _, _ = tiny
+    assert build_model(mcfg, 2, 3).encoder.config.attention_probs_dropout_prob == 0.1  # the encoder's own
+    model = build_model(dataclasses.replace(mcfg, attention_dropout=0.0), 2, 3)
+    assert model.encoder.config.attention_probs_dropout_prob == 0.0
+    assert model.encoder.config.hidden_dropout_prob == 0.1  # only attention dropout changes
