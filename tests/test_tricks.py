@@ -159,3 +159,4 @@ def test_attention_dropout_override_reaches_the_encoder(tiny):
     model = build_model(dataclasses.replace(mcfg, attention_dropout=0.0), 2, 3)
     assert model.encoder.config.attention_probs_dropout_prob == 0.0
     assert model.encoder.config.hidden_dropout_prob == 0.1  # only attention dropout changes
+    assert model.encoder.encoder.layer[0].attention.self.dropout.p == 0.0
