@@ -25,6 +25,7 @@ from comp.data import load_competition
 from comp.engine import (
     Rows,
     fit_fold,
+    limit_heap_growth,
     make_optimizer,
     make_progress,
     resolve_device,
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        limit_heap_growth()  # the same allocator setting for all three loops, as comp.train uses
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
         result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality)
