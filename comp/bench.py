@@ -25,7 +25,6 @@ from comp.data import load_competition
 from comp.engine import (
     Rows,
     fit_fold,
-    limit_heap_growth,
     make_optimizer,
     make_progress,
     resolve_device,
@@ -422,13 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=256, help="training samples each loop is timed on")
     parser.add_argument("--quality-rows", type=int, default=200, help="train rows (and as many val rows) for the "
                                                                       "quality check")
-    parser.add_argument("--quality-epochs", type=int, default=8, help="most epochs of the quality check")
+    parser.add_argument("--quality-epochs", type=int, default=3, help="most epochs of the quality check")
     parser.add_argument("--skip-quality", action="store_true", help="only measure speed")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        limit_heap_growth()  # the same allocator setting for all three loops, as comp.train uses
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
         result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality)
