@@ -19,11 +19,7 @@ from comp.data import load_competition
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.runs import assemble_oof, read_fold
-from comp.submit import average_probabilities, leaderboard, submission_frame, test_logits_in_order
-
-
-def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, 1.0)).mean())
+from comp.submit import METRICS, average_probabilities, leaderboard, submission_frame, test_logits_in_order
 
 
 def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
@@ -95,22 +91,19 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
     probs = sum(w * t for w, t in zip(weights, tests, strict=True))
 
-    def score(p):
-        return metrics.score(y, np.log(np.clip(p, 1e-15, 1.0)))
-
     table = Table(title=f"blend {cfg.run.name!r} of {len(names)} run(s) on {cfg.folds.n_splits} folds, {len(y)} OOF rows")
-    for col in ("", "weight", "macro_f1", "accuracy", "log_loss"):
+    for col in ("", "weight", *METRICS):
         table.add_column(col, justify="right")
     rows = {}
     for name, w, p in zip(names, weights, oofs, strict=True):
-        rows[name] = score(p)
-        table.add_row(f"run {name}", f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")))
-    equal = score(equal_oof)
-    table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")))
-    cv = score(cv_oof)
+        rows[name] = metrics.score_probabilities(y, p)
+        table.add_row(f"run {name}", f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in METRICS))
+    equal = metrics.score_probabilities(y, equal_oof)
+    table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in METRICS))
+    cv = metrics.score_probabilities(y, cv_oof)
     if how == "fit":
         table.add_row("fitted (weights from the other folds)", "",
-                      *(f"{cv[k]:.4f}" for k in ("macro_f1", "accuracy", "log_loss")), style="bold")
+                      *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
     console.print(table)
     console.print(f"blend CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
                   f"  ({'weights fitted on k-1 folds, scored on the held-out fold' if how == 'fit' else 'equal weights'})"

@@ -532,15 +532,15 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             with ema.applied(model) if ema else contextlib.nullcontext():  # evaluation sees the averaged weights
                 val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
                                      f"fold {fold} validate", d)
-                current = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            m = metrics.score(val_rows.y, val_logits)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
-                   "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
-                   "seconds": round(time.perf_counter() - t0, 2)}
-            state.history.append(row)
-            improved = stopper.step(row[tcfg.monitor], epoch)
-            if improved:
-                best_state, best_val = current, val_logits
+                m = metrics.score(val_rows.y, val_logits)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
+                       "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                state.history.append(row)
+                improved = stopper.step(row[tcfg.monitor], epoch)
+                if improved:  # the weights validated: the EMA's while it is applied
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    best_val = val_logits
             console.print(f"fold {fold} epoch {epoch}: loss {train_loss:.4f}  val_loss {row['val_loss']:.4f}  "
                           f"acc {row['val_accuracy']:.4f}  macro_f1 {row['val_macro_f1']:.4f}  "
                           f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)

@@ -20,3 +20,8 @@ def score(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     return {"accuracy": float(accuracy_score(y, pred)),
             "macro_f1": float(f1_score(y, pred, average="macro", labels=np.arange(n_classes), zero_division=0)),
             "log_loss": float(-logp[np.arange(len(y)), y].mean())}
+
+
+def score_probabilities(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """score() of probabilities (a blend or a fold average), clipped away from 0 before the log."""
+    return score(y, np.log(np.clip(probs, 1e-12, 1.0)))

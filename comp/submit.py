@@ -70,7 +70,7 @@ def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, 
         raise CompError(f"solution file {path} has labels never seen in train ({unknown[:3]}); check data.label")
     pos = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)[sol[d.id].to_numpy()].to_numpy()
     y = sol[d.label].map(index).to_numpy()
-    return metrics.score(y, np.log(np.clip(probs[pos], 1e-12, 1.0)))
+    return metrics.score_probabilities(y, probs[pos])
 
 
 def main(argv: list[str] | None = None) -> int:

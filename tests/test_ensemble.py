@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import blend, config, folds, runs, submit, train
+from comp import blend, config, folds, metrics, runs, submit, train
 from comp.data import load_competition
 from tests.conftest import assert_user_error, snapshot, trained_project
 
@@ -30,8 +30,8 @@ def test_fitted_weights_are_on_the_simplex_and_prefer_the_better_run():
     w = blend.fit_weights(y, [noise, good, noise[::-1]])
     assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
     assert w[1] > 0.9
-    assert blend.log_loss(y, sum(wi * p for wi, p in zip(w, [noise, good, noise[::-1]], strict=True))) <= \
-        blend.log_loss(y, good) + 1e-9
+    mixed = sum(wi * p for wi, p in zip(w, [noise, good, noise[::-1]], strict=True))
+    assert metrics.score_probabilities(y, mixed)["log_loss"] <= metrics.score_probabilities(y, good)["log_loss"] + 1e-9
 
 
 def test_honest_cv_never_fits_a_folds_weights_on_its_own_rows():
@@ -63,8 +63,6 @@ def test_blend_cli_prints_and_writes_and_self_blend_equals_the_run(two_runs, cap
     own = json.loads((cfg.parent / "folds" / "self" / "blend.json").read_text())
     c = config.load(cfg)
     comp, _, _, _, oof = runs.load_run(c)
-    from comp import metrics
-
     assert own["cv"]["log_loss"] == pytest.approx(metrics.score(comp.y, oof)["log_loss"], abs=1e-6)
     assert pd.read_csv(cfg.parent / "submissions" / "self.csv").equals(pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
 
