@@ -191,7 +191,8 @@ def encoder_lr_scale(name: str, n_layers: int, decay: float) -> float:
 
 def make_optimizer(model: TextMetaClassifier, tcfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the encoder and the head at their own learning rates (the encoder's decaying layer by
-    layer from the top with train.layer_decay < 1); no weight decay on biases and norms."""
+    layer from the top with train.layer_decay < 1); no weight decay on biases and norms. Build it after the
+    model is on its device: the fused implementation needs the parameters where they will be trained."""
     groups: dict[tuple, dict] = {}
     n_layers = len(encoder_layers(model.encoder)) if tcfg.layer_decay < 1.0 else 0
     for part, lr, decayed in ((model.encoder, tcfg.encoder_lr, True), (model.head_modules(), tcfg.head_lr, False)):
@@ -201,7 +202,10 @@ def make_optimizer(model: TextMetaClassifier, tcfg: TrainConfig) -> torch.optim.
             scale = encoder_lr_scale(name, n_layers, tcfg.layer_decay) if decayed else 1.0
             wd = 0.0 if p.ndim < 2 or "norm" in name.lower() else tcfg.weight_decay
             groups.setdefault((lr * scale, wd), {"params": [], "lr": lr * scale, "weight_decay": wd})["params"].append(p)
-    return torch.optim.AdamW(list(groups.values()))
+    params = [p for g in groups.values() for p in g["params"]]
+    # one fused kernel for every tensor (about 10x faster than the per-tensor loop on a CPU); needs one device
+    fused = len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(list(groups.values()), fused=fused or None)
 
 
 class FocalLoss(nn.Module):

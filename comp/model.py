@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
+from comp import fastpath
 from comp.config import ModelConfig
 from comp.errors import CompError
 
@@ -127,6 +128,7 @@ class TextMetaClassifier(nn.Module):
             width = hidden
         self.head = nn.Sequential(*layers)
         self.out = nn.Linear(width, n_classes)
+        fastpath.install(self)  # the CPU's cheaper dropout masks and batched-matmul attention in training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, meta: torch.Tensor,
                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
