@@ -104,21 +104,37 @@ def flop_params(encoder: nn.Module) -> int:
 # --- (a) the seed notebook's loop, faithfully -------------------------------------------------------
 
 class SeedDataset(Dataset):
-    """As in the seed: every item tokenized again on every access, padded to 512; metadata encoded per item."""
+    """As in the seed: every item tokenized again on every access, padded to 512; metadata encoded per item.
+    pad_to_pair: the items are not padded and each batch of two is padded to its longer row instead (the
+    quality check: the same updates, since padding never changes an output, several times sooner)."""
 
-    def __init__(self, texts, frame, encoder, labels, tokenizer, max_length=512):
+    def __init__(self, texts, frame, encoder, labels, tokenizer, max_length=512, pad_to_pair=False):
         self.texts, self.frame, self.encoder, self.labels = texts, frame, encoder, labels
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.pad_to_pair = tokenizer, max_length, pad_to_pair
 
     def __len__(self):
         return len(self.texts)
 
     def __getitem__(self, i):
         token = self.tokenizer(self.texts[i], add_special_tokens=True, max_length=self.max_length, truncation=True,
-                               padding="max_length", return_tensors="pt")
+                               padding=False if self.pad_to_pair else "max_length", return_tensors="pt")
         item = {"input_ids": token["input_ids"][0], "attention_mask": token["attention_mask"][0],
                 "meta": torch.from_numpy(self.encoder.transform(self.frame.iloc[[i]])[0])}
         return item, int(self.labels[i])
+
+    def loader(self, **kwargs) -> DataLoader:
+        return DataLoader(self, batch_size=2, collate_fn=self.collate if self.pad_to_pair else None, **kwargs)
+
+    def collate(self, items):
+        data, labels = zip(*items, strict=True)
+        width = max(len(d["input_ids"]) for d in data)
+        ids = torch.full((len(data), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(data), width), dtype=torch.long)
+        for r, d in enumerate(data):
+            ids[r, :len(d["input_ids"])] = d["input_ids"]
+            mask[r, :len(d["input_ids"])] = d["attention_mask"]
+        return {"input_ids": ids, "attention_mask": mask, "meta": torch.stack([d["meta"] for d in data])}, \
+            torch.tensor(labels)
 
 
 class SeedModel(nn.Module):
@@ -149,7 +165,7 @@ def seed_epoch(model, dataset, optimizer, device, generator) -> tuple[int, int]:
     model.train()
     criterion = nn.CrossEntropyLoss()
     samples = tokens = 0
-    for data, label in DataLoader(dataset, batch_size=2, shuffle=True, num_workers=0, generator=generator):
+    for data, label in dataset.loader(shuffle=True, num_workers=0, generator=generator):
         optimizer.zero_grad()
         output = model(data, device)
         loss = criterion(output, label.to(device))
@@ -168,7 +184,7 @@ def seed_epoch(model, dataset, optimizer, device, generator) -> tuple[int, int]:
 @torch.no_grad()
 def seed_predict(model, dataset, device) -> tuple[np.ndarray, float]:
     model.eval()
-    logits = [model(data, device).float().cpu() for data, _ in DataLoader(dataset, batch_size=2)]
+    logits = [model(data, device).float().cpu() for data, _ in dataset.loader()]
     out = torch.cat(logits).numpy()
     return out, metrics.score(np.asarray(dataset.labels), out)["log_loss"]
 
@@ -214,7 +230,7 @@ def hf_rows(tokens, labels):
 # --- the benchmark ---------------------------------------------------------------------------------
 
 def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: int, console: Console,
-              skip_quality: bool = False) -> dict:
+              skip_quality: bool = False, quality_patience: int = 2) -> dict:
     """Speed of (a) the seed loop, (b) comp, (c) Trainer on the same rows; matmul peaks; quality to early stop."""
     device = resolve_device(cfg.train)
     amp = resolve_precision(cfg.train, device)
@@ -318,17 +334,19 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     result["trainer_mfu"] = 6 * result["encoder_flop_params"] * c["useful_tokens_per_s"] / peak
     if not skip_quality:
         result["quality"] = quality(cfg, comp, tokens, order[n_samples:n_samples + 2 * quality_rows], quality_epochs,
-                                    tokenizer, path, device, amp, console, seed_len)
+                                    tokenizer, path, device, amp, console, seed_len, quality_patience)
     return result
 
 
-def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, console, seed_len=512) -> dict:
-    """Validation macro-F1 of (a), (b), (c) trained on the same rows to early stopping (val loss, patience 1)."""
+def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, console, seed_len=512, patience=2) -> dict:
+    """Validation macro-F1 of (a), (b), (c) trained on the same rows to early stopping on the validation loss
+    (at most `epochs`, stopping after `patience` epochs without a gain; each keeps its best epoch's model)."""
     half = len(idx) // 2
     tr, va = idx[:half], idx[half:]
     n_classes = len(comp.classes)
     enc = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
-    out = {"train_rows": len(tr), "val_rows": len(va), "max_epochs": epochs, "patience": 1}
+    out = {"train_rows": len(tr), "val_rows": len(va), "max_epochs": epochs, "patience": patience,
+           "seed_loop_padding": "each pair to its longer row (the speed run pads to 512)"}
 
     console.print(f"quality (a) seed loop: {len(tr)} rows, up to {epochs} epochs ...")
     t0 = time.perf_counter()
@@ -336,24 +354,24 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
     model = SeedModel(load_encoder(cfg.model, root=cfg.root), enc.width, n_classes).to(device)
     opt = seed_optimizer(model)
     frame_tr, frame_va = comp.train.iloc[tr].reset_index(drop=True), comp.train.iloc[va].reset_index(drop=True)
-    ds_tr = SeedDataset([comp.train_text[i] for i in tr], frame_tr, enc, comp.y[tr], tokenizer, seed_len)
-    ds_va = SeedDataset([comp.train_text[i] for i in va], frame_va, enc, comp.y[va], tokenizer, seed_len)
-    best, best_logits, run = None, None, 0
-    for _ in range(epochs):
+    ds_tr = SeedDataset([comp.train_text[i] for i in tr], frame_tr, enc, comp.y[tr], tokenizer, seed_len, True)
+    ds_va = SeedDataset([comp.train_text[i] for i in va], frame_va, enc, comp.y[va], tokenizer, seed_len, True)
+    best, best_logits, run, waited = None, None, 0, 0
+    while run < epochs and waited < patience:
         seed_epoch(model, ds_tr, opt, device, torch.Generator().manual_seed(run))
         run += 1
         logits, loss = seed_predict(model, ds_va, device)
         if best is None or loss < best:
-            best, best_logits = loss, logits
+            best, best_logits, waited = loss, logits, 0
         else:
-            break
+            waited += 1
     out["seed_loop"] = {"macro_f1": metrics.score(comp.y[va], best_logits)["macro_f1"], "epochs": run,
                         "seconds": round(time.perf_counter() - t0, 1)}
     del model, opt
 
     console.print("quality (b) comp ...")
     t0 = time.perf_counter()
-    qcfg = cfg.replace("train", epochs=epochs, patience=1, monitor="val_loss", checkpoint_every=0)
+    qcfg = cfg.replace("train", epochs=epochs, patience=patience, monitor="val_loss", checkpoint_every=0)
     seed_everything(0)
     model = build_model(cfg.model, enc.width, n_classes, root=cfg.root)
     res = fit_fold(qcfg, model, Rows([tokens[i] for i in tr], enc.transform(comp.train.iloc[tr]), comp.y[tr]),
@@ -368,7 +386,7 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(path, tokenizer, n_classes, hf_rows([tokens[i] for i in tr], comp.y[tr]),
                               cfg.train.batch_size, amp, device, cfg.train.encoder_lr, Path(tmp), epochs=epochs,
-                              eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=1, mcfg=cfg.model)
+                              eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=patience, mcfg=cfg.model)
         trainer.train()
         logits = trainer.predict(hf_rows([tokens[i] for i in va], comp.y[va])).predictions
         epochs_run = int(round(trainer.state.epoch or 0))
@@ -421,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=256, help="training samples each loop is timed on")
     parser.add_argument("--quality-rows", type=int, default=200, help="train rows (and as many val rows) for the "
                                                                       "quality check")
-    parser.add_argument("--quality-epochs", type=int, default=3, help="most epochs of the quality check")
+    parser.add_argument("--quality-epochs", type=int, default=20, help="most epochs of the quality check")
+    parser.add_argument("--quality-patience", type=int, default=2, help="epochs without a validation-loss gain "
+                                                                          "that end a quality run")
     parser.add_argument("--skip-quality", action="store_true", help="only measure speed")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -429,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
-        result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality)
+        result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality,
+                           args.quality_patience)
         print_result(result, console)
         write_json(Path(args.out), result)
         console.print(f"wrote {args.out}")

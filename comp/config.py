@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     max_tokens_per_batch: int = 0
+    pad_to_multiple_of: int = 8
     layer_decay: float = 1.0
     loss: str = "ce"
     focal_gamma: float = 2.0
@@ -138,6 +139,7 @@ class TrainConfig:
                  "train.precision must be 'auto', 'fp32', 'bf16' or 'fp16'")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.pad_to_multiple_of >= 1, "train.pad_to_multiple_of must be >= 1 (1 = pad to the longest row only)")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
         _require(self.max_tokens_per_batch >= 0, "train.max_tokens_per_batch must be >= 0 (0 = no token cap)")
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
@@ -216,7 +218,7 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
             "tune": TuneConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
-            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every"}}
+            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of"}}
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,

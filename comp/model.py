@@ -49,7 +49,7 @@ def load_tokenizer(mcfg: ModelConfig, root: Path = Path(".")) -> PreTrainedToken
 def encoder_config(mcfg: ModelConfig, path: str):
     """The encoder's transformers config with the [model] overrides applied (attention dropout)."""
     config = AutoConfig.from_pretrained(path)
-    if mcfg.attention_dropout is not None:  # 0 lets attention run as one fused kernel (faster, less memory)
+    if mcfg.attention_dropout is not None:  # 0: no mask drawn for the attention probabilities
         for name in ATTENTION_DROPOUT_KEYS:
             if hasattr(config, name):
                 setattr(config, name, mcfg.attention_dropout)

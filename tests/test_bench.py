@@ -22,3 +22,29 @@ def test_bench_reports_every_loop(tmp_path, tiny_model):
     assert r["matmul_tflops"]["fp32"] > 0 and r["matmul_tflops"]["bf16"] > 0
     assert 0 < r["comp_mfu"] and r["encoder_flop_params"] > 0
     assert r["quality"]["train_rows"] == r["quality"]["val_rows"] == 12
+
+
+def test_seed_quality_padding_to_the_pair_changes_no_output(tmp_path, tiny_model):
+    """The quality check pads the seed's pairs to their longer row instead of 512: the same outputs."""
+    import numpy as np
+    import torch
+
+    from comp.config import ModelConfig
+    from comp.features import MetaEncoder
+    from comp.model import load_encoder, load_tokenizer
+
+    tables = make_tables(n_train=10, n_test=2)
+    frame = tables["train.csv"].reset_index(drop=True)
+    enc = MetaEncoder(["shop"], ["count"]).fit(frame)
+    mcfg = ModelConfig(name_or_path=str(tiny_model), max_length=48)
+    tok = load_tokenizer(mcfg)
+    texts = list(frame["body"])
+    torch.manual_seed(0)
+    model = bench.SeedModel(load_encoder(mcfg), enc.width, 3).eval()
+    outs = []
+    for pair in (False, True):
+        ds = bench.SeedDataset(texts, frame, enc, frame["label"].to_numpy() - 1, tok, 128, pair)
+        widths = {d["input_ids"].shape[1] for d, _ in ds.loader()}
+        assert (widths == {128}) != pair  # fixed 512-style padding, or each pair to its longer row
+        outs.append(bench.seed_predict(model, ds, torch.device("cpu"))[0])
+    assert np.allclose(outs[0], outs[1], atol=1e-5)

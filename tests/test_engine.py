@@ -148,3 +148,33 @@ def test_token_budget_caps_padded_batch_size_and_keeps_every_row():
     plain = engine.train_batches(lengths, 32, np.random.default_rng(0), pool=5)
     assert len(batches) > len(plain)  # long rows went into smaller batches
     assert max(len(b) for b in batches) == 32  # short rows still fill whole batches
+
+
+def test_pad_to_multiple_rounds_widths_within_the_longest_row_and_changes_no_update(tiny):
+    mcfg, tok, rows = tiny
+    cpu = torch.device("cpu")
+    longest = int(rows.lengths.max())
+    for index in (np.array([0, 1]), np.array([2]), np.arange(15)):
+        ids, mask, _ = engine.collate(rows, index, tok.pad_token_id, cpu, 8, longest)
+        own = int(rows.lengths[index].max())
+        assert ids.shape[1] == max(own, min(-(-own // 8) * 8, longest))
+        assert mask.sum().item() == rows.lengths[index].sum()  # the extra columns are padding only
+        assert (ids[mask == 0] == tok.pad_token_id).all()
+    params = []
+    for multiple in (1, 8):
+        torch.manual_seed(0)
+        model = build_model(mcfg, 2, 3)
+        for m in model.modules():  # dropout masks are drawn per padded shape
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        tcfg = TrainConfig(pad_to_multiple_of=multiple, grad_clip=0.0, log_every=1)
+        opt = engine.make_optimizer(model, tcfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        from rich.console import Console
+
+        engine.train_one_epoch(model, rows, [np.array([0, 1, 3]), np.array([2, 4]), np.arange(5, 15)], opt, sched,
+                               torch.nn.CrossEntropyLoss(), tcfg, tok.pad_token_id, cpu, None,
+                               engine.make_progress(Console(quiet=True)), "t")
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+
