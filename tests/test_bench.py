@@ -11,7 +11,7 @@ def test_bench_reports_every_loop(tmp_path, tiny_model):
     assert folds.main(["--config", str(cfg)]) == 0
     out = tmp_path / "bench.json"
     assert bench.main(["--config", str(cfg), "--samples", "16", "--quality-rows", "12", "--quality-epochs", "1",
-                       "--out", str(out), "--set", "train.batch_size=4"]) == 0
+                       "--rounds", "2", "--out", str(out), "--set", "train.batch_size=4"]) == 0
     r = json.loads(out.read_text())
     for loop in ("seed_loop", "comp", "trainer"):
         s = r[loop]
@@ -22,6 +22,9 @@ def test_bench_reports_every_loop(tmp_path, tiny_model):
     assert r["matmul_tflops"]["fp32"] > 0 and r["matmul_tflops"]["bf16"] > 0
     assert 0 < r["comp_mfu"] and r["encoder_flop_params"] > 0
     assert r["quality"]["train_rows"] == r["quality"]["val_rows"] == 12
+    for loop in ("comp", "trainer"):  # timed in rounds; the kept figure is one of them
+        assert len(r[loop]["rounds_samples_per_s"]) == 2
+        assert round(r[loop]["samples_per_s"], 2) in r[loop]["rounds_samples_per_s"]
 
 
 def test_seed_quality_padding_to_the_pair_changes_no_output(tmp_path, tiny_model):
