@@ -46,21 +46,21 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-_bias_cache: list = [None, None, None]  # (mask, heads, bias): every layer of a forward pass gets the same mask
+_bias_cache: list = [None, None, None]  # (mask, (batch, heads), bias): every layer of a forward gets the same mask
 
 
-def _additive(mask: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """The (batch·heads, q, k) additive bias of a (batch, 1 or heads, q, k) boolean or additive mask."""
-    mask_, heads_, bias = _bias_cache
-    if mask_ is mask and heads_ == heads and bias.dtype == dtype:
+def _additive(mask: torch.Tensor, batch: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (batch·heads, q, k) additive bias of a (1 or batch, 1 or heads, q, k) boolean or additive mask."""
+    mask_, shape_, bias = _bias_cache
+    if mask_ is mask and shape_ == (batch, heads) and bias.dtype == dtype:
         return bias
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     else:
         bias = mask.to(dtype)
-    b, _, q, k = mask.shape
-    bias = bias.expand(b, heads, q, k).reshape(b * heads, q, k)
-    _bias_cache[:] = [mask, heads, bias]
+    q, k = mask.shape[-2:]
+    bias = bias.expand(batch, heads, q, k).reshape(batch * heads, q, k)
+    _bias_cache[:] = [mask, (batch, heads), bias]
     return bias
 
 
@@ -84,7 +84,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     q = query.reshape(b * h, q_len, d)
     k = key.reshape(b * h, k_len, d).transpose(1, 2)
     if attention_mask is not None:
-        scores = torch.baddbmm(_additive(attention_mask, h, query.dtype), q, k, alpha=scaling)
+        scores = torch.baddbmm(_additive(attention_mask, b, h, query.dtype), q, k, alpha=scaling)
     else:
         scores = torch.bmm(q, k) * scaling
     probs = _dropout_fn(torch.softmax(scores, dim=-1), dropout, True)

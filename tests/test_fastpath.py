@@ -134,3 +134,14 @@ def _group_names(opt, model):
     names = {id(p): n for n, p in model.named_parameters()}
     return [({k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}, [names[id(p)] for p in g["params"]])
             for g in opt.param_groups]
+
+
+def test_attention_takes_masks_broadcast_over_the_batch():
+    torch.manual_seed(0)
+    module = nn.Module().train()
+    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    mask[..., 3:] = False  # the last two keys are padding for every row
+    ours, _ = fastpath.attention(module, q, k, v, mask)
+    ref = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    assert torch.allclose(ours, ref, atol=1e-5)
