@@ -192,7 +192,7 @@ def seed_predict(model, dataset, device) -> tuple[np.ndarray, float]:
 # --- (c) Hugging Face Trainer ----------------------------------------------------------------------
 
 def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, epochs=1, max_steps=-1,
-                eval_rows=None, patience=None, mcfg=None):
+                eval_rows=None, patience=None, mcfg=None, seed=0):
     """A text-only Trainer with dynamic padding and length-grouped sampling, on the same encoder config
     (the [model] overrides) as comp."""
     from transformers import (
@@ -213,7 +213,7 @@ def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, 
         bf16=amp == torch.bfloat16, fp16=amp == torch.float16, train_sampling_strategy="group_by_length",
         num_train_epochs=epochs, max_steps=max_steps, learning_rate=lr, warmup_steps=0.1, weight_decay=0.01,
         report_to=[], disable_tqdm=True, logging_strategy="no", use_cpu=device.type == "cpu",
-        dataloader_num_workers=0, seed=0, eval_strategy="epoch" if quality else "no",
+        dataloader_num_workers=0, seed=seed, eval_strategy="epoch" if quality else "no",
         save_strategy="epoch" if quality else "no", load_best_model_at_end=quality,
         metric_for_best_model="eval_loss" if quality else None, greater_is_better=False if quality else None,
         save_total_limit=2 if quality else None)
@@ -230,7 +230,7 @@ def hf_rows(tokens, labels):
 # --- the benchmark ---------------------------------------------------------------------------------
 
 def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: int, console: Console,
-              skip_quality: bool = False, quality_patience: int = 2, rounds: int = 3) -> dict:
+              skip_quality: bool = False, quality_patience: int = 2, rounds: int = 3, quality_seeds: int = 1) -> dict:
     """Speed of (a) the seed loop, (b) comp, (c) Trainer on the same rows; matmul peaks; quality to early stop."""
     device = resolve_device(cfg.train)
     amp = resolve_precision(cfg.train, device)
@@ -336,66 +336,75 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     result["trainer_mfu"] = 6 * result["encoder_flop_params"] * c["useful_tokens_per_s"] / peak
     if not skip_quality:
         result["quality"] = quality(cfg, comp, tokens, order[n_samples:n_samples + 2 * quality_rows], quality_epochs,
-                                    tokenizer, path, device, amp, console, seed_len, quality_patience)
+                                    tokenizer, path, device, amp, console, seed_len, quality_patience,
+                                    quality_seeds)
     return result
 
 
-def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, console, seed_len=512, patience=2) -> dict:
+def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, console, seed_len=512, patience=2,
+            seeds: int = 1, first_seed: int = 0) -> dict:
     """Validation macro-F1 of (a), (b), (c) trained on the same rows to early stopping on the validation loss
-    (at most `epochs`, stopping after `patience` epochs without a gain; each keeps its best epoch's model)."""
+    (at most `epochs`, stopping after `patience` epochs without a gain; each keeps its best epoch's model),
+    each with training seeds 0 .. seeds-1; macro_f1 is the mean over the seeds."""
     half = len(idx) // 2
     tr, va = idx[:half], idx[half:]
     n_classes = len(comp.classes)
     enc = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
-    out = {"train_rows": len(tr), "val_rows": len(va), "max_epochs": epochs, "patience": patience,
+    out = {"train_rows": len(tr), "val_rows": len(va), "max_epochs": epochs, "patience": patience, "seeds": seeds,
            "seed_loop_padding": "each pair to its longer row (the speed run pads to 512)"}
-
-    console.print(f"quality (a) seed loop: {len(tr)} rows, up to {epochs} epochs ...")
-    t0 = time.perf_counter()
-    seed_everything(0)
-    model = SeedModel(load_encoder(cfg.model, root=cfg.root), enc.width, n_classes).to(device)
-    opt = seed_optimizer(model)
     frame_tr, frame_va = comp.train.iloc[tr].reset_index(drop=True), comp.train.iloc[va].reset_index(drop=True)
     ds_tr = SeedDataset([comp.train_text[i] for i in tr], frame_tr, enc, comp.y[tr], tokenizer, seed_len, True)
     ds_va = SeedDataset([comp.train_text[i] for i in va], frame_va, enc, comp.y[va], tokenizer, seed_len, True)
-    best, best_logits, run, waited = None, None, 0, 0
-    while run < epochs and waited < patience:
-        seed_epoch(model, ds_tr, opt, device, torch.Generator().manual_seed(run))
-        run += 1
-        logits, loss = seed_predict(model, ds_va, device)
-        if best is None or loss < best:
-            best, best_logits, waited = loss, logits, 0
-        else:
-            waited += 1
-    out["seed_loop"] = {"macro_f1": metrics.score(comp.y[va], best_logits)["macro_f1"], "epochs": run,
-                        "seconds": round(time.perf_counter() - t0, 1)}
-    del model, opt
+    runs: dict[str, list] = {"seed_loop": [], "comp": [], "trainer": []}
 
-    console.print("quality (b) comp ...")
-    t0 = time.perf_counter()
-    qcfg = cfg.replace("train", epochs=epochs, patience=patience, monitor="val_loss", checkpoint_every=0)
-    seed_everything(0)
-    model = build_model(cfg.model, enc.width, n_classes, root=cfg.root)
-    res = fit_fold(qcfg, model, Rows([tokens[i] for i in tr], enc.transform(comp.train.iloc[tr]), comp.y[tr]),
-                   Rows([tokens[i] for i in va], enc.transform(comp.train.iloc[va]), comp.y[va]), None,
-                   tokenizer.pad_token_id, Console(quiet=True))
-    out["comp"] = {"macro_f1": metrics.score(comp.y[va], res.val_logits)["macro_f1"], "epochs": len(res.history),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-    del model, res
+    for seed in range(first_seed, first_seed + seeds):
+        console.print(f"quality (a) seed loop, seed {seed}: {len(tr)} rows, up to {epochs} epochs ...")
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        model = SeedModel(load_encoder(cfg.model, root=cfg.root), enc.width, n_classes).to(device)
+        opt = seed_optimizer(model)
+        best, best_logits, run, waited = None, None, 0, 0
+        while run < epochs and waited < patience:
+            seed_epoch(model, ds_tr, opt, device, torch.Generator().manual_seed(run + 1000 * seed))
+            run += 1
+            logits, loss = seed_predict(model, ds_va, device)
+            if best is None or loss < best:
+                best, best_logits, waited = loss, logits, 0
+            else:
+                waited += 1
+        runs["seed_loop"].append((metrics.score(comp.y[va], best_logits)["macro_f1"], run, time.perf_counter() - t0))
+        del model, opt
 
-    console.print("quality (c) Trainer ...")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_for(path, tokenizer, n_classes, hf_rows([tokens[i] for i in tr], comp.y[tr]),
-                              cfg.train.batch_size, amp, device, cfg.train.encoder_lr, Path(tmp), epochs=epochs,
-                              eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=patience, mcfg=cfg.model)
-        trainer.train()
-        logits = trainer.predict(hf_rows([tokens[i] for i in va], comp.y[va])).predictions
-        epochs_run = int(round(trainer.state.epoch or 0))
-        del trainer
-    out["trainer"] = {"macro_f1": metrics.score(comp.y[va], np.asarray(logits, dtype=np.float32))["macro_f1"],
-                      "epochs": epochs_run, "seconds": round(time.perf_counter() - t0, 1)}
-    gc.collect()
+        console.print(f"quality (b) comp, seed {seed} ...")
+        t0 = time.perf_counter()
+        qcfg = cfg.replace("train", epochs=epochs, patience=patience, monitor="val_loss", checkpoint_every=0,
+                           seed=cfg.train.seed + seed)
+        seed_everything(seed)
+        model = build_model(cfg.model, enc.width, n_classes, root=cfg.root)
+        res = fit_fold(qcfg, model, Rows([tokens[i] for i in tr], enc.transform(comp.train.iloc[tr]), comp.y[tr]),
+                       Rows([tokens[i] for i in va], enc.transform(comp.train.iloc[va]), comp.y[va]), None,
+                       tokenizer.pad_token_id, Console(quiet=True))
+        runs["comp"].append((metrics.score(comp.y[va], res.val_logits)["macro_f1"], len(res.history),
+                             time.perf_counter() - t0))
+        del model, res
+
+        console.print(f"quality (c) Trainer, seed {seed} ...")
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = trainer_for(path, tokenizer, n_classes, hf_rows([tokens[i] for i in tr], comp.y[tr]),
+                                  cfg.train.batch_size, amp, device, cfg.train.encoder_lr, Path(tmp), epochs=epochs,
+                                  eval_rows=hf_rows([tokens[i] for i in va], comp.y[va]), patience=patience,
+                                  mcfg=cfg.model, seed=seed)
+            trainer.train()
+            logits = trainer.predict(hf_rows([tokens[i] for i in va], comp.y[va])).predictions
+            epochs_run = int(round(trainer.state.epoch or 0))
+            del trainer
+        runs["trainer"].append((metrics.score(comp.y[va], np.asarray(logits, dtype=np.float32))["macro_f1"],
+                                epochs_run, time.perf_counter() - t0))
+        gc.collect()
+    for key, rs in runs.items():
+        out[key] = {"macro_f1": float(np.mean([r[0] for r in rs])), "per_seed": [r[0] for r in rs],
+                    "epochs": [r[1] for r in rs], "seconds": round(sum(r[2] for r in rs), 1)}
     return out
 
 
@@ -425,7 +434,7 @@ def print_result(r: dict, console: Console) -> None:
     q = r.get("quality", {})
     for key, name in (("seed_loop", "(a) seed loop"), ("comp", "(b) comp"), ("trainer", "(c) HF Trainer")):
         s = r[key]
-        f1 = f"{q[key]['macro_f1']:.4f} ({q[key]['epochs']} ep)" if key in q else ""
+        f1 = f"{q[key]['macro_f1']:.4f} ({'/'.join(map(str, q[key]['epochs']))} ep)" if key in q else ""
         table.add_row(name, f"{s['samples_per_s']:.1f}", f"{s['useful_tokens_per_s']:.0f}", str(s["peak_rss_mb"]), f1)
     console.print(table)
     t = r["matmul_tflops"]
@@ -442,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-rows", type=int, default=400, help="train rows (and as many val rows) for the "
                                                                       "quality check")
     parser.add_argument("--quality-epochs", type=int, default=10, help="most epochs of the quality check")
+    parser.add_argument("--quality-seeds", type=int, default=1, help="training seeds per loop in the quality check "
+                                                                       "(macro-F1 is their mean)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of comp and Trainer (the median is kept)")
     parser.add_argument("--quality-patience", type=int, default=2, help="epochs without a validation-loss gain "
                                                                           "that end a quality run")
@@ -453,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
         result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality,
-                           args.quality_patience, args.rounds)
+                           args.quality_patience, args.rounds, args.quality_seeds)
         print_result(result, console)
         write_json(Path(args.out), result)
         console.print(f"wrote {args.out}")

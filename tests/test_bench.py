@@ -11,13 +11,15 @@ def test_bench_reports_every_loop(tmp_path, tiny_model):
     assert folds.main(["--config", str(cfg)]) == 0
     out = tmp_path / "bench.json"
     assert bench.main(["--config", str(cfg), "--samples", "16", "--quality-rows", "12", "--quality-epochs", "1",
-                       "--rounds", "2", "--out", str(out), "--set", "train.batch_size=4"]) == 0
+                       "--rounds", "2", "--quality-seeds", "2", "--out", str(out), "--set", "train.batch_size=4"]) == 0
     r = json.loads(out.read_text())
     for loop in ("seed_loop", "comp", "trainer"):
         s = r[loop]
         assert s["samples_per_s"] > 0 and s["peak_rss_mb"] > 0
         assert 0 < s["useful_tokens_per_s"] / s["samples_per_s"] <= 48  # real tokens only, never the 512 padding
-        assert 0.0 <= r["quality"][loop]["macro_f1"] <= 1.0
+        q = r["quality"][loop]
+        assert len(q["per_seed"]) == 2 and abs(q["macro_f1"] - sum(q["per_seed"]) / 2) < 1e-12
+        assert all(0.0 <= f1 <= 1.0 for f1 in q["per_seed"])
     assert r["ratios"]["comp_over_seed"] == r["comp"]["samples_per_s"] / r["seed_loop"]["samples_per_s"]
     assert r["matmul_tflops"]["fp32"] > 0 and r["matmul_tflops"]["bf16"] > 0
     assert 0 < r["comp_mfu"] and r["encoder_flop_params"] > 0
