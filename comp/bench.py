@@ -127,14 +127,9 @@ class SeedDataset(Dataset):
 
     def collate(self, items):
         data, labels = zip(*items, strict=True)
-        width = max(len(d["input_ids"]) for d in data)
-        ids = torch.full((len(data), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(data), width), dtype=torch.long)
-        for r, d in enumerate(data):
-            ids[r, :len(d["input_ids"])] = d["input_ids"]
-            mask[r, :len(d["input_ids"])] = d["attention_mask"]
-        return {"input_ids": ids, "attention_mask": mask, "meta": torch.stack([d["meta"] for d in data])}, \
-            torch.tensor(labels)
+        padded = self.tokenizer.pad([{k: d[k] for k in ("input_ids", "attention_mask")} for d in data],
+                                    return_tensors="pt")
+        return {**padded, "meta": torch.stack([d["meta"] for d in data])}, torch.tensor(labels)
 
 
 class SeedModel(nn.Module):
@@ -295,6 +290,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     loss_fn = nn.CrossEntropyLoss()
     hf = hf_rows([tokens[i] for i in speed_idx], comp.y[speed_idx])
+    useful = int(rows.lengths.sum())  # the same rows, so the same useful tokens, for (b) and (c)
     timings: dict[str, list] = {"comp": [], "trainer": []}
     with make_progress(Console(quiet=True)) as progress, tempfile.TemporaryDirectory() as tmp:
         warm_batches = train_batches(rows.lengths, cfg.train.batch_size, np.random.default_rng(1))[:2]
@@ -310,7 +306,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
                                 amp, progress, "bench")
                 _sync(device)
                 dt = time.perf_counter() - t0
-            timings["comp"].append(_speed(len(rows), int(rows.lengths.sum()), dt, mem))
+            timings["comp"].append(_speed(n_samples, useful, dt, mem))
             trainer = trainer_for(path, tokenizer, n_classes, hf, cfg.train.batch_size, amp, device,
                                   cfg.train.encoder_lr, Path(tmp) / f"speed{r}", mcfg=cfg.model)
             with PeakMemory(device) as mem:
@@ -320,7 +316,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
                 dt = time.perf_counter() - t0
             del trainer
             gc.collect()
-            timings["trainer"].append(_speed(n_samples, int(sum(len(tokens[i]) for i in speed_idx)), dt, mem))
+            timings["trainer"].append(_speed(n_samples, useful, dt, mem))
     del model, opt
     gc.collect()
     for key, runs in timings.items():
@@ -345,7 +341,7 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
             seeds: int = 1, first_seed: int = 0) -> dict:
     """Validation macro-F1 of (a), (b), (c) trained on the same rows to early stopping on the validation loss
     (at most `epochs`, stopping after `patience` epochs without a gain; each keeps its best epoch's model),
-    each with training seeds 0 .. seeds-1; macro_f1 is the mean over the seeds."""
+    each with `seeds` training seeds from `first_seed` on; macro_f1 is the mean over the seeds."""
     half = len(idx) // 2
     tr, va = idx[:half], idx[half:]
     n_classes = len(comp.classes)

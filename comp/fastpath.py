@@ -92,7 +92,6 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.transpose(1, 2).contiguous(), None
 
 
-
 def _register() -> bool:
     try:
         from transformers import AttentionInterface
