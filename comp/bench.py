@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
+        for flag in ("samples", "quality_rows", "quality_epochs", "quality_patience", "rounds", "quality_seeds"):
+            if getattr(args, flag) < 1:
+                raise CompError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
         result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality,

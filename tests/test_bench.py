@@ -53,3 +53,11 @@ def test_seed_quality_padding_to_the_pair_changes_no_output(tmp_path, tiny_model
         assert (widths == {128}) != pair  # fixed 512-style padding, or each pair to its longer row
         outs.append(bench.seed_predict(model, ds, torch.device("cpu"))[0])
     assert np.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_bench_refuses_a_count_below_one(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--rounds", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rounds must be at least 1 (got 0)" in err[0]
+    assert not out.exists()
