@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 from scipy.optimize import minimize
 
-from comp import cli, metrics, report
+from comp import cli, metrics, report, stacking
 from comp.artifacts import atomic_path, write_json
+from comp.baselines import class_weight
 from comp.config import Config
 from comp.data import load_competition
 from comp.errors import CompError, run_cli
+from comp.features import MetaEncoder
 from comp.folds import load_folds
 from comp.runs import assemble_oof, read_fold
 from comp.submit import METRICS, average_probabilities, leaderboard, submission_frame, test_logits_in_order
@@ -67,9 +69,26 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
     return oof, test, outputs[0].record
 
 
-def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None) -> dict:
-    """Blend the runs; print each run's CV, the blend's and its weights; write the blend's submission
-    (submissions/<run.name>.csv) and its record (folds/<run.name>/blend.json)."""
+def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: list[np.ndarray], kind: str,
+          with_meta: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The stack's honest OOF probabilities (cross-fitted), its test probabilities (refitted on every OOF row)
+    and what blend.json says about it."""
+    weight = class_weight(cfg)
+    make_meta = (lambda: MetaEncoder.from_config(cfg)) if with_meta else None
+    n = len(comp.classes)
+    cv_oof, _ = stacking.cross_fit(kind, comp.y, folds, oofs, n, weight, cfg.train.seed, make_meta,
+                                   comp.train if with_meta else None)
+    final = stacking.fit(kind, comp.y, oofs, n, weight, cfg.train.seed, make_meta() if make_meta else None,
+                         comp.train if with_meta else None)
+    probs = final.predict(tests, comp.test if with_meta else None)
+    return cv_oof, probs, {"level2": kind, "with_metadata": with_meta, "class_weight": weight}
+
+
+def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
+          stack_with: str | None = None, stack_meta: bool = False) -> dict:
+    """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
+    CV, the blend's and its weights; write the blend's submission (submissions/<run.name>.csv) and its record
+    (folds/<run.name>/blend.json)."""
     console = console or cli.console()
     if not names:
         raise CompError("--runs is empty: name the runs to blend, e.g. --runs a,b,c")
@@ -77,6 +96,8 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"the blend's run.name {cfg.run.name!r} is one of the blended runs: pass --name for the blend")
     if how not in ("fit", "equal"):
         raise CompError(f"--weights {how!r}: use 'fit' or 'equal'")
+    if stack_with is not None and stack_with not in stacking.LEVEL2:
+        raise CompError(f"--stack {stack_with!r}: use one of {', '.join(stacking.LEVEL2)}")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
     members = [load_member(cfg, n, folds_fp, comp, folds) for n in names]
@@ -84,12 +105,18 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     oofs, tests = [m[0] for m in members], [m[1] for m in members]
 
     equal_oof = np.mean(oofs, axis=0)
-    if how == "fit":
+    stacked = None
+    if stack_with:
+        how = f"stack ({stack_with}{' + metadata' if stack_meta else ''})"
+        cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with, stack_meta)
+        weights, fold_weights = np.full(len(names), np.nan), []
+    elif how == "fit":
         weights = fit_weights(y, oofs)
         cv_oof, fold_weights = honest_oof(y, folds, oofs)
     else:
         weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
-    probs = sum(w * t for w, t in zip(weights, tests, strict=True))
+    if not stack_with:
+        probs = sum(w * t for w, t in zip(weights, tests, strict=True))
 
     table = Table(title=f"blend {cfg.run.name!r} of {len(names)} run(s) on {cfg.folds.n_splits} folds, {len(y)} OOF rows")
     for col in ("", "weight", *METRICS):
@@ -97,23 +124,25 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     rows = {}
     for name, w, p in zip(names, weights, oofs, strict=True):
         rows[name] = metrics.score_probabilities(y, p)
-        table.add_row(f"run {name}", f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in METRICS))
+        table.add_row(f"run {name}", "" if stack_with else f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in METRICS))
     equal = metrics.score_probabilities(y, equal_oof)
     table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in METRICS))
     cv = metrics.score_probabilities(y, cv_oof)
-    if how == "fit":
-        table.add_row("fitted (weights from the other folds)", "",
-                      *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
+    if how != "equal":
+        label = "stacked (level-2 model from the other folds)" if stack_with else "fitted (weights from the other folds)"
+        table.add_row(label, "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
     console.print(table)
     console.print(f"blend CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
-                  f"  ({'weights fitted on k-1 folds, scored on the held-out fold' if how == 'fit' else 'equal weights'})"
-                  f"; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights, strict=True)))
+                  f"  ({'equal weights' if how == 'equal' else how + ' fitted on k-1 folds, scored on the held-out fold'})"
+                  + ("" if stack_with else "; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights,
+                                                                                                     strict=True))))
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     if lb:
         console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
                       f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
     frame = submission_frame(cfg, comp, probs)
-    record = {"runs": names, "weights_method": how, "weights": weights.tolist(),
+    record = {"runs": names, "weights_method": how, "stack": stacked,
+              "weights": None if stack_with else weights.tolist(),
               "fold_weights": [w.tolist() for w in fold_weights], "cv": cv, "equal_weights_cv": equal,
               "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
               "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
@@ -130,6 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--runs", required=required, help="comma-separated run names trained on the same folds")
     parser.add_argument("--weights", default="fit", choices=("fit", "equal"),
                         help="fit: weights minimising OOF log loss (default); equal: plain average")
+    parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
+                        help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
+                             "logistic (default) or gbm")
+    parser.add_argument("--stack-meta", action="store_true", help="with --stack: the metadata columns join the "
+                        "level-2 model's inputs")
     parser.add_argument("--name", default="blend", help="the blend's run name (submission file name); default blend")
 
 
@@ -138,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     args.set = [*args.set, f"run.name={args.name}"]
     cfg = cli.load_config(args, console)
-    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console)
+    if args.stack_meta and not args.stack:
+        raise CompError("--stack-meta needs --stack")
+    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack, args.stack_meta)
     console.print(f"blend took {time.perf_counter() - started:.1f}s")
     return 0
 

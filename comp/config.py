@@ -14,6 +14,7 @@ import tomllib
 
 from comp.errors import CompError
 
+MODEL_KINDS = ("encoder", "linear", "gbm")
 MONITORS = {"val_loss": "min", "val_macro_f1": "max", "val_accuracy": "max"}
 
 
@@ -70,8 +71,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The encoder, its pooling and the MLP head."""
+    """The model kind; for an encoder run the encoder, its pooling, the metadata encoding and the head."""
 
+    kind: str = "encoder"
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
     pooling: str = "cls"
     head_hidden: tuple[int, ...] = (512, 64)
@@ -81,8 +83,16 @@ class ModelConfig:
     msd_samples: int = 1
     reinit_layers: int = 0
     attention_dropout: float | None = None
+    min_category_rows: int = 5
+    numeric_transform: str = "quantile"
+    wide: str = "fitted"
 
     def __post_init__(self):
+        _require(self.kind in MODEL_KINDS, f"model.kind {self.kind!r} is unknown: use one of {', '.join(MODEL_KINDS)}")
+        _require(self.min_category_rows >= 1, "model.min_category_rows must be >= 1 (1 = a column for every value)")
+        _require(self.wide in ("fitted", "zero", "off"), "model.wide must be 'fitted', 'zero' or 'off'")
+        _require(self.numeric_transform in ("quantile", "standard"),
+                 "model.numeric_transform must be 'quantile' or 'standard'")
         _require(self.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'")
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _require(self.fusion in ("concat", "gated"), "model.fusion must be 'concat' or 'gated'")
@@ -220,7 +230,9 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of"}}
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"model": {"fusion": "concat", "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
+LATER = {"model": {"kind": "encoder", "min_category_rows": 1, "numeric_transform": "standard", "wide": "off",
+                   "fusion": "concat",
+                   "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,
                    "pseudo_run": "", "pseudo_threshold": 0.9}}
 

