@@ -20,8 +20,15 @@ from comp.data import load_competition
 from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
 from comp.folds import load_folds
-from comp.runs import assemble_oof, read_fold
-from comp.submit import METRICS, average_probabilities, leaderboard, submission_frame, test_logits_in_order
+from comp.outputs import (
+    METRICS,
+    assemble_oof,
+    average_probabilities,
+    leaderboard,
+    read_fold,
+    submission_frame,
+    test_logits_in_order,
+)
 
 
 def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:

@@ -115,6 +115,18 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
     return Competition(train, test, sample, classes, y, train_text, test_text, d.id)
 
 
+def load_table(cfg: Config, path: Path, role: str = "test") -> tuple[pd.DataFrame, list[str]]:
+    """A table to predict: checked like the test table (columns, unique ids, numerics, text); extra columns are
+    ignored. Returns it with its joined texts."""
+    d = cfg.data
+    table = read_table(path, role, d.id)
+    _require_columns(table, path, [d.id, *d.text, *d.categorical, *d.numeric])
+    _check_ids(table, d.id, path)
+    _check_numeric(table, d.numeric, path)
+    table = table.reset_index(drop=True)
+    return table, _join_text(table, cfg, path)
+
+
 def _load_sample(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:
     d = cfg.data
     path = cfg.path(d.sample_submission)

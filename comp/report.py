@@ -18,7 +18,7 @@ from comp import cli, metrics
 from comp.artifacts import atomic_path, write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.runs import FoldOutputs, load_run
+from comp.outputs import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
 
 RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "cv_macro_f1", "cv_accuracy",
                "cv_log_loss", "lb_macro_f1", "lb_accuracy", "lb_log_loss", "submission"]
@@ -237,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         cv = metrics.score(comp.y, oof)
         lb = None
         if cfg.data.solution:
-            from comp.submit import average_probabilities, leaderboard, test_logits_in_order
 
             lb = leaderboard(cfg, comp, average_probabilities(test_logits_in_order(comp, outputs)))
         page = write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)

@@ -15,38 +15,16 @@ from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
 from comp import __version__, metrics
-from comp.artifacts import atomic_path, read_json, read_npy, sha256, write_json, write_npy, write_text
+from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
 from comp.baselines import fit_classical
 from comp.config import Config, to_toml
-from comp.data import Competition, load_competition
+from comp.data import Competition
 from comp.distributed import SINGLE, Dist
 from comp.engine import Checkpoint, Rows, fit_fold, seed_everything
 from comp.errors import CompError
 from comp.features import MetaEncoder
-from comp.folds import load_folds
 from comp.model import build_model
-
-OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
-MODEL_FILES = {"encoder": ("model.safetensors", "encoders.joblib"), "linear": ("model.joblib",), "gbm": ("model.joblib",)}
-
-
-def checked_files(kind: str) -> tuple[str, ...]:
-    """The files of a finished fold whose sha256 metrics.json records: the model's, then the outputs."""
-    return (*MODEL_FILES[kind], *OUTPUTS)
-
-
-FILES = (*checked_files("encoder"), "config.toml", "metrics.json", "train.log")  # an encoder fold's folder
-
-
-def is_complete(cfg: Config, fold: int) -> bool:
-    """A fold is finished when its metrics.json (written last) says so."""
-    path = cfg.fold_dir(fold) / "metrics.json"
-    return path.is_file() and read_json(path).get("status") == "complete"
-
-
-def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of a fold's training part and validation part (disjoint, together every row)."""
-    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+from comp.outputs import checked_files, is_complete, split, verify_fold
 
 
 @dataclass
@@ -206,70 +184,3 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     return record
 
 
-def verify_fold(cfg: Config, fold: int) -> dict:
-    """The fold's record, after checking every artifact against the checksum recorded when it was written."""
-    out = cfg.fold_dir(fold)
-    record = read_json(out / "metrics.json")
-    sums = record.get("sha256") or {}
-    for name in checked_files(record.get("kind", "encoder")):
-        path = out / name
-        if not path.is_file() or sums.get(name) != sha256(path):
-            raise CompError(f"{path} is missing or does not match the checksum recorded when it was written "
-                            f"(corrupted or replaced): retrain with python -m comp.train --fold {fold} --force")
-    return record
-
-
-@dataclass
-class FoldOutputs:
-    """One finished fold's logits, ids and record."""
-
-    fold: int
-    record: dict
-    oof_ids: np.ndarray
-    oof_logits: np.ndarray
-    test_ids: np.ndarray
-    test_logits: np.ndarray
-
-
-def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True) -> FoldOutputs:
-    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or (unless
-    check_config is off) another config."""
-    out = cfg.fold_dir(fold)
-    if not is_complete(cfg, fold):
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
-                        f"run python -m comp.train --fold {fold} (or --all)")
-    record = verify_fold(cfg, fold)
-    if record.get("folds_fingerprint") != folds_fp:
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
-                        f"retrain it with python -m comp.train --fold {fold} --force")
-    if check_config and record.get("config_hash") != cfg.hash():
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
-                        f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
-                        f"use the same config (and --params) as for training, or retrain with "
-                        f"python -m comp.train --fold {fold} --force")
-    return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
-                       read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
-
-
-def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:
-    """OOF logits in train-row order, after checking each fold predicted exactly its own validation rows."""
-    oof = np.full((len(comp.train), len(comp.classes)), np.nan, dtype=np.float32)
-    for out in outputs:
-        _, va = split(folds, out.fold)
-        if out.record.get("classes") != comp.classes:
-            raise CompError(f"fold {out.fold} was trained with classes {out.record.get('classes')}, train now has "
-                            f"{comp.classes}: retrain it with --force")
-        if not np.array_equal(out.oof_ids, comp.train_ids[va]) or out.oof_logits.shape != (len(va), len(comp.classes)):
-            raise CompError(f"fold {out.fold}'s OOF predictions do not cover its validation rows: "
-                            f"retrain it with python -m comp.train --fold {out.fold} --force")
-        oof[va] = out.oof_logits
-    return oof
-
-
-def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutputs], np.ndarray]:
-    """The tables, the checked split and its fingerprint, every finished fold of the run, and the OOF logits
-    assembled in train-row order (refusing missing, stale or mixed folds)."""
-    comp = load_competition(cfg)
-    folds, folds_fp = load_folds(cfg, comp)
-    outputs = [read_fold(cfg, k, folds_fp) for k in range(cfg.folds.n_splits)]
-    return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)

@@ -6,71 +6,14 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from comp import cli, metrics, report
 from comp.artifacts import atomic_path
 from comp.config import Config
-from comp.data import Competition, read_table
-from comp.errors import CompError, run_cli
-from comp.runs import FoldOutputs, load_run
-
-METRICS = ("macro_f1", "accuracy", "log_loss")
-
-
-def average_probabilities(fold_logits: list[np.ndarray]) -> np.ndarray:
-    """Test probabilities: the mean over folds of each fold's softmax (not the softmax of mean logits)."""
-    return np.mean([metrics.probabilities(lg) for lg in fold_logits], axis=0)
-
-
-def test_logits_in_order(comp: Competition, outputs: list[FoldOutputs]) -> list[np.ndarray]:
-    """Each fold's test logits, checked against the current test table's ids."""
-    for out in outputs:
-        if not np.array_equal(out.test_ids, comp.test_ids) or len(out.test_logits) != len(comp.test):
-            raise CompError(f"the test table changed after fold {out.fold} was trained: "
-                            f"retrain with python -m comp.train --all --force")
-    return [out.test_logits for out in outputs]
-
-
-def submission_frame(cfg: Config, comp: Competition, probs: np.ndarray) -> pd.DataFrame:
-    """The submission in the sample submission's format: its columns, its id order; labels as spelled in train."""
-    d = cfg.data
-    by_id = pd.DataFrame(probs, index=comp.test_ids, columns=comp.classes)
-    sample = comp.sample if comp.sample is not None else pd.DataFrame({d.id: comp.test_ids, d.label: ""})
-    ids = sample[d.id].astype(str).to_numpy()
-    answer_cols = [c for c in sample.columns if c != d.id]
-    aligned = by_id.loc[ids]
-    if answer_cols == [d.label] or len(answer_cols) == 1:
-        predicted = np.array(comp.classes)[aligned.to_numpy().argmax(1)]
-        return pd.DataFrame({d.id: sample[d.id].to_numpy(), answer_cols[0]: predicted})
-    if set(map(str, answer_cols)) == set(comp.classes):
-        out = pd.DataFrame({d.id: sample[d.id].to_numpy()})
-        for col in answer_cols:
-            out[col] = aligned[str(col)].to_numpy()
-        return out
-    raise CompError(f"sample submission columns {answer_cols} are neither one label column nor one column per "
-                    f"class {comp.classes}; fix data.sample_submission")
-
-
-def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, float]:
-    """Scores against the hidden answers (data.solution), when configured."""
-    d = cfg.data
-    path = cfg.path(d.solution)
-    sol = read_table(path, "solution", d.id, (d.label,))
-    for col in (d.id, d.label):
-        if col not in sol.columns:
-            raise CompError(f"solution file {path} lacks column {col!r}; it needs {d.id!r} and {d.label!r}")
-    if set(sol[d.id]) != set(comp.test_ids):
-        raise CompError(f"solution file {path} does not hold the test ids; use the solution of this test file")
-    index = {c: i for i, c in enumerate(comp.classes)}
-    unknown = sorted(set(sol[d.label]) - set(index))
-    if unknown:
-        raise CompError(f"solution file {path} has labels never seen in train ({unknown[:3]}); check data.label")
-    pos = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)[sol[d.id].to_numpy()].to_numpy()
-    y = sol[d.label].map(index).to_numpy()
-    return metrics.score_probabilities(y, probs[pos])
+from comp.errors import run_cli
+from comp.outputs import METRICS, average_probabilities, leaderboard, load_run, submission_frame, test_logits_in_order
 
 
 def main(argv: list[str] | None = None) -> int:

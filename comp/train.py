@@ -15,8 +15,9 @@ from comp.engine import cached_tokenize, make_progress
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
+from comp.outputs import is_complete, verify_fold
 from comp.parallel import make_slots, run_folds
-from comp.runs import is_complete, train_classical_fold, train_fold, verify_fold
+from comp.runs import train_classical_fold, train_fold
 
 
 def main(argv: list[str] | None = None) -> int:

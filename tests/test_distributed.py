@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comp import config, folds, runs, train
+from comp import config, folds, outputs, runs, train
 from comp.data import load_competition
 from comp.distributed import Dist, shard_batches
 from comp.engine import cached_tokenize, predict, train_batches
@@ -58,7 +58,7 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("fold 0 done") == 1  # only rank 0 speaks
     a, b = one.parent / "folds" / "tiny" / "fold_0", two.parent / "folds" / "tiny" / "fold_0"
-    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(runs.FILES)
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(outputs.FILES)
     ra, rb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
     assert (ra["processes"], rb["processes"]) == (1, 2)
     assert ra["n_train"] == rb["n_train"] and ra["n_val"] == rb["n_val"]

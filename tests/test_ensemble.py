@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import blend, config, folds, metrics, runs, submit, train
+from comp import blend, config, folds, metrics, outputs, runs, submit, train
 from comp.data import load_competition
 from tests.conftest import assert_user_error, snapshot, trained_project
 
@@ -62,7 +62,7 @@ def test_blend_cli_prints_and_writes_and_self_blend_equals_the_run(two_runs, cap
     assert submit.main(["--config", str(cfg), "--runs", "tiny,tiny", "--name", "self", "--quiet"]) == 0
     own = json.loads((cfg.parent / "folds" / "self" / "blend.json").read_text())
     c = config.load(cfg)
-    comp, _, _, _, oof = runs.load_run(c)
+    comp, _, _, _, oof = outputs.load_run(c)
     assert own["cv"]["log_loss"] == pytest.approx(metrics.score(comp.y, oof)["log_loss"], abs=1e-6)
     assert pd.read_csv(cfg.parent / "submissions" / "self.csv").equals(pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from comp import folds, runs, train
+from comp import folds, outputs, train
 from tests.conftest import make_tables, write_project
 
 
@@ -19,7 +19,7 @@ def test_two_cpu_jobs_match_sequential_layout(tmp_path, tiny_model, capsys):
     assert out.count("started on cpu job") == 3 and out.count(" done on cpu job") == 3
     for k in range(3):
         a, b = parallel.parent / "folds" / "tiny" / f"fold_{k}", sequential.parent / "folds" / "tiny" / f"fold_{k}"
-        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(runs.FILES)
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(outputs.FILES)
         assert np.allclose(np.load(a / "oof_logits.npy"), np.load(b / "oof_logits.npy"), atol=1e-4)
     assert train.main(["--config", str(parallel), "--all", "--jobs", "2"]) == 0  # finished folds are skipped
     assert "already trained" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import config, data, folds, runs, submit, train
+from comp import config, data, folds, outputs, runs, submit, train
 from comp.features import MetaEncoder
 from tests.conftest import assert_user_error, snapshot, trained_project
 
@@ -25,7 +25,7 @@ def fold_files(cfg_path, k):
 def test_every_fold_writes_its_artifacts(trained):
     for k in range(3):
         out = fold_files(trained, k)
-        assert sorted(p.name for p in out.iterdir()) == sorted(runs.FILES)
+        assert sorted(p.name for p in out.iterdir()) == sorted(outputs.FILES)
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["status"] == "complete" and 1 <= metrics["best_epoch"] <= len(metrics["history"])
         assert not list(out.glob(".*tmp"))  # no temp files left behind
@@ -90,7 +90,7 @@ def test_probability_format_submission(trained, tmp_path):
     sub = pd.read_csv(tmp_path / "tiny.csv", dtype={"id": str})
     assert list(sub.columns) == ["id", "1", "3", "2"]
     logits = [np.load(fold_files(trained, k) / "test_logits.npy") for k in range(3)]
-    probs = pd.DataFrame(submit.average_probabilities(logits), index=comp.test_ids, columns=comp.classes)
+    probs = pd.DataFrame(outputs.average_probabilities(logits), index=comp.test_ids, columns=comp.classes)
     assert np.allclose(sub[["1", "3", "2"]].to_numpy(), probs.loc[sub["id"], ["1", "3", "2"]].to_numpy())
     assert np.allclose(sub[["1", "2", "3"]].sum(axis=1), 1.0)
 
@@ -98,7 +98,7 @@ def test_probability_format_submission(trained, tmp_path):
 def test_average_is_mean_of_softmax_not_softmax_of_mean():
     a = np.array([[10.0, 0.0, 0.0]])
     b = np.array([[0.0, 1.0, 0.0]])
-    probs = submit.average_probabilities([a, b])
+    probs = outputs.average_probabilities([a, b])
     assert np.allclose(probs, (softmax(a, axis=1) + softmax(b, axis=1)) / 2)
     assert not np.allclose(probs, softmax((a + b) / 2, axis=1))
 

@@ -10,7 +10,7 @@ import torch
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
-from comp import blend, config, folds, runs, stacking, submit, train
+from comp import blend, config, folds, outputs, stacking, submit, train
 from comp.features import MetaEncoder
 from comp.model import build_model, init_wide
 from tests.conftest import assert_user_error, snapshot, write_project
@@ -36,8 +36,8 @@ def test_classical_runs_write_checked_fold_artifacts_that_submit_accepts(classic
     cfg = classical
     loaded = config.load(cfg, [f"model.kind={kind}", f"run.name={kind}"])
     for k in range(loaded.folds.n_splits):
-        record = runs.verify_fold(loaded, k)
-        assert record["kind"] == kind and set(record["sha256"]) == set(runs.checked_files(kind))
+        record = outputs.verify_fold(loaded, k)
+        assert record["kind"] == kind and set(record["sha256"]) == set(outputs.checked_files(kind))
         oof = np.load(loaded.fold_dir(k) / "oof_logits.npy")
         assert oof.shape[1] == 3 and np.allclose(np.exp(oof).sum(1), 1.0, atol=1e-4)  # log-probabilities
     result = submit.submit(loaded)

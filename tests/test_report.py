@@ -5,7 +5,7 @@ import struct
 import pandas as pd
 import pytest
 
-from comp import config, report, runs, submit, train
+from comp import config, outputs, report, submit, train
 from tests.conftest import trained_project
 
 
@@ -45,7 +45,7 @@ def test_submit_writes_plots_page_and_one_run_row_per_submit(run, capsys):
 
 def test_confusion_matrix_counts_every_training_row_once(run, tmp_path):
     cfg = config.load(run)
-    comp, f, _, outputs, oof = runs.load_run(cfg)
+    comp, f, _, outs, oof = outputs.load_run(cfg)
     counts = report.plot_confusion(comp.y, oof.argmax(1), comp.classes, tmp_path / "cm.png")
     assert counts.sum() == len(comp.train) == 90
     assert counts.sum(axis=1).tolist() == [int((comp.y == k).sum()) for k in range(3)]

@@ -1,0 +1,163 @@
+"""The one way out of the folds: read and verify a run's fold outputs, assemble its OOF logits, average its
+test probabilities, and shape a submission. submit, blend, report and predict read fold outputs through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from comp import metrics
+from comp.artifacts import read_json, read_npy, sha256
+from comp.config import Config
+from comp.data import Competition, load_competition, read_table
+from comp.errors import CompError
+from comp.folds import load_folds
+
+METRICS = ("macro_f1", "accuracy", "log_loss")  # the CV table's columns
+OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
+MODEL_FILES = {"encoder": ("model.safetensors", "encoders.joblib"), "linear": ("model.joblib",), "gbm": ("model.joblib",)}
+
+
+def checked_files(kind: str) -> tuple[str, ...]:
+    """The files of a finished fold whose sha256 metrics.json records: the model's, then the outputs."""
+    return (*MODEL_FILES[kind], *OUTPUTS)
+
+
+FILES = (*checked_files("encoder"), "config.toml", "metrics.json", "train.log")  # an encoder fold's folder
+
+
+def is_complete(cfg: Config, fold: int) -> bool:
+    """A fold is finished when its metrics.json (written last) says so."""
+    path = cfg.fold_dir(fold) / "metrics.json"
+    return path.is_file() and read_json(path).get("status") == "complete"
+
+
+def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of a fold's training part and validation part (disjoint, together every row)."""
+    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+
+
+def verify_fold(cfg: Config, fold: int) -> dict:
+    """The fold's record, after checking every artifact against the checksum recorded when it was written."""
+    out = cfg.fold_dir(fold)
+    record = read_json(out / "metrics.json")
+    sums = record.get("sha256") or {}
+    for name in checked_files(record.get("kind", "encoder")):
+        path = out / name
+        if not path.is_file() or sums.get(name) != sha256(path):
+            raise CompError(f"{path} is missing or does not match the checksum recorded when it was written "
+                            f"(corrupted or replaced): retrain with python -m comp.train --fold {fold} --force")
+    return record
+
+
+@dataclass
+class FoldOutputs:
+    """One finished fold's logits, ids and record."""
+
+    fold: int
+    record: dict
+    oof_ids: np.ndarray
+    oof_logits: np.ndarray
+    test_ids: np.ndarray
+    test_logits: np.ndarray
+
+
+def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True) -> FoldOutputs:
+    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or (unless
+    check_config is off) another config."""
+    out = cfg.fold_dir(fold)
+    if not is_complete(cfg, fold):
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
+                        f"run python -m comp.train --fold {fold} (or --all)")
+    record = verify_fold(cfg, fold)
+    if record.get("folds_fingerprint") != folds_fp:
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
+                        f"retrain it with python -m comp.train --fold {fold} --force")
+    if check_config and record.get("config_hash") != cfg.hash():
+        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
+                        f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
+                        f"use the same config (and --params) as for training, or retrain with "
+                        f"python -m comp.train --fold {fold} --force")
+    return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
+                       read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
+
+
+def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:
+    """OOF logits in train-row order, after checking each fold predicted exactly its own validation rows."""
+    oof = np.full((len(comp.train), len(comp.classes)), np.nan, dtype=np.float32)
+    for out in outputs:
+        _, va = split(folds, out.fold)
+        if out.record.get("classes") != comp.classes:
+            raise CompError(f"fold {out.fold} was trained with classes {out.record.get('classes')}, train now has "
+                            f"{comp.classes}: retrain it with --force")
+        if not np.array_equal(out.oof_ids, comp.train_ids[va]) or out.oof_logits.shape != (len(va), len(comp.classes)):
+            raise CompError(f"fold {out.fold}'s OOF predictions do not cover its validation rows: "
+                            f"retrain it with python -m comp.train --fold {out.fold} --force")
+        oof[va] = out.oof_logits
+    return oof
+
+
+def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutputs], np.ndarray]:
+    """The tables, the checked split and its fingerprint, every finished fold of the run, and the OOF logits
+    assembled in train-row order (refusing missing, stale or mixed folds)."""
+    comp = load_competition(cfg)
+    folds, folds_fp = load_folds(cfg, comp)
+    outputs = [read_fold(cfg, k, folds_fp) for k in range(cfg.folds.n_splits)]
+    return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)
+
+
+def average_probabilities(fold_logits: list[np.ndarray]) -> np.ndarray:
+    """Test probabilities: the mean over folds of each fold's softmax (not the softmax of mean logits)."""
+    return np.mean([metrics.probabilities(lg) for lg in fold_logits], axis=0)
+
+
+def test_logits_in_order(comp: Competition, outputs: list[FoldOutputs]) -> list[np.ndarray]:
+    """Each fold's test logits, checked against the current test table's ids."""
+    for out in outputs:
+        if not np.array_equal(out.test_ids, comp.test_ids) or len(out.test_logits) != len(comp.test):
+            raise CompError(f"the test table changed after fold {out.fold} was trained: "
+                            f"retrain with python -m comp.train --all --force")
+    return [out.test_logits for out in outputs]
+
+
+def submission_frame(cfg: Config, comp: Competition, probs: np.ndarray) -> pd.DataFrame:
+    """The submission in the sample submission's format: its columns, its id order; labels as spelled in train."""
+    d = cfg.data
+    by_id = pd.DataFrame(probs, index=comp.test_ids, columns=comp.classes)
+    sample = comp.sample if comp.sample is not None else pd.DataFrame({d.id: comp.test_ids, d.label: ""})
+    ids = sample[d.id].astype(str).to_numpy()
+    answer_cols = [c for c in sample.columns if c != d.id]
+    aligned = by_id.loc[ids]
+    if answer_cols == [d.label] or len(answer_cols) == 1:
+        predicted = np.array(comp.classes)[aligned.to_numpy().argmax(1)]
+        return pd.DataFrame({d.id: sample[d.id].to_numpy(), answer_cols[0]: predicted})
+    if set(map(str, answer_cols)) == set(comp.classes):
+        out = pd.DataFrame({d.id: sample[d.id].to_numpy()})
+        for col in answer_cols:
+            out[col] = aligned[str(col)].to_numpy()
+        return out
+    raise CompError(f"sample submission columns {answer_cols} are neither one label column nor one column per "
+                    f"class {comp.classes}; fix data.sample_submission")
+
+
+def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, float]:
+    """Scores against the hidden answers (data.solution), when configured."""
+    d = cfg.data
+    path = cfg.path(d.solution)
+    sol = read_table(path, "solution", d.id, (d.label,))
+    for col in (d.id, d.label):
+        if col not in sol.columns:
+            raise CompError(f"solution file {path} lacks column {col!r}; it needs {d.id!r} and {d.label!r}")
+    if set(sol[d.id]) != set(comp.test_ids):
+        raise CompError(f"solution file {path} does not hold the test ids; use the solution of this test file")
+    index = {c: i for i, c in enumerate(comp.classes)}
+    unknown = sorted(set(sol[d.label]) - set(index))
+    if unknown:
+        raise CompError(f"solution file {path} has labels never seen in train ({unknown[:3]}); check data.label")
+    pos = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)[sol[d.id].to_numpy()].to_numpy()
+    y = sol[d.label].map(index).to_numpy()
+    return metrics.score_probabilities(y, probs[pos])
+
+
