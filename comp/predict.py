@@ -42,7 +42,7 @@ def fold_config(cfg: Config, fold: int, record: dict) -> Config:
 def encoder_logits(cfg: Config, out: Path, n_classes: int, table, texts: list[str], device: torch.device,
                    console: Console) -> np.ndarray:
     """An encoder fold's logits: its metadata encoders and weights loaded into the architecture (no download)."""
-    encoder = MetaEncoder.load(out / "encoders.joblib")
+    encoder = MetaEncoder.load(out / "encoders.json")
     model = build_model(cfg.model, encoder.width, n_classes, pretrained=False, root=cfg.root)
     model.load_state_dict(load_file(str(out / "model.safetensors")))
     tokenizer = load_tokenizer(cfg.model, cfg.root)

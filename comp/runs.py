@@ -131,7 +131,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     def write_model(out):
         with atomic_path(out / "model.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
-        encoder.save(out / "encoders.joblib")
+        encoder.save(out / "encoders.json")
 
     write_fold(cfg, comp, va, fold, record, write_model, result.val_logits, result.test_logits)
     checkpoint.delete()

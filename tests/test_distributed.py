@@ -76,7 +76,7 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     tok = load_tokenizer(cfg.model, cfg.root)
     tokens, _ = cached_tokenize(tok, comp.train_text, cfg.model.max_length, None)
     test_tokens, _ = cached_tokenize(tok, comp.test_text, cfg.model.max_length, None)
-    encoder = MetaEncoder.load(b / "encoders.joblib")
+    encoder = MetaEncoder.load(b / "encoders.json")
     model = build_model(cfg.model, encoder.width, len(comp.classes), pretrained=False, root=cfg.root)
     model.load_state_dict(load_file(str(b / "model.safetensors")))
     cpu = torch.device("cpu")

@@ -89,10 +89,10 @@ def test_corrupted_logits_refused_by_submit(trained_fold_project, capsys):
 
 def test_corrupted_encoder_refused_by_train(trained_fold_project, capsys):
     project, over = trained_fold_project
-    (fold0(project) / "encoders.joblib").write_bytes(b"not what comp wrote")
+    (fold0(project) / "encoders.json").write_bytes(b"not what comp wrote")
     capsys.readouterr()
     before = snapshot(project.parent)
-    assert_user_error(train.main(["--config", str(project), "--all", *over]), capsys, "encoders.joblib", "checksum")
+    assert_user_error(train.main(["--config", str(project), "--all", *over]), capsys, "encoders.json", "checksum")
     assert snapshot(project.parent) == before
 
 
