@@ -5,8 +5,13 @@ Each fits on a fold's training rows only and returns log-probabilities as the fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import joblib
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -15,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion
 from sklearn.preprocessing import OrdinalEncoder
 
+from comp.artifacts import atomic_path, read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
 from comp.features import MetaEncoder, prepare_columns
@@ -27,13 +33,15 @@ def class_weight(cfg: Config) -> str | None:
     return "balanced" if cfg.train.loss == "balanced_ce" else None
 
 
-def tfidf() -> FeatureUnion:
-    """Word 1-2-grams and char 2-5-grams (within words), sublinear term frequency."""
-    return FeatureUnion([
-        ("word", TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True)),
-        ("char", TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, max_features=200_000,
-                                 sublinear_tf=True)),
-    ])
+TFIDF = {"word": {"ngram_range": (1, 2)}, "char": {"analyzer": "char_wb", "ngram_range": (2, 5)}}
+
+
+def tfidf(vocabularies: dict[str, list[str]] | None = None) -> FeatureUnion:
+    """Word 1-2-grams and char 2-5-grams (within words), sublinear term frequency; with `vocabularies`, the
+    vectorizers of a fitted run (their idf_ still to be set)."""
+    return FeatureUnion([(name, TfidfVectorizer(**kw, min_df=2, max_features=200_000, sublinear_tf=True,
+                                                vocabulary=None if vocabularies is None else vocabularies[name]))
+                         for name, kw in TFIDF.items()])
 
 
 def has_text(texts: list[str]) -> bool:
@@ -70,6 +78,36 @@ class LinearRun:
 
     def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         return self.clf.predict_log_proba(self._features(df, texts))
+
+    def save(self, out: Path) -> None:
+        """linear.json (metadata encoder, vocabularies, classes) and linear.safetensors (idf, coefficients)."""
+        arrays = {"coef": self.clf.coef_, "intercept": self.clf.intercept_}
+        vocabularies = None
+        if self.text is not None:
+            vectorizers = dict(self.text.transformer_list)
+            vocabularies = {name: sorted(v.vocabulary_, key=v.vocabulary_.get) for name, v in vectorizers.items()}
+            arrays.update({f"idf_{name}": v.idf_ for name, v in vectorizers.items()})
+        with atomic_path(out / "linear.safetensors") as tmp:
+            save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(tmp))
+        write_json(out / "linear.json", {"format": 1, "meta": self.meta.to_dict(), "vocabularies": vocabularies,
+                                         "classes": self.clf.classes_.tolist()})
+
+    @classmethod
+    def load(cls, out: Path) -> LinearRun:
+        """A linear run saved by save(); reads no pickle."""
+        spec, arrays = read_json(out / "linear.json"), load_numpy(str(out / "linear.safetensors"))
+        run = cls.__new__(cls)
+        run.meta = MetaEncoder.from_dict(spec["meta"])
+        run.text = None
+        if spec["vocabularies"] is not None:
+            run.text = tfidf(spec["vocabularies"])
+            for name, vectorizer in run.text.transformer_list:
+                vectorizer.idf_ = arrays[f"idf_{name}"]
+        run.clf = LogisticRegression()
+        run.clf.coef_, run.clf.intercept_ = arrays["coef"], arrays["intercept"]
+        run.clf.classes_ = np.asarray(spec["classes"])
+        run.clf.n_features_in_ = arrays["coef"].shape[1]
+        return run
 
 
 class GbmRun:
@@ -123,24 +161,40 @@ class GbmRun:
     def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))
 
+    def save(self, out: Path) -> None:
+        """model.joblib (a pickle: gbm runs are not exported to bundles)."""
+        with atomic_path(out / "model.joblib") as tmp:
+            joblib.dump(self, tmp)
+
+    @classmethod
+    def load(cls, out: Path) -> GbmRun:
+        return joblib.load(out / "model.joblib")
+
 
 KINDS = {"linear": LinearRun, "gbm": GbmRun}
 
 
 def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int):
     """Fit model.kind on these rows; a class missing from them gets a log-probability of log(1e-12)."""
-    model = KINDS[cfg.model.kind](cfg, seed).fit(df, texts, y)
-    return ClassicalModel(model, np.unique(y), n_classes)
+    return ClassicalModel(KINDS[cfg.model.kind](cfg, seed).fit(df, texts, y), n_classes)
 
 
 class ClassicalModel:
     """A fitted classical run that answers in the competition's full class order."""
 
-    def __init__(self, model: LinearRun | GbmRun, present: np.ndarray, n_classes: int):
-        self.model, self.present, self.n_classes = model, present, n_classes
+    def __init__(self, model: LinearRun | GbmRun, n_classes: int):
+        self.model, self.n_classes = model, n_classes
 
     def logits(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         out = np.full((len(df), self.n_classes), np.log(1e-12), dtype=np.float32)
         if len(df):
-            out[:, self.present] = self.model.log_proba(df, texts)
+            out[:, self.model.clf.classes_] = self.model.log_proba(df, texts)
         return out
+
+    def save(self, out: Path) -> None:
+        self.model.save(out)
+
+
+def load_classical(kind: str, out: Path, n_classes: int) -> ClassicalModel:
+    """A fold's fitted classical run (its files' sha256 checked by the caller)."""
+    return ClassicalModel(KINDS[kind].load(out), n_classes)

@@ -17,7 +17,8 @@ from comp.folds import load_folds
 
 METRICS = ("macro_f1", "accuracy", "log_loss")  # the CV table's columns
 OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
-MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("model.joblib",), "gbm": ("model.joblib",)}
+MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("linear.json", "linear.safetensors"),
+               "gbm": ("model.joblib",)}
 
 
 def checked_files(kind: str) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 import tomllib
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from comp import cli, config, engine
 from comp.artifacts import atomic_path, write_npy
+from comp.baselines import load_classical
 from comp.config import Config
 from comp.data import Competition, _load_sample, load_table
 from comp.engine import Rows, make_progress, resolve_device, resolve_precision
@@ -65,7 +65,7 @@ def fold_logits(cfg: Config, fold: int, table, texts: list[str], device_name: st
         trained = trained.replace("train", device=device_name)
     out = cfg.fold_dir(fold)
     if trained.model.kind != "encoder":
-        return joblib.load(out / "model.joblib").logits(table, texts), record
+        return load_classical(trained.model.kind, out, len(record["classes"])).logits(table, texts), record
     device = resolve_device(trained.train)
     return encoder_logits(trained, out, len(record["classes"]), table, texts, device, console), record
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
 from rich.console import Console
@@ -175,11 +174,7 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
               "n_val": len(va), "n_test": len(comp.test), "processes": 1, "pseudo": None, "oof": scores,
               "seconds": round(time.perf_counter() - started, 1), "resumed_from": None}
 
-    def write_model(path):
-        with atomic_path(path / "model.joblib") as tmp:
-            joblib.dump(model, tmp)
-
-    write_fold(cfg, comp, va, fold, record, write_model, val_logits, test_logits)
+    write_fold(cfg, comp, va, fold, record, model.save, val_logits, test_logits)
     console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows")
     return record
 

@@ -58,12 +58,12 @@ def test_classical_runs_blend_and_stack_with_an_encoder_run(classical, capsys):
 
 def test_a_tampered_classical_model_is_refused(classical, capsys):
     cfg = classical
-    path = cfg.parent / "folds" / "linear" / "fold_1" / "model.joblib"
+    path = cfg.parent / "folds" / "linear" / "fold_1" / "linear.safetensors"
     original = path.read_bytes()
     path.write_bytes(original + b"x")
     try:
         code = cli(cfg, submit.main, "--set", "model.kind=linear", "--set", "run.name=linear")
-        assert_user_error(code, capsys, "model.joblib", "checksum")
+        assert_user_error(code, capsys, "linear.safetensors", "checksum")
     finally:
         path.write_bytes(original)
 
