@@ -1,10 +1,16 @@
 """comp.predict: any table with a finished run's folds, the same logits as training wrote, one-line errors."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from comp import folds, predict, submit, train
+from comp import export, folds, predict, submit, train
 from tests.conftest import assert_user_error, snapshot, write_project
 
 
@@ -32,7 +38,7 @@ def test_predicting_the_test_table_reproduces_training_and_submit(trained, tmp_p
     assert code == 0
     for k in range(3):
         written = np.load(cfg.parent / "folds" / run / f"fold_{k}" / "test_logits.npy")
-        assert np.allclose(np.load(tmp_path / "logits" / f"fold_{k}.npy"), written, atol=1e-5)
+        assert np.allclose(np.load(tmp_path / "logits" / run / f"fold_{k}.npy"), written, atol=1e-5)
     if run == "tiny":  # the same file as comp.submit's: the sample's id order and columns
         assert pd.read_csv(out).equals(pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
 
@@ -68,4 +74,67 @@ def test_an_unfinished_run_is_refused(trained, tmp_path, capsys):
     code = cli(trained, predict.main, "--run", "nothing", "--test", str(trained.parent / "data" / "test.csv"),
                "--out", str(tmp_path / "s.csv"))
     assert_user_error(code, capsys, "run 'nothing'", "not finished")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def exported(tmp_path, tiny_model, run_args=()):
+    """A tiny project (with its own copy of the model) trained, submitted and exported; returns (config, bundle)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = write_project(tmp_path / "project", model)
+    assert folds.main(["--config", str(cfg)]) == 0
+    assert cli(cfg, train.main, "--all", *run_args) == 0
+    assert cli(cfg, submit.main, *run_args) == 0
+    assert cli(cfg, export.main, "--out", str(tmp_path / "bundle"), *run_args) == 0
+    return cfg, tmp_path / "bundle"
+
+
+def test_a_bundle_predicts_offline_what_submit_wrote_without_data_folds_model_or_pickle(tmp_path, tiny_model):
+    cfg, bundle_dir = exported(tmp_path, tiny_model)
+    root = cfg.parent
+    shutil.copy(root / "data" / "test.csv", tmp_path / "hidden.csv")
+    shutil.copy(root / "data" / "sample_submission.csv", tmp_path / "sample.csv")
+    expected = pd.read_csv(root / "submissions" / "tiny.csv")
+    for gone in (root / "data", root / "folds", tmp_path / "model"):
+        shutil.rmtree(gone)
+    for path in (p for p in bundle_dir.rglob("*") if p.is_file()):
+        assert path.suffix not in (".pkl", ".joblib", ".pt", ".bin") and not path.read_bytes()[:1] == b"\x80"
+    script = ("import sys; from comp import predict; code = predict.main(sys.argv[1:]); "
+              "assert 'optuna' not in sys.modules and 'matplotlib' not in sys.modules, 'imported'; sys.exit(code)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, "--bundle", str(bundle_dir), "--test", str(tmp_path / "hidden.csv"),
+                           "--sample", str(tmp_path / "sample.csv"), "--out", str(tmp_path / "sub.csv"), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert pd.read_csv(tmp_path / "sub.csv").equals(expected)
+
+
+def test_a_bundled_linear_run_predicts_like_training(tmp_path, tiny_model):
+    run = ("--set", "model.kind=linear")
+    cfg, bundle_dir = exported(tmp_path, tiny_model, run)
+    code = predict.main(["--bundle", str(bundle_dir), "--test", str(cfg.parent / "data" / "test.csv"), "--quiet",
+                         "--out", str(tmp_path / "s.csv"), "--save-logits", str(tmp_path / "lg")])
+    assert code == 0
+    for k in range(3):
+        written = np.load(cfg.parent / "folds" / "tiny" / f"fold_{k}" / "test_logits.npy")
+        assert np.allclose(np.load(tmp_path / "lg" / "tiny" / f"fold_{k}.npy"), written, atol=1e-5)
+
+
+def test_every_flipped_byte_and_an_unknown_format_are_refused_naming_the_file(tmp_path, tiny_model, capsys):
+    cfg, bundle_dir = exported(tmp_path, tiny_model)
+    test = cfg.parent / "data" / "test.csv"
+    files = sorted(p for p in bundle_dir.rglob("*") if p.is_file())
+    assert len(files) > 10
+    for path in files:
+        original = path.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        code = predict.main(["--bundle", str(bundle_dir), "--test", str(test), "--out", str(tmp_path / "s.csv")])
+        assert_user_error(code, capsys, path.name)
+        path.write_bytes(original)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    (bundle_dir / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    code = predict.main(["--bundle", str(bundle_dir), "--test", str(test), "--out", str(tmp_path / "s.csv")])
+    assert_user_error(code, capsys, "format 99")
     assert not (tmp_path / "s.csv").exists()
