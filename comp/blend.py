@@ -13,7 +13,7 @@ from rich.table import Table
 from scipy.optimize import minimize
 
 from comp import cli, metrics, report, stacking
-from comp.artifacts import atomic_path, write_json
+from comp.artifacts import atomic_path, sha256, write_json
 from comp.baselines import class_weight
 from comp.config import Config
 from comp.data import load_competition
@@ -88,7 +88,10 @@ def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: l
     final = stacking.fit(kind, comp.y, oofs, n, weight, cfg.train.seed, make_meta() if make_meta else None,
                          comp.train if with_meta else None)
     probs = final.predict(tests, comp.test if with_meta else None)
-    return cv_oof, probs, {"level2": kind, "with_metadata": with_meta, "class_weight": weight}
+    record = {"level2": kind, "with_metadata": with_meta, "class_weight": weight}
+    if kind == "logistic":  # saved without a pickle, so comp.export can carry it
+        record["sha256"] = {name: sha256(cfg.run_dir / name) for name in final.save(cfg.run_dir)}
+    return cv_oof, probs, record
 
 
 def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,

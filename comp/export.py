@@ -1,5 +1,6 @@
-"""`python -m comp.export`: a self-contained bundle of a finished run (--run) or of a fitted or equal-weight
-blend (--blend) for offline prediction: `python -m comp.predict --bundle DIR --test hidden.csv --out sub.csv`."""
+"""`python -m comp.export`: a self-contained bundle of a finished run (--run) or of a blend (--blend: weighted,
+or stacked by a logistic level-2 model) for offline prediction:
+`python -m comp.predict --bundle DIR --test hidden.csv --out sub.csv`."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import transformers
 from transformers import AutoConfig
 
 from comp import __version__, bundle, cli
-from comp.artifacts import read_json
+from comp.artifacts import read_json, sha256
 from comp.config import Config, to_toml
 from comp.errors import CompError, run_cli
 from comp.model import load_tokenizer, resolve_model_path
@@ -22,18 +23,27 @@ from comp.outputs import MODEL_FILES
 from comp.predict import Member, run_folds
 
 
-def members_of(cfg: Config, run: str | None, blend: str | None) -> list[Member]:
-    """The runs to export with their weights: one run (weight 1), or a blend's runs and weights."""
+def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None]:
+    """The runs to export with their weights: one run (weight 1), or a blend's runs and weights; for a stack
+    also the folder of its (checked) level-2 model."""
     if blend is None:
-        return [Member(run or cfg.run.name, 1.0, run_folds(cfg.replace("run", name=run or cfg.run.name)))]
-    path = cfg.replace("run", name=blend).run_dir / "blend.json"
-    if not path.is_file():
-        raise CompError(f"blend {blend!r} has no {path}: make it first with python -m comp.blend --runs ... --name {blend}")
-    record = read_json(path)
-    if record.get("weights") is None:
-        raise CompError(f"blend {blend!r} is a stack: only blends with fitted or equal weights can be exported")
-    return [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
-            for name, w in zip(record["runs"], record["weights"], strict=True)]
+        return [Member(run or cfg.run.name, 1.0, run_folds(cfg.replace("run", name=run or cfg.run.name)))], None
+    folder = cfg.replace("run", name=blend).run_dir
+    if not (folder / "blend.json").is_file():
+        raise CompError(f"blend {blend!r} has no {folder / 'blend.json'}: make it first with "
+                        f"python -m comp.blend --runs ... --name {blend}")
+    record = read_json(folder / "blend.json")
+    stack = record.get("stack")
+    if stack is not None and "sha256" not in stack:
+        raise CompError(f"blend {blend!r} is a {stack.get('level2')} stack, which bundles cannot carry without a "
+                        "pickle: stack with --stack logistic to export it")
+    for name, digest in (stack or {}).get("sha256", {}).items():
+        if sha256(folder / name) != digest:
+            raise CompError(f"{folder / name} does not match blend.json (altered): make the blend again")
+    weights = record["weights"] or [0.0] * len(record["runs"])
+    members = [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
+               for name, w in zip(record["runs"], weights, strict=True)]
+    return members, folder if stack else None
 
 
 def copy_member(m: Member, root: Path) -> None:
@@ -60,13 +70,17 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     console = console or cli.console()
     if out.exists():
         raise CompError(f"{out} already exists: remove it or pick another --out")
-    members = members_of(cfg, run, blend)
+    members, stack = members_of(cfg, run, blend)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         for m in members:
             copy_member(m, tmp)
-        manifest = {"comp_version": __version__, "torch_version": torch.__version__,
+        if stack is not None:
+            (tmp / "stack").mkdir()
+            for name in ("stack.json", "stack.safetensors"):
+                shutil.copyfile(stack / name, tmp / "stack" / name)
+        manifest = {"combine": "stack" if stack else "weights","comp_version": __version__, "torch_version": torch.__version__,
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,
                     "members": [{"name": m.name, "weight": m.weight, "folds": len(m.folds),
@@ -78,8 +92,9 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    console.print(f"wrote {out}: " + ", ".join(f"{m.name} ({len(m.folds)} folds, weight {m.weight:.3f})" for m in members)
-                  + f"; {size / 2**20:.1f} MiB")
+    how = "stacked" if stack else "weights " + ", ".join(f"{m.weight:.3f}" for m in members)
+    console.print(f"wrote {out}: " + ", ".join(f"{m.name} ({len(m.folds)} folds)" for m in members)
+                  + f", {how}; {size / 2**20:.1f} MiB")
     return {"path": str(out), "bytes": size}
 
 

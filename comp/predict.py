@@ -25,6 +25,7 @@ from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
 from comp.model import build_model, load_tokenizer
 from comp.outputs import average_probabilities, is_complete, submission_frame, verify_fold
+from comp.stacking import Stacker
 
 
 @dataclass
@@ -70,8 +71,9 @@ def run_folds(cfg: Config) -> list[FoldModel]:
     return folds
 
 
-def bundle_members(root: Path) -> list[Member]:
-    """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders."""
+def bundle_members(root: Path) -> tuple[list[Member], Stacker | None]:
+    """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders, and
+    its level-2 model when the bundle is a stack."""
     manifest = bundle.read_manifest(root)
     members = []
     for m in manifest["members"]:
@@ -83,7 +85,7 @@ def bundle_members(root: Path) -> list[Member]:
                 trained = trained.replace("model", name_or_path=str(root / "encoders" / m["name"]))
             folds.append(FoldModel(trained, path, manifest["classes"]))
         members.append(Member(m["name"], m["weight"], folds))
-    return members
+    return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None
 
 
 def fold_logits(fm: FoldModel, table, texts: list[str], device_name: str | None, console: Console) -> np.ndarray:
@@ -103,23 +105,28 @@ def fold_logits(fm: FoldModel, table, texts: list[str], device_name: str | None,
 
 
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
-            logits_dir: Path | None = None, console: Console | None = None) -> dict:
-    """Predict `test` with every fold of every member: fold-averaged probabilities per run, weighted over runs;
-    write the submission (and each fold's logits under logits_dir/<run>/)."""
+            logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None) -> dict:
+    """Predict `test` with every fold of every member: fold-averaged probabilities per run, weighted over runs
+    (or combined by the stack's level-2 model); write the submission (and each fold's logits under
+    logits_dir/<run>/)."""
     console = console or cli.console()
     cfg = members[0].folds[0].cfg
     classes = members[0].folds[0].classes
     if any(fm.classes != classes for m in members for fm in m.folds):
         raise CompError("the folds to predict with were trained with different classes: retrain them with --force")
     table, texts = load_table(cfg, test)
-    probs, logits = 0.0, {}
+    logits, per_run = {}, []
     for m in members:
         logits[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
             logits[m.name].append(fold_logits(fm, table, texts, device, console))
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
-        probs = probs + m.weight * average_probabilities(logits[m.name])
+        per_run.append(average_probabilities(logits[m.name]))
+    if stacker is not None:
+        probs = stacker.predict(per_run, table)
+    else:
+        probs = sum(m.weight * p for m, p in zip(members, per_run, strict=True))
     comp = Competition(table.iloc[:0], table, None, classes, np.zeros(0, np.int64), [], texts, cfg.data.id)
     if sample is not None:
         comp.sample = _load_sample(cfg.replace("data", sample_submission=str(sample)), table)
@@ -131,7 +138,8 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
                 write_npy(logits_dir / name / f"fold_{k}.npy", lg)
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)
-    console.print(f"wrote {out} ({len(frame)} rows; " + ", ".join(f"{m.name} × {m.weight:.3f}" for m in members) + ")")
+    how = "stacked" if stacker else ", ".join(f"{m.name} × {m.weight:.3f}" for m in members)
+    console.print(f"wrote {out} ({len(frame)} rows; {how})")
     return {"path": str(out), "logits": logits, "probabilities": probs}
 
 
@@ -152,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
+    stacker = None
     if args.bundle:
-        members = bundle_members(Path(args.bundle))
+        members, stacker = bundle_members(Path(args.bundle))
     else:
         if args.run:
             args.set = [*args.set, f"run.name={args.run}"]
         cfg = cli.load_config(args, console)
         members = [Member(cfg.run.name, 1.0, run_folds(cfg))]
     predict(members, Path(args.test), Path(args.out), Path(args.sample) if args.sample else None, args.device,
-            Path(args.save_logits) if args.save_logits else None, console)
+            Path(args.save_logits) if args.save_logits else None, console, stacker)
     return 0
 
 

@@ -4,12 +4,16 @@ cross-fitted so that fold k's stacked predictions come from a model that never s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
+from comp.artifacts import atomic_path, read_json, write_json
 from comp.features import MetaEncoder
 
 LEVEL2 = ("logistic", "gbm")
@@ -43,6 +47,26 @@ class Stacker:
         out = np.zeros((len(x), self.n_classes))
         out[:, self.model.classes_] = self.model.predict_proba(x)
         return out
+
+    def save(self, out: Path) -> list[str]:
+        """A logistic level-2 model as stack.json + stack.safetensors (no pickle); returns the file names."""
+        with atomic_path(out / "stack.safetensors") as tmp:
+            save_numpy({"coef": np.ascontiguousarray(self.model.coef_, dtype=np.float64),
+                        "intercept": np.ascontiguousarray(self.model.intercept_, dtype=np.float64)}, str(tmp))
+        write_json(out / "stack.json", {"format": 1, "n_classes": self.n_classes, "classes": self.model.classes_.tolist(),
+                                        "meta": None if self.meta is None else self.meta.to_dict()})
+        return ["stack.json", "stack.safetensors"]
+
+    @classmethod
+    def load(cls, out: Path) -> Stacker:
+        """A stack saved by save()."""
+        spec, arrays = read_json(out / "stack.json"), load_numpy(str(out / "stack.safetensors"))
+        model = LogisticRegression()
+        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+        model.classes_ = np.asarray(spec["classes"])
+        model.n_features_in_ = arrays["coef"].shape[1]
+        meta = None if spec["meta"] is None else MetaEncoder.from_dict(spec["meta"])
+        return cls(model, meta, spec["n_classes"])
 
 
 def fit(kind: str, y: np.ndarray, probs: list[np.ndarray], n_classes: int, class_weight: str | None, seed: int,

@@ -155,6 +155,9 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
               study_name: str | None = None, console: Console | None = None) -> optuna.Study:
     """Create or continue the study and run trials until it holds n_trials finished ones."""
     console = console or cli.console()
+    if cfg.model.kind != "encoder":
+        raise CompError(f"comp.tune searches an encoder run's learning rates and dropout; model.kind = "
+                        f"{cfg.model.kind!r} has none: train it directly with python -m comp.train --all")
     comp = load_competition(cfg)
     folds, _ = load_folds(cfg, comp)
     fold_ids = tune_folds(cfg)

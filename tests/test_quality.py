@@ -50,7 +50,9 @@ def test_classical_runs_blend_and_stack_with_an_encoder_run(classical, capsys):
     assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "mix") == 0
     assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "stacked", "--stack", "--stack-meta") == 0
     record = json.loads((cfg.parent / "folds" / "stacked" / "blend.json").read_text())
-    assert record["stack"] == {"level2": "logistic", "with_metadata": True, "class_weight": None}
+    stack = record["stack"]
+    assert (stack["level2"], stack["with_metadata"], stack["class_weight"]) == ("logistic", True, None)
+    assert set(stack["sha256"]) == {"stack.json", "stack.safetensors"}
     assert record["cv"]["accuracy"] > 0.6
     sub = pd.read_csv(cfg.parent / "submissions" / "stacked.csv")
     assert sub["label"].isin([1, 2, 3]).all() and len(sub) == 30
@@ -171,3 +173,24 @@ def test_stack_over_runs_on_different_folds_is_refused(classical, tmp_path, caps
     code = cli(other, blend.main, "--runs", "linear,tiny", "--name", "st", "--stack")
     assert_user_error(code, capsys, "tiny", "another split")
     assert snapshot(tmp_path) == before
+
+
+def test_an_exported_stack_predicts_what_the_blend_submitted(classical, tmp_path):
+    from comp import export, predict
+
+    cfg = classical
+    assert cli(cfg, blend.main, "--runs", "tiny,linear", "--name", "st2", "--stack", "--stack-meta") == 0
+    assert cli(cfg, export.main, "--blend", "st2", "--out", str(tmp_path / "b")) == 0
+    data = cfg.parent / "data"
+    code = predict.main(["--bundle", str(tmp_path / "b"), "--test", str(data / "test.csv"), "--quiet",
+                         "--sample", str(data / "sample_submission.csv"), "--out", str(tmp_path / "s.csv")])
+    assert code == 0
+    assert pd.read_csv(tmp_path / "s.csv").equals(pd.read_csv(cfg.parent / "submissions" / "st2.csv"))
+
+
+def test_a_gbm_run_is_not_exported(classical, tmp_path, capsys):
+    from comp import export
+
+    code = cli(classical, export.main, "--run", "gbm", "--out", str(tmp_path / "b"))
+    assert_user_error(code, capsys, "gbm", "pickle")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
