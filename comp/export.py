@@ -17,10 +17,11 @@ from transformers import AutoConfig
 from comp import __version__, bundle, cli
 from comp.artifacts import read_json, sha256
 from comp.config import Config, to_toml
+from comp.engine import resolve_device
 from comp.errors import CompError, run_cli
 from comp.model import load_tokenizer, resolve_model_path
 from comp.outputs import MODEL_FILES
-from comp.predict import Member, run_folds
+from comp.predict import Member, estimate, run_folds
 
 
 def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None]:
@@ -65,6 +66,19 @@ def copy_member(m: Member, root: Path) -> None:
         AutoConfig.from_pretrained(resolve_model_path(first.model.name_or_path, first.root)).save_pretrained(encoders)
 
 
+def measure_speed(cfg: Config, members: list[Member], console) -> dict | None:
+    """Rows per second of each fold on up to 256 rows of the configured test table, on this machine (None when
+    the table is not there)."""
+    test = cfg.path(cfg.data.test)
+    if not test.is_file():
+        return None
+    quiet = cli.console(quiet=True)
+    speeds = estimate(members, test, 10_000, console=quiet)
+    device = str(resolve_device(members[0].folds[0].cfg.train))
+    console.print(f"rows/s per fold on {device}: " + "; ".join(f"{n} {v}" for n, v in speeds.items()))
+    return {"device": device, "runs": speeds}
+
+
 def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = None, console=None) -> dict:
     """Write the bundle into a temporary folder beside `out`, then move it into place."""
     console = console or cli.console()
@@ -80,7 +94,9 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
             (tmp / "stack").mkdir()
             for name in ("stack.json", "stack.safetensors"):
                 shutil.copyfile(stack / name, tmp / "stack" / name)
-        manifest = {"combine": "stack" if stack else "weights","comp_version": __version__, "torch_version": torch.__version__,
+        speeds = measure_speed(cfg, members, console)
+        manifest = {"combine": "stack" if stack else "weights", "rows_per_second": speeds,
+                    "comp_version": __version__, "torch_version": torch.__version__,
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,
                     "members": [{"name": m.name, "weight": m.weight, "folds": len(m.folds),

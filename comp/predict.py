@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tomllib
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -143,6 +143,28 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
     return {"path": str(out), "logits": logits, "probabilities": probs}
 
 
+def estimate(members: list[Member], test: Path, rows: int, device: str | None = None, sample_rows: int = 256,
+             console: Console | None = None) -> dict[str, list[float]]:
+    """Rows per second of every fold on the first sample_rows rows of `test` (model loading included, as in a
+    real run), and the projected time for `rows` rows; prints a table, writes nothing."""
+    console = console or cli.console()
+    table, texts = load_table(members[0].folds[0].cfg, test)
+    table, texts = table.iloc[:sample_rows], texts[:sample_rows]
+    speeds, total = {}, 0.0
+    for m in members:
+        speeds[m.name] = []
+        for fm in m.folds:
+            started = time.perf_counter()
+            fold_logits(fm, table, texts, device, console)
+            speed = len(table) / max(time.perf_counter() - started, 1e-9)
+            speeds[m.name].append(round(speed, 1))
+            total += rows / speed
+            console.print(f"{m.name} {fm.path.name}: {speed:.1f} rows/s -> {rows / speed / 60:.1f} min for {rows} rows")
+    console.print(f"estimate for {rows} rows: {total / 60:.1f} min in all ({sum(map(len, speeds.values()))} folds, "
+                  f"measured on {len(table)} rows)")
+    return speeds
+
+
 def main(argv: list[str] | None = None) -> int:
     """Predict a table with a finished run or a bundle: fold-averaged probabilities, written as a submission."""
     parser = cli.parser("comp.predict", main.__doc__)
@@ -150,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--run", help="a finished run of this project (default: run.name of the config)")
     source.add_argument("--bundle", metavar="DIR", help="a bundle written by comp.export (no config, no data needed)")
     parser.add_argument("--test", required=True, help="the table to predict (csv, tsv, jsonl, parquet)")
-    parser.add_argument("--out", required=True, help="the submission CSV to write")
+    parser.add_argument("--out", help="the submission CSV to write (required unless --estimate)")
+    parser.add_argument("--estimate", type=int, metavar="ROWS", help="only measure rows/s per fold on a sample of "
+                        "the table and print the projected time for ROWS rows")
     parser.add_argument("--sample", help="a sample submission whose columns and id order the output takes")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's train.device)")
     parser.add_argument("--save-logits", metavar="DIR", help="also write each fold's logits (<run>/fold_<k>.npy, ids.npy)")
@@ -168,6 +192,13 @@ def _main(args: argparse.Namespace) -> int:
             args.set = [*args.set, f"run.name={args.run}"]
         cfg = cli.load_config(args, console)
         members = [Member(cfg.run.name, 1.0, run_folds(cfg))]
+    if args.estimate is not None:
+        if args.estimate < 1:
+            raise CompError(f"--estimate {args.estimate}: give the number of rows to project for (>= 1)")
+        estimate(members, Path(args.test), args.estimate, args.device, console=console)
+        return 0
+    if not args.out:
+        raise CompError("--out is missing: name the submission file to write (or pass --estimate ROWS)")
     predict(members, Path(args.test), Path(args.out), Path(args.sample) if args.sample else None, args.device,
             Path(args.save_logits) if args.save_logits else None, console, stacker)
     return 0

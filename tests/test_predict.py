@@ -86,6 +86,8 @@ def exported(tmp_path, tiny_model, run_args=()):
     assert cli(cfg, train.main, "--all", *run_args) == 0
     assert cli(cfg, submit.main, *run_args) == 0
     assert cli(cfg, export.main, "--out", str(tmp_path / "bundle"), *run_args) == 0
+    speeds = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["rows_per_second"]
+    assert speeds["device"] == "cpu" and len(speeds["runs"]["tiny"]) == 3 and min(speeds["runs"]["tiny"]) > 0
     return cfg, tmp_path / "bundle"
 
 
@@ -138,3 +140,12 @@ def test_every_flipped_byte_and_an_unknown_format_are_refused_naming_the_file(tm
     code = predict.main(["--bundle", str(bundle_dir), "--test", str(test), "--out", str(tmp_path / "s.csv")])
     assert_user_error(code, capsys, "format 99")
     assert not (tmp_path / "s.csv").exists()
+
+
+def test_estimate_projects_the_time_per_fold_and_writes_nothing(trained, capsys):
+    before = snapshot(trained.parent)
+    assert predict.main(["--config", str(trained), "--test", str(trained.parent / "data" / "test.csv"),
+                         "--estimate", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rows/s") == 3 and "estimate for 10000 rows" in out
+    assert snapshot(trained.parent) == before
