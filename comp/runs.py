@@ -108,7 +108,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
                       + ", ".join(f"{c} {n}" for c, n in pseudo.record["per_class"].items()))
     unseen = encoder.unseen(comp.test)
     if any(unseen.values()):
-        console.print(f"fold {fold}: categories unseen in training (they encode to the rare column, or to zeros without one); test rows: "
+        console.print(f"fold {fold}: test rows with categories unseen in training (rare column, or zeros): "
                       + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
     seed_everything(cfg.train.seed + fold)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
