@@ -27,6 +27,7 @@ from comp.engine import (
     fit_fold,
     make_optimizer,
     make_progress,
+    predict,
     resolve_device,
     resolve_precision,
     seed_everything,
@@ -404,6 +405,73 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
     return out
 
 
+# --- inference: comp.predict's loop against a plain Hugging Face loop and the pipeline -------------------
+
+def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
+    """Rows/s, useful tokens/s and peak RSS of prediction on the same test rows and device: (b) comp's
+    predict (length-sorted batches, the config's precision), (p) a plain Hugging Face loop
+    (AutoModelForSequenceClassification, DataCollatorWithPadding, batch 128, table order) and (q)
+    transformers.pipeline("text-classification", batch 128); comp's share of the matmul peak of its
+    precision at 2 × encoder parameters without embeddings per useful token."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
+
+    device = resolve_device(cfg.train)
+    amp = resolve_precision(cfg.train, device)
+    comp = load_competition(cfg)
+    texts = comp.test_text[:n_rows]
+    tokenizer = load_tokenizer(cfg.model, cfg.root)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.root)
+    tokens = tokenize(tokenizer, texts, cfg.model.max_length)
+    useful = int(sum(len(t) for t in tokens))
+    enc = MetaEncoder.from_config(cfg).fit(comp.train)
+    rows = Rows(tokens, enc.transform(comp.test.iloc[:n_rows]))
+    out: dict = {"rows": len(texts), "useful_tokens": useful, "batch_size": 128,
+                 "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+    model = build_model(cfg.model, enc.width, len(comp.classes), root=cfg.root).to(device).eval()
+    predict(model, Rows(tokens[:8], rows.meta[:8]), 128, tokenizer.pad_token_id, device, amp)  # warm-up
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        predict(model, rows, 128, tokenizer.pad_token_id, device, amp)
+        _sync(device)
+        out["comp"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+    out["encoder_flop_params"] = flop_params(model.encoder)
+    del model
+
+    plain = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(comp.classes)).to(device).eval()
+    collator = DataCollatorWithPadding(tokenizer)
+    with PeakMemory(device) as mem, torch.inference_mode():
+        t0 = time.perf_counter()
+        for start in range(0, len(texts), 128):
+            enc_batch = tokenizer(texts[start:start + 128], truncation=True, max_length=cfg.model.max_length)
+            batch = collator([{k: enc_batch[k][i] for k in enc_batch} for i in range(len(enc_batch["input_ids"]))])
+            plain(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        _sync(device)
+        out["plain_loop"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+    classify = pipeline("text-classification", model=plain, tokenizer=tokenizer, device=device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        classify(texts, batch_size=128, truncation=True, max_length=cfg.model.max_length)
+        out["pipeline"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+    peak = matmul_peak(device, amp or torch.float32)
+    out["matmul_peak_tflops"] = peak / 1e12
+    out["comp_mfu"] = 2 * out["encoder_flop_params"] * out["comp"]["useful_tokens_per_s"] / peak
+    out["comp_over_plain"] = out["comp"]["samples_per_s"] / out["plain_loop"]["samples_per_s"]
+    out["comp_over_pipeline"] = out["comp"]["samples_per_s"] / out["pipeline"]["samples_per_s"]
+    return out
+
+
+def print_inference(r: dict, console: Console) -> None:
+    table = Table(title=f"inference: {r['rows']} test rows, {r['precision']} for comp, batch {r['batch_size']}")
+    for col in ("loop", "rows/s", "useful tokens/s", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for key, name in (("comp", "(b) comp.predict"), ("plain_loop", "(p) plain HF loop"), ("pipeline", "(q) pipeline")):
+        s = r[key]
+        table.add_row(name, f"{s['samples_per_s']:.1f}", f"{s['useful_tokens_per_s']:.0f}", str(s["peak_rss_mb"]))
+    console.print(table)
+    console.print(f"comp / plain loop {r['comp_over_plain']:.2f}x, comp / pipeline {r['comp_over_pipeline']:.2f}x; "
+                  f"comp's share of the matmul peak {r['comp_mfu']:.0%}")
+
+
 def _speed(samples: int, tokens: int, seconds: float, mem: PeakMemory) -> dict:
     d = {"samples_per_s": samples / seconds, "useful_tokens_per_s": tokens / seconds, "seconds": round(seconds, 2),
          "peak_rss_mb": round(mem.rss_mb)}
@@ -453,18 +521,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-patience", type=int, default=2, help="epochs without a validation-loss gain "
                                                                           "that end a quality run")
     parser.add_argument("--skip-quality", action="store_true", help="only measure speed")
+    parser.add_argument("--inference-rows", type=int, default=512, help="test rows the inference loops are timed on")
+    parser.add_argument("--inference-only", action="store_true", help="only the inference comparison")
     parser.add_argument("--out", default="reports/bench.json", help="where the JSON goes")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        for flag in ("samples", "quality_rows", "quality_epochs", "quality_patience", "rounds", "quality_seeds"):
+        for flag in ("samples", "quality_rows", "quality_epochs", "quality_patience", "rounds", "quality_seeds",
+                     "inference_rows"):
             if getattr(args, flag) < 1:
                 raise CompError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
         console = cli.console(args.quiet)
         cfg = cli.load_config(args)
-        result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality,
-                           args.quality_patience, args.rounds, args.quality_seeds)
-        print_result(result, console)
+        result = {}
+        if not args.inference_only:
+            result = run_bench(cfg, args.samples, args.quality_rows, args.quality_epochs, console, args.skip_quality,
+                               args.quality_patience, args.rounds, args.quality_seeds)
+            print_result(result, console)
+        console.print("inference ...")
+        result["inference"] = inference_bench(cfg, args.inference_rows, console)
+        print_inference(result["inference"], console)
         write_json(Path(args.out), result)
         console.print(f"wrote {args.out}")
         console.print(json.dumps(result, indent=1, default=str), highlight=False)

@@ -81,27 +81,33 @@ def close(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_batches(batches: list[np.ndarray], d: Dist) -> list[tuple[np.ndarray, float]]:
+def shard_batches(batches: list[np.ndarray], d: Dist, accum: int = 1) -> list[tuple[np.ndarray, float]]:
     """This rank's part of each global batch, with the factor its mean loss is scaled by so that the
-    gradient DDP averages over ranks equals the global batch's mean. The part is rows rank, rank+world, ...
-    of the (length-sorted) batch: every rank gets rows of about the same length, every row goes to exactly
-    one rank. A global batch with fewer rows than ranks is merged into its neighbour, so no rank ever has
-    an empty step."""
-    if not d.enabled:
-        return [(b, 1.0) for b in batches]
+    gradient summed over an accumulation group of `accum` batches (and averaged over ranks by DDP) is the
+    mean over every row of the group: part rows × world / the group's rows. A trailing partial group and
+    batches of unequal size (token budgets) are weighted by their rows. The part is rows rank, rank+world,
+    ... of the (length-sorted) batch: every rank gets rows of about the same length, every row goes to
+    exactly one rank. A global batch with fewer rows than ranks is merged into its neighbour, so no rank
+    ever has an empty step."""
+    world, rank = (d.world, d.rank) if d.enabled else (1, 0)
     merged: list[np.ndarray] = []
     for b in batches:
-        if len(b) < d.world and merged:
+        if len(b) < world and merged:
             merged[-1] = np.concatenate([merged[-1], b])
         else:
             merged.append(b)
-    if len(merged) > 1 and len(merged[0]) < d.world:
+    if len(merged) > 1 and len(merged[0]) < world:
         merged[1] = np.concatenate([merged[0], merged[1]])
         merged.pop(0)
-    if len(merged[0]) < d.world:
-        raise CompError(f"a fold's training part has {len(merged[0])} rows, fewer than the {d.world} processes "
+    if merged and len(merged[0]) < world:
+        raise CompError(f"a fold's training part has {len(merged[0])} rows, fewer than the {world} processes "
                         "torchrun started: use fewer processes")
-    return [(b[d.rank::d.world], len(b[d.rank::d.world]) * d.world / len(b)) for b in merged]
+    out = []
+    for start in range(0, len(merged), accum):
+        group = merged[start:start + accum]
+        rows = sum(len(b) for b in group)
+        out += [(b[rank::world], len(b[rank::world]) * world / rows) for b in group]
+    return out
 
 
 def shard_rows(order: np.ndarray, d: Dist) -> np.ndarray:

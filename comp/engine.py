@@ -136,6 +136,20 @@ def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def epoch_batches(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator,
+                  d: Dist = SINGLE) -> list[tuple[np.ndarray, float]]:
+    """One epoch's batches for this rank, each with the factor its mean loss is scaled by (see shard_batches);
+    draws from rng."""
+    batches = train_batches(lengths, tcfg.batch_size * d.world, rng, max_tokens=tcfg.max_tokens_per_batch * d.world)
+    return shard_batches(batches, d, tcfg.grad_accum_steps)
+
+
+def planned_steps(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE) -> int:
+    """The optimizer steps of train.epochs epochs: the epochs' batch lists drawn as training will draw them
+    (rng seeded as the loop's), so token budgets and DDP merging are counted exactly."""
+    return sum(math.ceil(len(epoch_batches(lengths, tcfg, rng, d)) / tcfg.grad_accum_steps) for _ in range(tcfg.epochs))
+
+
 def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE) -> list[np.ndarray]:
     """Rows sorted by length, cut into batches (the caller restores the original order); under DDP only
     this rank's share, every world-th row of that order."""
@@ -361,7 +375,7 @@ def train_one_epoch(model: TextMetaClassifier, rows: Rows, batches: list[np.ndar
         with model.no_sync() if ddp and not boundary else contextlib.nullcontext():  # DDP syncs at the step only
             logits = model(input_ids, mask, meta, amp_dtype)
             loss = loss_fn(logits, y[index])
-            scale = scales[step - 1] / accum if scales else 1.0 / accum
+            scale = scales[step - 1] if scales else 1.0 / accum
             scaler.scale(loss * scale).backward()
         if boundary:
             if tcfg.grad_clip > 0:
@@ -433,8 +447,10 @@ class EarlyStopping:
         self.bad_epochs = 0
 
     def step(self, value: float, epoch: int) -> bool:
-        """Record one epoch's value; return True when it is the best so far."""
-        better = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        """Record one epoch's value; return True when it is the best so far. A NaN or infinite value is
+        never the best (it counts as an epoch without improvement)."""
+        better = math.isfinite(value) and (self.best is None or (value < self.best if self.mode == "min"
+                                                                  else value > self.best))
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -529,11 +545,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         torch.manual_seed(tcfg.seed + fold + 7919 * d.rank)
     optimizer = make_optimizer(model, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    global_batch = tcfg.batch_size * d.world
-    budget = tcfg.max_tokens_per_batch * d.world
-    n_batches = len(train_batches(train_rows.lengths, global_batch, np.random.default_rng(0), max_tokens=budget))
-    steps_per_epoch = math.ceil(n_batches / tcfg.grad_accum_steps)
-    total_steps = steps_per_epoch * tcfg.epochs
+    total_steps = planned_steps(train_rows.lengths, tcfg, np.random.default_rng(tcfg.seed + fold), d)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     loss_fn = make_loss(tcfg, train_rows.y, model.out.out_features, device)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
@@ -572,7 +584,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
         while not state.finished:
             epoch, t0 = state.epoch, time.perf_counter()
             rng.bit_generator.state = state.epoch_rng
-            shares = shard_batches(train_batches(lengths, global_batch, rng, max_tokens=budget), d)
+            shares = epoch_batches(lengths, tcfg, rng, d)
             batches, scales = [b for b, _ in shares], [w for _, w in shares]
             train_loss = train_one_epoch(trained, train_rows, batches, optimizer, scheduler, loss_fn, tcfg,
                                          pad_id, device, amp_dtype, progress,
@@ -600,6 +612,9 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
             state = FitState(epoch=epoch + 1, epoch_rng=rng.bit_generator.state, history=state.history,
                              finished=stopper.should_stop or epoch >= tcfg.epochs)
             save_checkpoint()
+        if best_state is None:
+            raise CompError(f"fold {fold}: validation {tcfg.monitor} was not finite in any epoch (training diverged): "
+                            "lower train.encoder_lr / train.head_lr or use train.precision = \"fp32\"")
         model.load_state_dict(best_state)
         test_logits = None if test_rows is None else predict(
             model, test_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress, f"fold {fold} predict test",

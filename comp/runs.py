@@ -86,13 +86,19 @@ def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, t
     return encoder, train_rows, val_rows, test_rows
 
 
+def checkpoint_identity(cfg: Config, fold: int, folds_fp: str, d: Dist = SINGLE) -> dict:
+    """What a resume checkpoint must match: the config, the fold, the split and the number of processes (another
+    world size draws another batch list, so its epoch starts over)."""
+    return {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp, "processes": d.world}
+
+
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
                train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console,
                fresh: bool = False, d: Dist = SINGLE) -> dict:
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
     then write every artifact of that fold (under DDP: every rank trains, rank 0 writes)."""
     out = cfg.fold_dir(fold)
-    checkpoint = Checkpoint(out / "last.pt", {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp})
+    checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, fold, folds_fp, d))
     if d.is_main:
         (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
         if fresh:

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from comp import engine
 from comp.config import ModelConfig, TrainConfig
+from comp.distributed import SINGLE, shard_batches
 from comp.engine import EarlyStopping, Rows
 from comp.model import build_model, load_tokenizer
 
@@ -191,3 +193,86 @@ def test_auto_precision_on_gpus_takes_bf16_only_where_it_is_native(capability, e
                                                  ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), None)])
 def test_auto_precision_on_cpus_follows_the_bf16_flags(flags, expected):
     assert engine.native_precision("cpu", None, flags) == expected
+
+
+def _sgd_update(mcfg, tok, rows, batches, accum, scales=None):
+    """The parameters after one epoch of plain SGD (lr 1, no dropout, no clipping) over these batches."""
+    torch.manual_seed(0)
+    model = build_model(mcfg, 2, 3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tcfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0, warmup_ratio=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    progress = engine.make_progress(Console(quiet=True))
+    engine.train_one_epoch(model, rows, batches, opt, sched, torch.nn.CrossEntropyLoss(), tcfg, tok.pad_token_id,
+                           torch.device("cpu"), None, progress, "t", scales=scales)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_grad_accumulation_weights_micro_batches_by_rows_and_a_partial_group_by_its_own(tiny):
+    mcfg, tok, rows = tiny
+    index = np.arange(14)
+    batches = [index[:7], index[7:10], index[10:]]  # groups of 2: rows 0-9 (7 + 3), then rows 10-13 alone
+    scales = [w for _, w in shard_batches(batches, SINGLE, 2)]
+    assert scales == pytest.approx([0.7, 0.3, 1.0])
+    accumulated = _sgd_update(mcfg, tok, rows, batches, 2, scales)
+    whole = _sgd_update(mcfg, tok, rows, [index[:10], index[10:]], 1)
+    assert torch.allclose(accumulated, whole, atol=1e-5)
+
+
+def test_the_schedule_spans_exactly_the_optimizer_steps_taken(tmp_path, tiny_model, monkeypatch):
+    """Token budgets make each epoch's batch count depend on its draw: the schedule counts the real steps."""
+    from comp import config
+    from tests.conftest import write_project
+
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=3", "train.patience=5",
+                                                            "train.max_tokens_per_batch=60", "train.batch_size=8",
+                                                            "train.grad_accum_steps=3"])
+    comp_rows, tok = _rows_of(cfg)
+    planned, taken = {}, []
+    real = engine.get_linear_schedule_with_warmup
+
+    def spy(optimizer, warmup, total):
+        planned["total"] = total
+        scheduler = real(optimizer, warmup, total)
+        step = scheduler.step
+        scheduler.step = lambda *a: (taken.append(1), step(*a))
+        return scheduler
+
+    monkeypatch.setattr(engine, "get_linear_schedule_with_warmup", spy)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 0, 3, root=cfg.root)
+    engine.fit_fold(cfg, model, comp_rows, comp_rows, None, tok.pad_token_id, Console(quiet=True))
+    assert planned["total"] == len(taken)
+
+
+def _rows_of(cfg):
+    from comp.data import load_competition
+
+    comp = load_competition(cfg)
+    tok = load_tokenizer(cfg.model, cfg.root)
+    return Rows(engine.tokenize(tok, comp.train_text, 48), np.zeros((len(comp.train), 0), np.float32), comp.y), tok
+
+
+def test_a_nan_epoch_never_becomes_the_best():
+    stopper = EarlyStopping("val_loss", patience=2)
+    assert not stopper.step(float("nan"), 1)
+    assert stopper.step(0.9, 2) and stopper.best_epoch == 2
+    assert not stopper.step(float("inf"), 3) and stopper.best_epoch == 2
+    maximise = EarlyStopping("val_macro_f1", patience=1)
+    assert not maximise.step(float("nan"), 1) and maximise.step(0.1, 2)
+
+
+def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path):
+    from comp import config
+    from comp.distributed import Dist
+    from comp.runs import checkpoint_identity
+
+    cfg = config.from_dict({})
+    one, two = checkpoint_identity(cfg, 0, "fp"), checkpoint_identity(cfg, 0, "fp", Dist(0, 2))
+    assert one != two
+    saved = engine.Checkpoint(tmp_path / "last.pt", one)
+    torch.save({"identity": one}, saved.path)
+    assert saved.load() is not None and engine.Checkpoint(saved.path, two).load() is None
