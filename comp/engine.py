@@ -320,6 +320,17 @@ class EMA:
         self.updates, self.shadow = d["updates"], d["shadow"]
 
 
+def validation_loss(tcfg: TrainConfig, loss_fn: nn.Module, rows: Rows, logits: np.ndarray, scores: dict) -> float:
+    """The training objective on the validation rows: the plain log loss for "ce", else the configured loss
+    (class-weighted or focal), so that early stopping selects by what training optimises."""
+    if tcfg.loss == "ce":
+        return scores["log_loss"]
+    with torch.no_grad():
+        device = next(iter(loss_fn.buffers()), torch.zeros(0)).device
+        value = loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(rows.y).to(device))
+    return float(value)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch."""
     random.seed(seed)
@@ -594,7 +605,8 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, train_rows: Rows, val_rows:
                 val_logits = predict(model, val_rows, tcfg.eval_batch_size, pad_id, device, amp_dtype, progress,
                                      f"fold {fold} validate", d)
                 m = metrics.score(val_rows.y, val_logits)
-                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": m["log_loss"],
+                row = {"epoch": epoch, "train_loss": train_loss,
+                       "val_loss": validation_loss(tcfg, loss_fn, val_rows, val_logits, m),
                        "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
                        "seconds": round(time.perf_counter() - t0, 2)}
                 state.history.append(row)

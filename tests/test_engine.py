@@ -276,3 +276,21 @@ def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path):
     saved = engine.Checkpoint(tmp_path / "last.pt", one)
     torch.save({"identity": one}, saved.path)
     assert saved.load() is not None and engine.Checkpoint(saved.path, two).load() is None
+
+
+def test_validation_loss_is_the_training_objective_on_the_validation_rows():
+    from comp import metrics
+
+    y = np.array([0, 0, 0, 1])
+    rows = Rows([np.zeros(1, np.int32)] * 4, np.zeros((4, 0), np.float32), y)
+    logits = np.array([[2.0, 0.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0]], dtype=np.float32)
+    scores = metrics.score(y, logits)
+    plain = TrainConfig(loss="ce")
+    balanced = TrainConfig(loss="balanced_ce")
+    assert engine.validation_loss(plain, None, rows, logits, scores) == scores["log_loss"]
+    loss_fn = engine.make_loss(balanced, np.array([0, 0, 0, 1]), 2, torch.device("cpu"))
+    nll = -torch.log_softmax(torch.from_numpy(logits), 1)[torch.arange(4), torch.from_numpy(y)].numpy()
+    weights = np.array([4 / 6, 4 / 6, 4 / 6, 2.0])  # n / (k * count): class 0 three rows, class 1 one
+    expected = (weights * nll).sum() / weights.sum()
+    assert engine.validation_loss(balanced, loss_fn, rows, logits, scores) == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(scores["log_loss"])

@@ -126,19 +126,36 @@ def test_fitted_wide_path_starts_at_the_logistic_regression_of_the_metadata(proj
     rng = np.random.default_rng(0)
     meta = rng.normal(size=(60, 4)).astype(np.float32)
     y = (meta[:, 0] > 0).astype(int) + (meta[:, 1] > 0)
-    ids = torch.ones(60, 3, dtype=torch.long)
-    mask = torch.ones(60, 3, dtype=torch.long)
-    logits = {}
+    ids, mask = torch.ones(60, 3, dtype=torch.long), torch.ones(60, 3, dtype=torch.long)
+    logits, models = {}, {}
     for wide in ("fitted", "zero", "off"):
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(cfg.model, wide=wide), 4, 3, root=cfg.root).eval()
-        init_wide(model, meta, y, 3, balanced=False, seed=0)
+        models[wide] = build_model(dataclasses.replace(cfg.model, wide=wide), 4, 3, root=cfg.root).eval()
+        init_wide(models[wide], meta, y, 3, balanced=False, seed=0)
         with torch.no_grad():
-            logits[wide] = model(ids, mask, torch.from_numpy(meta)).numpy()
-        assert (model.wide is None) == (wide == "off")
+            logits[wide] = models[wide](ids, mask, torch.from_numpy(meta)).numpy()
     lr = LogisticRegression(C=1.0, max_iter=1000).fit(meta, y)
-    assert np.allclose(logits["fitted"], lr.decision_function(meta), atol=1e-4)  # the deep path starts at zero
-    assert not np.allclose(logits["zero"], logits["off"])
+    fitted = models["fitted"].wide
+    assert np.allclose(fitted.weight.detach().numpy(), lr.coef_, atol=1e-5)
+    assert np.allclose(fitted.bias.detach().numpy(), lr.intercept_, atol=1e-5)
+    assert not models["zero"].wide.weight.any() and models["off"].wide is None
+    # the wide path adds the regression's logits to the deep path's, which all three share (same seed)
+    assert np.allclose(logits["fitted"] - logits["off"], lr.decision_function(meta), atol=1e-4)
+    assert np.allclose(logits["zero"], logits["off"], atol=1e-6)
+
+
+def test_balanced_wide_path_weights_the_classes(tiny_model):
+    from comp.config import ModelConfig
+
+    rng = np.random.default_rng(1)
+    meta = rng.normal(size=(200, 3)).astype(np.float32)
+    y = np.where(np.arange(200) < 20, 1, 0)
+    biases = {}
+    for balanced in (False, True):
+        model = build_model(ModelConfig(name_or_path=str(tiny_model), head_hidden=(4,)), 3, 2)
+        init_wide(model, meta, y, 2, balanced=balanced, seed=0)
+        biases[balanced] = model.wide.bias.detach().numpy()
+    assert biases[True][1] - biases[True][0] > biases[False][1] - biases[False][0]  # the rare class gains
 
 
 def test_bad_model_kind_is_one_line_and_writes_nothing(project, capsys):
