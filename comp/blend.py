@@ -18,7 +18,6 @@ from comp.baselines import class_weight
 from comp.config import Config
 from comp.data import load_competition
 from comp.errors import CompError, run_cli
-from comp.features import MetaEncoder
 from comp.folds import load_folds
 from comp.outputs import (
     METRICS,
@@ -76,26 +75,21 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
     return oof, test, outputs[0].record
 
 
-def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: list[np.ndarray], kind: str,
-          with_meta: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: list[np.ndarray],
+          kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """The stack's honest OOF probabilities (cross-fitted), its test probabilities (refitted on every OOF row)
     and what blend.json says about it."""
-    weight = class_weight(cfg)
-    make_meta = (lambda: MetaEncoder.from_config(cfg)) if with_meta else None
-    n = len(comp.classes)
-    cv_oof, _ = stacking.cross_fit(kind, comp.y, folds, oofs, n, weight, cfg.train.seed, make_meta,
-                                   comp.train if with_meta else None)
-    final = stacking.fit(kind, comp.y, oofs, n, weight, cfg.train.seed, make_meta() if make_meta else None,
-                         comp.train if with_meta else None)
-    probs = final.predict(tests, comp.test if with_meta else None)
-    record = {"level2": kind, "with_metadata": with_meta, "class_weight": weight}
+    weight, n = class_weight(cfg), len(comp.classes)
+    cv_oof, _ = stacking.cross_fit(kind, comp.y, folds, oofs, n, weight, cfg.train.seed)
+    final = stacking.fit(kind, comp.y, oofs, n, weight, cfg.train.seed)
+    record = {"level2": kind, "class_weight": weight}
     if kind == "logistic":  # saved without a pickle, so comp.export can carry it
         record["sha256"] = {name: sha256(cfg.run_dir / name) for name in final.save(cfg.run_dir)}
-    return cv_oof, probs, record
+    return cv_oof, final.predict(tests), record
 
 
 def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
-          stack_with: str | None = None, stack_meta: bool = False) -> dict:
+          stack_with: str | None = None) -> dict:
     """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
     CV, the blend's and its weights; write the blend's submission (submissions/<run.name>.csv) and its record
     (folds/<run.name>/blend.json)."""
@@ -117,8 +111,8 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     equal_oof = np.mean(oofs, axis=0)
     stacked = None
     if stack_with:
-        how = f"stack ({stack_with}{' + metadata' if stack_meta else ''})"
-        cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with, stack_meta)
+        how = f"stack ({stack_with})"
+        cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with)
         weights, fold_weights = np.full(len(names), np.nan), []
     elif how == "fit":
         weights = fit_weights(y, oofs)
@@ -172,8 +166,6 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
                         help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
                              "logistic (default) or gbm")
-    parser.add_argument("--stack-meta", action="store_true", help="with --stack: the metadata columns join the "
-                        "level-2 model's inputs")
     parser.add_argument("--name", default="blend", help="the blend's run name (submission file name); default blend")
 
 
@@ -182,9 +174,7 @@ def run(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     args.set = [*args.set, f"run.name={args.name}"]
     cfg = cli.load_config(args, console)
-    if args.stack_meta and not args.stack:
-        raise CompError("--stack-meta needs --stack")
-    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack, args.stack_meta)
+    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack)
     console.print(f"blend took {time.perf_counter() - started:.1f}s")
     return 0
 

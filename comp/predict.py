@@ -124,7 +124,7 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
         per_run.append(average_probabilities(logits[m.name]))
     if stacker is not None:
-        probs = stacker.predict(per_run, table)
+        probs = stacker.predict(per_run)
     else:
         probs = sum(m.weight * p for m, p in zip(members, per_run, strict=True))
     comp = Competition(table.iloc[:0], table, None, classes, np.zeros(0, np.int64), [], texts, cfg.data.id)

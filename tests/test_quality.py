@@ -48,10 +48,10 @@ def test_classical_runs_write_checked_fold_artifacts_that_submit_accepts(classic
 def test_classical_runs_blend_and_stack_with_an_encoder_run(classical, capsys):
     cfg = classical
     assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "mix") == 0
-    assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "stacked", "--stack", "--stack-meta") == 0
+    assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "stacked", "--stack") == 0
     record = json.loads((cfg.parent / "folds" / "stacked" / "blend.json").read_text())
     stack = record["stack"]
-    assert (stack["level2"], stack["with_metadata"], stack["class_weight"]) == ("logistic", True, None)
+    assert (stack["level2"], stack["class_weight"]) == ("logistic", None)
     assert set(stack["sha256"]) == {"stack.json", "stack.safetensors"}
     assert record["cv"]["accuracy"] > 0.6
     sub = pd.read_csv(cfg.parent / "submissions" / "stacked.csv")
@@ -196,7 +196,7 @@ def test_an_exported_stack_predicts_what_the_blend_submitted(classical, tmp_path
     from comp import export, predict
 
     cfg = classical
-    assert cli(cfg, blend.main, "--runs", "tiny,linear", "--name", "st2", "--stack", "--stack-meta") == 0
+    assert cli(cfg, blend.main, "--runs", "tiny,linear", "--name", "st2", "--stack") == 0
     assert cli(cfg, export.main, "--blend", "st2", "--out", str(tmp_path / "b")) == 0
     data = cfg.parent / "data"
     code = predict.main(["--bundle", str(tmp_path / "b"), "--test", str(data / "test.csv"), "--quiet",
