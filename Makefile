@@ -69,9 +69,9 @@ baseline: install data
 	$(foreach k,linear gbm,$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) && \
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) &&) true
 
-# a self-contained bundle of the demo's encoder run for offline prediction (comp.predict --bundle)
+# a self-contained bundle of what make demo sent (its stack) for offline prediction (comp.predict --bundle)
 export: install
-	$(PY) -m comp.export $(ARGS) --run $(NAME) --out $(BUNDLE)
+	$(PY) -m comp.export $(ARGS) --blend $(NAME)-stack --out $(BUNDLE)
 
 # comp's wheel and every dependency but torch, for `pip install --no-index --find-links` in an offline notebook
 wheelhouse: install

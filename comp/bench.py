@@ -433,7 +433,8 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
         t0 = time.perf_counter()
         predict(model, rows, 128, tokenizer.pad_token_id, device, amp)
         _sync(device)
-        out["comp"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+        seconds = time.perf_counter() - t0
+    out["comp"] = _speed(len(texts), useful, seconds, mem)
     out["encoder_flop_params"] = flop_params(model.encoder)
     del model
 
@@ -446,12 +447,14 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
             batch = collator([{k: enc_batch[k][i] for k in enc_batch} for i in range(len(enc_batch["input_ids"]))])
             plain(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         _sync(device)
-        out["plain_loop"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+        seconds = time.perf_counter() - t0
+    out["plain_loop"] = _speed(len(texts), useful, seconds, mem)
     classify = pipeline("text-classification", model=plain, tokenizer=tokenizer, device=device)
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         classify(texts, batch_size=128, truncation=True, max_length=cfg.model.max_length)
-        out["pipeline"] = _speed(len(texts), useful, time.perf_counter() - t0, mem)
+        seconds = time.perf_counter() - t0
+    out["pipeline"] = _speed(len(texts), useful, seconds, mem)
     peak = matmul_peak(device, amp or torch.float32)
     out["matmul_peak_tflops"] = peak / 1e12
     out["comp_mfu"] = 2 * out["encoder_flop_params"] * out["comp"]["useful_tokens_per_s"] / peak

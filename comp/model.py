@@ -115,8 +115,6 @@ class TextMetaClassifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig):
         super().__init__()
-        self.wide = nn.Linear(n_meta, n_classes) if n_meta and mcfg.wide != "off" else None
-        self.wide_init = mcfg.wide
         self.encoder = encoder
         self.pooling = mcfg.pooling
         self.msd_samples = mcfg.msd_samples
@@ -134,6 +132,9 @@ class TextMetaClassifier(nn.Module):
             width = hidden
         self.head = nn.Sequential(*layers)
         self.out = nn.Linear(width, n_classes)
+        # created last, so the head draws the same initial weights with or without it
+        self.wide = nn.Linear(n_meta, n_classes) if n_meta and mcfg.wide != "off" else None
+        self.wide_init = mcfg.wide
         fastpath.install(self)  # the CPU's cheaper dropout masks and batched-matmul attention in training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, meta: torch.Tensor,

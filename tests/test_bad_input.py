@@ -90,4 +90,4 @@ def test_unseen_categories_are_counted_not_refused(project, capsys):
     edit(root, "test.csv", lambda d: at(at(d, 0, shop="nowhere"), 1, shop="nowhere"))
     make_folds(root)
     assert train.main(["--config", str(project), "--fold", "0", "--set", "train.epochs=1"]) == 0
-    assert "test rows affected: shop 2" in capsys.readouterr().out
+    assert "unseen in training (rare column, or zeros): shop 2" in capsys.readouterr().out

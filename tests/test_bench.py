@@ -27,6 +27,12 @@ def test_bench_reports_every_loop(tmp_path, tiny_model):
     for loop in ("comp", "trainer"):  # timed in rounds; the kept figure is one of them
         assert len(r[loop]["rounds_samples_per_s"]) == 2
         assert round(r[loop]["samples_per_s"], 2) in r[loop]["rounds_samples_per_s"]
+    inference = r["inference"]
+    assert inference["rows"] == 6
+    for loop in ("comp", "plain_loop", "pipeline"):
+        assert inference[loop]["samples_per_s"] > 0 and inference[loop]["peak_rss_mb"] > 0
+    assert inference["comp_over_plain"] == inference["comp"]["samples_per_s"] / inference["plain_loop"]["samples_per_s"]
+    assert 0 < inference["comp_mfu"]
 
 
 def test_seed_quality_padding_to_the_pair_changes_no_output(tmp_path, tiny_model):

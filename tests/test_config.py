@@ -73,7 +73,8 @@ def test_hash_tracks_what_changes_learning(tmp_path):
         other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5"}[type(default)]
         if key == "train.pseudo_threshold":
             continue  # only meaningful with a teacher
-        value = {"model.fusion": "gated", "train.loss": "focal"}.get(key, other)
+        value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
+                 "model.numeric_transform": "standard", "model.wide": "zero"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
 
 

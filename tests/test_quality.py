@@ -152,7 +152,7 @@ def test_balanced_wide_path_weights_the_classes(tiny_model):
     y = np.where(np.arange(200) < 20, 1, 0)
     biases = {}
     for balanced in (False, True):
-        model = build_model(ModelConfig(name_or_path=str(tiny_model), head_hidden=(4,)), 3, 2)
+        model = build_model(ModelConfig(name_or_path=str(tiny_model), head_hidden=(4,), max_length=48), 3, 2)
         init_wide(model, meta, y, 2, balanced=balanced, seed=0)
         biases[balanced] = model.wide.bias.detach().numpy()
     assert biases[True][1] - biases[True][0] > biases[False][1] - biases[False][0]  # the rare class gains

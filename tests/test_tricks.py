@@ -59,11 +59,12 @@ def test_multi_sample_dropout_averages_head_passes(tiny):
     hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
     torch.manual_seed(1)
     fused = model.fuse(hidden, meta)
-    passes = [model.out(model.head(fused)) for _ in range(4)]
+    wide = model.wide(meta)  # the metadata's linear path, outside the dropout
+    passes = [model.out(model.head(fused)) + wide for _ in range(4)]
     assert torch.allclose(got, torch.stack(passes).mean(0), atol=1e-5)
     assert not torch.allclose(got, passes[0], atol=1e-3)  # not one sample
     model.eval()  # at inference: one pass, no dropout
-    assert torch.allclose(model(ids, mask, meta), model.out(model.head(fused)), atol=1e-5)
+    assert torch.allclose(model(ids, mask, meta), model.out(model.head(fused)) + wide, atol=1e-5)
 
 
 def test_losses(tiny):
