@@ -88,20 +88,26 @@ def bundle_members(root: Path) -> tuple[list[Member], Stacker | None]:
     return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None
 
 
-def fold_logits(fm: FoldModel, table, texts: list[str], device_name: str | None, console: Console) -> np.ndarray:
-    """One fold's logits for the table's rows."""
+def fold_predictor(fm: FoldModel, device_name: str | None):
+    """One fold's model, loaded: a function from (table, texts, console) to its logits for those rows."""
     cfg = fm.cfg if device_name is None else fm.cfg.replace("train", device=device_name)
     if cfg.model.kind != "encoder":
-        return load_classical(cfg.model.kind, fm.path, len(fm.classes)).logits(table, texts)
+        model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
+        return lambda table, texts, console: model.logits(table, texts)
     device = resolve_device(cfg.train)
     encoder = MetaEncoder.load(fm.path / "encoders.json")
     model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root)
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
+    model.to(device)
     tokenizer = load_tokenizer(cfg.model, cfg.root)
-    rows = Rows(engine.tokenize(tokenizer, texts, cfg.model.max_length), encoder.transform(table))
-    with make_progress(console) as progress:
-        return engine.predict(model.to(device), rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
-                              resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
+
+    def logits(table, texts: list[str], console: Console) -> np.ndarray:
+        rows = Rows(engine.tokenize(tokenizer, texts, cfg.model.max_length), encoder.transform(table))
+        with make_progress(console) as progress:
+            return engine.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
+                                  resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
+
+    return logits
 
 
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
@@ -120,7 +126,7 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
         logits[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
-            logits[m.name].append(fold_logits(fm, table, texts, device, console))
+            logits[m.name].append(fold_predictor(fm, device)(table, texts, console))
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
         per_run.append(average_probabilities(logits[m.name]))
     if stacker is not None:
@@ -129,7 +135,7 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
         probs = sum(m.weight * p for m, p in zip(members, per_run, strict=True))
     comp = Competition(table.iloc[:0], table, None, classes, np.zeros(0, np.int64), [], texts, cfg.data.id)
     if sample is not None:
-        comp.sample = _load_sample(cfg.replace("data", sample_submission=str(sample)), table)
+        comp.sample = _load_sample(cfg.replace("data", sample_submission=str(sample.resolve())), table)
     frame = submission_frame(cfg, comp, probs)
     if logits_dir is not None:
         write_npy(logits_dir / "ids.npy", table[cfg.data.id].to_numpy(dtype=str))
@@ -143,10 +149,11 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
     return {"path": str(out), "logits": logits, "probabilities": probs}
 
 
-def estimate(members: list[Member], test: Path, rows: int, device: str | None = None, sample_rows: int = 256,
+def estimate(members: list[Member], test: Path, rows: int, device: str | None = None, sample_rows: int = 512,
              console: Console | None = None) -> dict[str, list[float]]:
-    """Rows per second of every fold on the first sample_rows rows of `test` (model loading included, as in a
-    real run), and the projected time for `rows` rows; prints a table, writes nothing."""
+    """Each fold's load time and rows per second on the first sample_rows rows of `test` (after a short warm-up
+    that the first batches' one-time costs go into), and the projected time for `rows` rows (load + rows /
+    speed); prints a table, writes nothing."""
     console = console or cli.console()
     table, texts = load_table(members[0].folds[0].cfg, test)
     table, texts = table.iloc[:sample_rows], texts[:sample_rows]
@@ -155,11 +162,17 @@ def estimate(members: list[Member], test: Path, rows: int, device: str | None = 
         speeds[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
-            fold_logits(fm, table, texts, device, console)
-            speed = len(table) / max(time.perf_counter() - started, 1e-9)
+            predictor = fold_predictor(fm, device)
+            loaded = time.perf_counter()
+            predictor(table.iloc[:16], texts[:16], console)  # warm-up
+            warm = time.perf_counter()
+            predictor(table, texts, console)
+            speed = len(table) / max(time.perf_counter() - warm, 1e-9)
+            seconds = loaded - started + rows / speed
             speeds[m.name].append(round(speed, 1))
-            total += rows / speed
-            console.print(f"{m.name} {fm.path.name}: {speed:.1f} rows/s -> {rows / speed / 60:.1f} min for {rows} rows")
+            total += seconds
+            console.print(f"{m.name} {fm.path.name}: load {loaded - started:.1f}s, {speed:.1f} rows/s -> "
+                          f"{seconds / 60:.1f} min for {rows} rows")
     console.print(f"estimate for {rows} rows: {total / 60:.1f} min in all ({sum(map(len, speeds.values()))} folds, "
                   f"measured on {len(table)} rows)")
     return speeds
