@@ -48,6 +48,14 @@ def has_text(texts: list[str]) -> bool:
     return any(t.strip() for t in texts)
 
 
+def fitted_logistic(coef: np.ndarray, intercept: np.ndarray, classes: list) -> LogisticRegression:
+    """A LogisticRegression that predicts with saved coefficients (what fit would have set), read without a pickle."""
+    clf = LogisticRegression()
+    clf.coef_, clf.intercept_, clf.classes_ = coef, intercept, np.asarray(classes)
+    clf.n_features_in_ = coef.shape[1]
+    return clf
+
+
 class LinearRun:
     """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression."""
 
@@ -103,10 +111,7 @@ class LinearRun:
             run.text = tfidf(spec["vocabularies"])
             for name, vectorizer in run.text.transformer_list:
                 vectorizer.idf_ = arrays[f"idf_{name}"]
-        run.clf = LogisticRegression()
-        run.clf.coef_, run.clf.intercept_ = arrays["coef"], arrays["intercept"]
-        run.clf.classes_ = np.asarray(spec["classes"])
-        run.clf.n_features_in_ = arrays["coef"].shape[1]
+        run.clf = fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"])
         return run
 
 

@@ -18,6 +18,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 from comp.artifacts import atomic_path, read_json, write_json
+from comp.baselines import fitted_logistic
 
 LEVEL2 = ("logistic", "gbm")
 
@@ -61,11 +62,7 @@ class Stacker:
     def load(cls, out: Path) -> Stacker:
         """A stack saved by save()."""
         spec, arrays = read_json(out / "stack.json"), load_numpy(str(out / "stack.safetensors"))
-        model = LogisticRegression()
-        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
-        model.classes_ = np.asarray(spec["classes"])
-        model.n_features_in_ = arrays["coef"].shape[1]
-        return cls(model, spec["n_classes"])
+        return cls(fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"]), spec["n_classes"])
 
 
 def fit(kind: str, y: np.ndarray, probs: list[np.ndarray], n_classes: int, class_weight: str | None,
