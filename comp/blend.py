@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.optimize import minimize
 
-from comp import cli, metrics, report, stacking
+from comp import cli, identity, metrics, report, stacking
 from comp.artifacts import atomic_path, sha256, write_json
 from comp.baselines import class_weight
 from comp.config import Config
@@ -66,7 +66,9 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
     finished, on these folds, for these classes and this test table."""
     member = cfg.replace("run", name=name)
-    outputs = [read_fold(member, k, folds_fp, check_config=False) for k in range(cfg.folds.n_splits)]
+    now = identity.content(cfg, comp)
+    tables = {k: now[k] for k in ("train", "test")}  # each member has its own model
+    outputs = [read_fold(member, k, folds_fp, check_config=False, now=tables) for k in range(cfg.folds.n_splits)]
     hashes = {o.record.get("config_hash") for o in outputs}
     if len(hashes) > 1:
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")

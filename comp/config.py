@@ -228,6 +228,8 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of"}}
+# Where the inputs live: outside the hash, since folds record what those files hold.
+LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"model": {"kind": "encoder", "min_category_rows": 1, "numeric_transform": "standard", "wide": "off",
                    "fusion": "concat",
@@ -277,10 +279,15 @@ class Config:
         """The sections as plain TOML-able data."""
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
-    def hash(self) -> str:
-        """A short hash of every setting that changes what a fold learns."""
+    def hash(self, paths: bool = False) -> str:
+        """A short hash of every setting that changes what a fold learns. The locations of the tables and the
+        model stay out (folds record those files' content instead, see comp.identity); `paths` puts them back
+        in, as in the hash of folds trained before content was recorded."""
         d = self.to_dict()
         d.pop("tune")  # searching changes nothing a finished fold learned
+        if not paths:
+            for section, key in LOCATIONS:
+                d[section].pop(key)
         for section, keys in UNHASHED.items():
             for k in keys:
                 d[section].pop(k, None)

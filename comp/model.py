@@ -63,8 +63,11 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
     path = resolve_model_path(mcfg.name_or_path, root)
     try:
         config = encoder_config(mcfg, path)
-        # The task head pools itself: BERT-style pooler weights would be dead parameters.
+        # The task head pools itself: BERT-style pooler weights would be dead parameters. Weights are fp32
+        # whatever dtype the checkpoint was saved in (transformers loads "auto" by default): the optimizer
+        # keeps fp32 master weights and autocast picks the compute precision.
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
+        kwargs["dtype"] = torch.float32
         if pretrained:
             return AutoModel.from_pretrained(path, config=config, **kwargs)
         return AutoModel.from_config(config, **kwargs)

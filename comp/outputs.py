@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from comp import metrics
+from comp import identity, metrics
 from comp.artifacts import read_json, read_npy, sha256
 from comp.config import Config
 from comp.data import Competition, load_competition, read_table
@@ -65,9 +65,15 @@ class FoldOutputs:
     test_logits: np.ndarray
 
 
-def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True) -> FoldOutputs:
-    """Read a finished fold's outputs, refusing one that is missing or belongs to another split or (unless
-    check_config is off) another config."""
+def config_matches(cfg: Config, record: dict) -> bool:
+    """Whether a fold was trained with cfg's settings. Folds from before content records hashed the tables' and
+    the model's path strings too, and are compared that way."""
+    return record.get("config_hash") == cfg.hash(paths="content" not in record)
+
+
+def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, now: dict | None = None) -> FoldOutputs:
+    """Read a finished fold's outputs, refusing one that is missing or belongs to another split, (unless
+    check_config is off) another config, or other inputs than `now` (identity.content: tables, model)."""
     out = cfg.fold_dir(fold)
     if not is_complete(cfg, fold):
         raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
@@ -76,11 +82,15 @@ def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True) 
     if record.get("folds_fingerprint") != folds_fp:
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
                         f"retrain it with python -m comp.train --fold {fold} --force")
-    if check_config and record.get("config_hash") != cfg.hash():
+    if check_config and not config_matches(cfg, record):
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
                         f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
                         f"use the same config (and --params) as for training, or retrain with "
                         f"python -m comp.train --fold {fold} --force")
+    change = identity.changed(record.get("content"), now or {})
+    if change:
+        raise CompError(f"{change} changed after fold {fold} of run {cfg.run.name!r} was trained: point the config "
+                        f"at the files it was trained on, or retrain with python -m comp.train --all --force")
     return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
                        read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
 
@@ -105,7 +115,8 @@ def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutput
     assembled in train-row order (refusing missing, stale or mixed folds)."""
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
-    outputs = [read_fold(cfg, k, folds_fp) for k in range(cfg.folds.n_splits)]
+    now = identity.content(cfg, comp)
+    outputs = [read_fold(cfg, k, folds_fp, now=now) for k in range(cfg.folds.n_splits)]
     return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import bundle, cli, config, engine
+from comp import bundle, cli, config, engine, identity
 from comp.artifacts import atomic_path, write_npy
 from comp.baselines import load_classical
 from comp.config import Config
@@ -24,7 +24,7 @@ from comp.engine import Rows, make_progress, resolve_device, resolve_precision
 from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
 from comp.model import build_model, load_tokenizer
-from comp.outputs import average_probabilities, is_complete, submission_frame, verify_fold
+from comp.outputs import average_probabilities, config_matches, is_complete, submission_frame, verify_fold
 from comp.stacking import Stacker
 
 
@@ -46,27 +46,33 @@ class Member:
     folds: list[FoldModel]
 
 
-def read_config(path: Path, root: Path, expected_hash: str | None = None) -> Config:
-    """A resolved config a fold was trained with (its config.toml), checked against the hash it recorded."""
+def read_config(path: Path, root: Path, record: dict | None = None) -> Config:
+    """A resolved config a fold was trained with (its config.toml), checked against the hash its record holds."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise CompError(f"{path} is missing or unreadable: retrain that fold with --force") from None
     trained = config.from_dict(raw, root=root, source=str(path))
-    if expected_hash is not None and trained.hash() != expected_hash:
+    if record is not None and not config_matches(trained, record):
         raise CompError(f"{path} does not match the config its fold recorded (altered?): retrain it with --force")
     return trained
 
 
 def run_folds(cfg: Config) -> list[FoldModel]:
-    """Every fold of cfg's run, each finished and matching the sha256 it recorded."""
+    """Every fold of cfg's run, each finished and matching the sha256 it recorded. The model is the one at cfg's
+    model.name_or_path, which must hold the files the folds were trained from (it may have moved)."""
     folds = []
     for k in range(cfg.folds.n_splits):
         if not is_complete(cfg, k):
             raise CompError(f"fold {k} of run {cfg.run.name!r} is not finished ({cfg.fold_dir(k) / 'metrics.json'} "
                             f"missing): train it first with python -m comp.train --fold {k}")
         record = verify_fold(cfg, k)
-        trained = read_config(cfg.fold_dir(k) / "config.toml", cfg.root, record.get("config_hash"))
+        trained = read_config(cfg.fold_dir(k) / "config.toml", cfg.root, record)
+        if "content" in record:  # older folds name their model by path, in their own config
+            trained = trained.replace("model", name_or_path=cfg.model.name_or_path)
+            if identity.changed(record["content"], {"model": identity.model_digest(trained)}):
+                raise CompError(f"model.name_or_path {cfg.model.name_or_path!r} does not hold the model fold {k} of "
+                                f"run {cfg.run.name!r} was trained from: point it at that model's folder")
         folds.append(FoldModel(trained, cfg.fold_dir(k), record["classes"]))
     return folds
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
-from comp import __version__, metrics
+from comp import __version__, identity, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
 from comp.baselines import fit_classical
 from comp.config import Config, to_toml
@@ -86,10 +86,11 @@ def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, t
     return encoder, train_rows, val_rows, test_rows
 
 
-def checkpoint_identity(cfg: Config, fold: int, folds_fp: str, d: Dist = SINGLE) -> dict:
-    """What a resume checkpoint must match: the config, the fold, the split and the number of processes (another
-    world size draws another batch list, so its epoch starts over)."""
-    return {"config_hash": cfg.hash(), "fold": fold, "folds_fingerprint": folds_fp, "processes": d.world}
+def checkpoint_identity(cfg: Config, comp: Competition, fold: int, folds_fp: str, d: Dist = SINGLE) -> dict:
+    """What a resume checkpoint must match: the config, the inputs' content, the fold, the split and the number
+    of processes (another world size draws another batch list, so its epoch starts over)."""
+    return {"config_hash": cfg.hash(), "content": identity.content(cfg, comp), "fold": fold,
+            "folds_fingerprint": folds_fp, "processes": d.world}
 
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
@@ -98,7 +99,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
     then write every artifact of that fold (under DDP: every rank trains, rank 0 writes)."""
     out = cfg.fold_dir(fold)
-    checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, fold, folds_fp, d))
+    checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, comp, fold, folds_fp, d))
     if d.is_main:
         (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
         if fresh:
@@ -155,7 +156,7 @@ def write_fold(cfg: Config, comp: Competition, va: np.ndarray, fold: int, record
     write_npy(out / "test_logits.npy", test_logits)
     write_npy(out / "test_ids.npy", comp.test_ids)
     write_text(out / "config.toml", to_toml(cfg))
-    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind,
+    record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind, content=identity.content(cfg, comp),
                   sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind)})
     write_json(out / "metrics.json", record)
 

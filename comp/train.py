@@ -8,14 +8,14 @@ import time
 
 import torch
 
-from comp import cli, distributed
+from comp import cli, distributed, identity
 from comp.artifacts import write_text
 from comp.data import load_competition
 from comp.engine import cached_tokenize, make_progress
 from comp.errors import CompError, run_cli
 from comp.folds import load_folds
 from comp.model import load_tokenizer
-from comp.outputs import is_complete, verify_fold
+from comp.outputs import config_matches, is_complete, verify_fold
 from comp.parallel import make_slots, run_folds
 from comp.runs import train_classical_fold, train_fold
 
@@ -66,11 +66,13 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     folds, folds_fp = load_folds(cfg, comp)
     todo = list(range(n)) if args.all else [args.fold]
     skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
+    now = identity.content(cfg, comp) if skipped else {}
     for k in skipped:
         record = verify_fold(cfg, k)
-        if record.get("config_hash") != cfg.hash() or record.get("folds_fingerprint") != folds_fp:
-            raise CompError(f"fold {k} of run {cfg.run.name!r} is already trained with another config or split: "
-                            f"pass --force to retrain it, or set another run.name to keep both")
+        if (not config_matches(cfg, record) or record.get("folds_fingerprint") != folds_fp
+                or identity.changed(record.get("content"), now)):
+            raise CompError(f"fold {k} of run {cfg.run.name!r} is already trained with another config, split or "
+                            f"input (tables, model): pass --force to retrain it, or set another run.name to keep both")
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
     d.barrier()  # every rank has decided what to train before rank 0 starts replacing files

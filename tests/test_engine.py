@@ -259,13 +259,14 @@ def test_a_nan_epoch_never_becomes_the_best():
     assert not maximise.step(float("nan"), 1) and maximise.step(0.1, 2)
 
 
-def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path):
-    from comp import config
+def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path, project):
+    from comp import config, data
     from comp.distributed import Dist
     from comp.runs import checkpoint_identity
 
-    cfg = config.from_dict({})
-    one, two = checkpoint_identity(cfg, 0, "fp"), checkpoint_identity(cfg, 0, "fp", Dist(0, 2))
+    cfg = config.load(project)
+    comp = data.load_competition(cfg)
+    one, two = checkpoint_identity(cfg, comp, 0, "fp"), checkpoint_identity(cfg, comp, 0, "fp", Dist(0, 2))
     assert one != two
     saved = engine.Checkpoint(tmp_path / "last.pt", one)
     torch.save({"identity": one}, saved.path)

@@ -149,3 +149,65 @@ def test_estimate_projects_the_time_per_fold_and_writes_nothing(trained, capsys)
     out = capsys.readouterr().out
     assert out.count("rows/s") == 3 and "estimate for 10000 rows" in out
     assert snapshot(trained.parent) == before
+
+
+def test_a_moved_project_keeps_its_folds_and_a_changed_input_is_refused(tmp_path, tiny_model, capsys):
+    """Folds record what the tables and the model hold, not where they are: the project, its data and its model
+    moved elsewhere still submit and predict the same; one changed training text or other weights are refused."""
+    shutil.copytree(tiny_model, tmp_path / "model")
+    cfg = write_project(tmp_path / "a", tmp_path / "model")
+    assert folds.main(["--config", str(cfg)]) == 0 and cli(cfg, train.main, "--all") == 0
+    assert cli(cfg, submit.main) == 0
+    before = pd.read_csv(tmp_path / "a" / "submissions" / "tiny.csv")
+
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    shutil.move(tmp_path / "b" / "data", tmp_path / "elsewhere")
+    shutil.move(tmp_path / "model", tmp_path / "moved-model")
+    cfg = tmp_path / "b" / "comp.toml"
+    text = cfg.read_text().replace('"data/', f'"{(tmp_path / "elsewhere").as_posix()}/')
+    cfg.write_text(text.replace((tmp_path / "model").as_posix(), (tmp_path / "moved-model").as_posix()))
+    assert cli(cfg, submit.main) == 0
+    assert pd.read_csv(tmp_path / "b" / "submissions" / "tiny.csv").equals(before)
+    test = tmp_path / "elsewhere" / "test.csv"
+    assert cli(cfg, predict.main, "--test", str(test), "--out", str(tmp_path / "p.csv"),
+               "--sample", str(tmp_path / "elsewhere" / "sample_submission.csv")) == 0
+    assert pd.read_csv(tmp_path / "p.csv").equals(before)
+    capsys.readouterr()
+
+    train_csv = tmp_path / "elsewhere" / "train.csv"
+    original = pd.read_csv(train_csv)
+    original.assign(body=["changed words"] + list(original["body"].iloc[1:])).to_csv(train_csv, index=False)
+    assert_user_error(cli(cfg, submit.main), capsys, "training table", "changed")
+    assert_user_error(cli(cfg, train.main, "--all"), capsys, "already trained", "--force")
+    original.to_csv(train_csv, index=False)
+
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tmp_path / "moved-model").apply(lambda m: m.reset_parameters()
+                                                             if hasattr(m, "reset_parameters") else None
+                                                             ).save_pretrained(tmp_path / "moved-model")
+    code = cli(cfg, predict.main, "--test", str(test), "--out", str(tmp_path / "q.csv"))
+    assert_user_error(code, capsys, "does not hold the model")
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_folds_trained_before_content_records_stay_valid(trained, tmp_path):
+    """Older folds recorded a hash of the settings with the path strings, and no content: they still submit."""
+    run = trained.parent / "folds" / "tiny"
+    backup = tmp_path / "tiny"
+    shutil.copytree(run, backup)
+    from comp import config
+
+    cfg = config.load(trained)
+    try:
+        for k in range(3):
+            path = run / f"fold_{k}" / "metrics.json"
+            record = json.loads(path.read_text())
+            assert record.pop("content")["model"]
+            path.write_text(json.dumps({**record, "config_hash": cfg.hash(paths=True)}))
+        assert cli(trained, submit.main) == 0
+        path.write_text(json.dumps({**record, "config_hash": cfg.hash()}))  # the new hash without content: stale
+        assert cli(trained, submit.main) == 2
+    finally:
+        shutil.rmtree(run)
+        shutil.copytree(backup, run)

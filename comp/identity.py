@@ -1,0 +1,92 @@
+"""What a trained fold was made from, by content: fingerprints of the columns comp reads from the training and
+test tables and of the pretrained model's files. The stage checks compare these, not path strings, so moving
+the project, a table or the model folder keeps trained folds valid, while a changed table or model is caught."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+
+from comp.config import Config
+
+# the files of a model folder that decide what it computes: config, weights, tokenizer
+MODEL_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.model", "tokenizer*", "vocab*", "merges.txt",
+                  "special_tokens_map.json", "added_tokens.json")
+WHOLE = 8 << 20  # files up to this size are hashed whole; larger ones (weights) by size and sampled blocks
+BLOCK, BLOCKS = 1 << 16, 64
+
+
+def used_columns(cfg: Config, with_label: bool) -> list[str]:
+    d = cfg.data
+    return [d.id, *d.text, *d.categorical, *d.numeric] + ([d.label] if with_label else [])
+
+
+def table_digest(frame: pd.DataFrame, columns: list[str]) -> str:
+    """A hash of these columns' names and values, row by row in table order."""
+    rows = pd.util.hash_pandas_object(frame[columns], index=False).to_numpy()
+    return hashlib.sha256(json.dumps(columns).encode() + rows.tobytes()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, or for a large one of its size and BLOCKS evenly spaced blocks (first and last
+    included): any retrained or re-saved weights differ in nearly every block."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        if size <= WHOLE:
+            h.update(f.read())
+        else:
+            for i in range(BLOCKS):
+                f.seek((size - BLOCK) * i // (BLOCKS - 1))
+                h.update(f.read(BLOCK))
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _folder_digest(folder: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for p in _model_files(Path(folder)):
+        h.update(f"{p.name}|{file_digest(p)}|".encode())
+    return h.hexdigest()[:16]
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in MODEL_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+
+
+def model_digest(cfg: Config) -> str | None:
+    """The pretrained model's fingerprint (None for runs without one). A name that is no local folder (a hub
+    id) is its own identity."""
+    if cfg.model.kind != "encoder":
+        return None
+    from comp.model import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model.name_or_path, cfg.root))
+    if not folder.is_dir():
+        return f"name:{cfg.model.name_or_path}"
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _model_files(folder))
+    return _folder_digest(str(folder.resolve()), stamp)
+
+
+def content(cfg: Config, comp) -> dict:
+    """What a fold records of its inputs: the training rows (with labels), the test rows, the model."""
+    return {"train": table_digest(comp.train, used_columns(cfg, True)),
+            "test": table_digest(comp.test, used_columns(cfg, False)),
+            "model": model_digest(cfg)}
+
+
+WHAT = {"train": "the training table's content", "test": "the test table's content",
+        "model": "the model's files (model.name_or_path)"}
+
+
+def changed(recorded: dict | None, now: dict) -> str | None:
+    """What, of the parts in `now`, differs from a fold's recorded content, in words (None when nothing does,
+    or when the fold predates content records)."""
+    if recorded is None:
+        return None
+    diff = [WHAT[k] for k, v in now.items() if recorded.get(k) != v]
+    return " and ".join(diff) or None
