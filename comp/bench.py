@@ -20,24 +20,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from comp import __version__, cli, metrics
 from comp.artifacts import write_json
+from comp.batching import Rows, tokenize, train_batches
 from comp.config import Config
-from comp.data import load_competition
-from comp.engine import (
-    Rows,
-    fit_fold,
-    make_optimizer,
-    make_progress,
-    predict,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    tokenize,
-    train_batches,
-    train_one_epoch,
-)
+from comp.distributed import SINGLE, shard_batches
 from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
+from comp.hardware import resolve_device, resolve_precision
+from comp.loop import Runtime, make_progress, predict, train_one_epoch
 from comp.model import build_model, encoder_config, load_encoder, load_tokenizer, resolve_model_path
+from comp.runs import Tokens, fit_split
+from comp.state import TrainState, make_optimizer, seed_everything
+from comp.tables import load_competition
 
 # --- measurement helpers ---------------------------------------------------------------------------
 
@@ -257,7 +250,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     del encoder
 
     def meta_for(idx):
-        enc = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[idx])
+        enc = MetaEncoder.from_config(cfg).fit(comp.train.iloc[idx])
         return enc, enc.transform(comp.train.iloc[idx])
 
     # (a) the seed's loop
@@ -288,23 +281,24 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     seed_everything(0)
     model = build_model(cfg.model, enc.width, n_classes, root=cfg.root).to(device)
     opt = make_optimizer(model, cfg.train)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    loss_fn = nn.CrossEntropyLoss()
+    state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    rt = Runtime(cfg.train, device, amp, tokenizer.pad_token_id, nn.CrossEntropyLoss())
+
+    def shares(batches):
+        return shard_batches(batches, SINGLE, cfg.train.grad_accum_steps)
     hf = hf_rows([tokens[i] for i in speed_idx], comp.y[speed_idx])
     useful = int(rows.lengths.sum())  # the same rows, so the same useful tokens, for (b) and (c)
     timings: dict[str, list] = {"comp": [], "trainer": []}
     with make_progress(Console(quiet=True)) as progress, tempfile.TemporaryDirectory() as tmp:
         warm_batches = train_batches(rows.lengths, cfg.train.batch_size, np.random.default_rng(1))[:2]
-        train_one_epoch(model, rows, warm_batches, opt, sched, loss_fn, cfg.train, tokenizer.pad_token_id, device,
-                        amp, progress, "warmup")
+        train_one_epoch(state, rows, shares(warm_batches), rt, progress)
         trainer_for(path, tokenizer, n_classes, hf[:cfg.train.batch_size * 2], cfg.train.batch_size, amp, device,
                     cfg.train.encoder_lr, Path(tmp) / "warm", max_steps=2, mcfg=cfg.model).train()
         for r in range(rounds):
             batches = train_batches(rows.lengths, cfg.train.batch_size, np.random.default_rng(r))
             with PeakMemory(device) as mem:
                 t0 = time.perf_counter()
-                train_one_epoch(model, rows, batches, opt, sched, loss_fn, cfg.train, tokenizer.pad_token_id, device,
-                                amp, progress, "bench")
+                train_one_epoch(state, rows, shares(batches), rt, progress)
                 _sync(device)
                 dt = time.perf_counter() - t0
             timings["comp"].append(_speed(n_samples, useful, dt, mem))
@@ -318,7 +312,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
             del trainer
             gc.collect()
             timings["trainer"].append(_speed(n_samples, useful, dt, mem))
-    del model, opt
+    del model, opt, state
     gc.collect()
     for key, runs in timings.items():
         ranked = sorted(runs, key=lambda t: t["samples_per_s"])
@@ -346,7 +340,7 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
     half = len(idx) // 2
     tr, va = idx[:half], idx[half:]
     n_classes = len(comp.classes)
-    enc = MetaEncoder(cfg.data.categorical, cfg.data.numeric).fit(comp.train.iloc[tr])
+    enc = MetaEncoder.from_config(cfg).fit(comp.train.iloc[tr])
     out = {"train_rows": len(tr), "val_rows": len(va), "max_epochs": epochs, "patience": patience, "seeds": seeds,
            "seed_loop_padding": "each pair to its longer row (the speed run pads to 512)"}
     frame_tr, frame_va = comp.train.iloc[tr].reset_index(drop=True), comp.train.iloc[va].reset_index(drop=True)
@@ -376,14 +370,10 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
         t0 = time.perf_counter()
         qcfg = cfg.replace("train", epochs=epochs, patience=patience, monitor="val_loss", checkpoint_every=0,
                            seed=cfg.train.seed + seed)
-        seed_everything(seed)
-        model = build_model(cfg.model, enc.width, n_classes, root=cfg.root)
-        res = fit_fold(qcfg, model, Rows([tokens[i] for i in tr], enc.transform(comp.train.iloc[tr]), comp.y[tr]),
-                       Rows([tokens[i] for i in va], enc.transform(comp.train.iloc[va]), comp.y[va]), None,
-                       tokenizer.pad_token_id, Console(quiet=True))
+        _, res = fit_split(qcfg, comp, (tr, va), 0, Tokens(tokens, None, tokenizer.pad_token_id), Console(quiet=True))
         runs["comp"].append((metrics.score(comp.y[va], res.val_logits)["macro_f1"], len(res.history),
                              time.perf_counter() - t0))
-        del model, res
+        del res
 
         console.print(f"quality (c) Trainer, seed {seed} ...")
         t0 = time.perf_counter()

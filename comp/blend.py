@@ -12,13 +12,11 @@ from rich.console import Console
 from rich.table import Table
 from scipy.optimize import minimize
 
-from comp import cli, identity, metrics, report, stacking
+from comp import cli, decide, identity, metrics, report, stacking
 from comp.artifacts import atomic_path, sha256, write_json
 from comp.baselines import class_weight
 from comp.config import Config
-from comp.data import load_competition
 from comp.errors import CompError, run_cli
-from comp.folds import load_folds
 from comp.outputs import (
     METRICS,
     assemble_oof,
@@ -28,6 +26,8 @@ from comp.outputs import (
     submission_frame,
     test_logits_in_order,
 )
+from comp.splits import load_folds
+from comp.tables import load_competition
 
 
 def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
@@ -91,7 +91,7 @@ def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: l
 
 
 def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
-          stack_with: str | None = None) -> dict:
+          stack_with: str | None = None, decide_labels: bool = False) -> dict:
     """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
     CV, the blend's and its weights; write the blend's submission (submissions/<run.name>.csv) and its record
     (folds/<run.name>/blend.json)."""
@@ -146,8 +146,14 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     if lb:
         console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
                       f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
+    rule = None
+    if decide_labels:  # on the blend's honest OOF probabilities: each fold's from weights fitted without it
+        probs, rule = decide.for_submission(cfg, comp, folds, cv_oof, probs, console)
+        if lb:
+            rule["leaderboard_after"] = leaderboard(cfg, comp, probs)[rule["metric"]]
+            console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
     frame = submission_frame(cfg, comp, probs)
-    record = {"runs": names, "weights_method": how, "stack": stacked,
+    record = {"runs": names, "weights_method": how, "stack": stacked, "decision": rule,
               "weights": None if stack_with else weights.tolist(),
               "fold_weights": [w.tolist() for w in fold_weights], "cv": cv, "equal_weights_cv": equal,
               "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
@@ -168,6 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
                         help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
                              "logistic (default) or gbm")
+    parser.add_argument("--decide", action="store_true",
+                        help="choose the labels by per-class weights on the probabilities fitted to data.metric on the "
+                             "OOF rows (cross-fitted: the CV of the rule is honest); label submissions only")
     parser.add_argument("--name", default="blend", help="the blend's run name (submission file name); default blend")
 
 
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     args.set = [*args.set, f"run.name={args.name}"]
     cfg = cli.load_config(args, console)
-    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack)
+    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack, args.decide)
     console.print(f"blend took {time.perf_counter() - started:.1f}s")
     return 0
 

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from comp import metrics
 from comp.errors import CompError
 
 MODEL_KINDS = ("encoder", "linear", "gbm")
@@ -33,9 +34,11 @@ class DataConfig:
     label: str = "label"
     train_rows: int = 0
     allow_empty_text: bool = False
+    metric: str = "macro_f1"
 
     def __post_init__(self):
         _require(len(self.text) > 0, "data.text must name at least one text column")
+        _require(self.metric in metrics.NAMES, f"data.metric must be one of {', '.join(metrics.NAMES)}")
         _require(self.train_rows >= 0, "data.train_rows must be >= 0 (0 = every row)")
         cols = [self.id, self.label, *self.text, *self.categorical, *self.numeric]
         dup = sorted({c for c in cols if cols.count(c) > 1})
@@ -226,7 +229,7 @@ class TuneConfig:
 SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig,
             "tune": TuneConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
-UNHASHED = {"data": {"sample_submission", "solution"}, "run": {"submissions_dir", "reports_dir", "params"},
+UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of"}}
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))

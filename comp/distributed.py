@@ -81,14 +81,16 @@ def close(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def shard_batches(batches: list[np.ndarray], d: Dist, accum: int = 1) -> list[tuple[np.ndarray, float]]:
-    """This rank's part of each global batch, with the factor its mean loss is scaled by so that the
-    gradient summed over an accumulation group of `accum` batches (and averaged over ranks by DDP) is the
-    mean over every row of the group: part rows × world / the group's rows. A trailing partial group and
-    batches of unequal size (token budgets) are weighted by their rows. The part is rows rank, rank+world,
-    ... of the (length-sorted) batch: every rank gets rows of about the same length, every row goes to
-    exactly one rank. A global batch with fewer rows than ranks is merged into its neighbour, so no rank
-    ever has an empty step."""
+def shard_batches(batches: list[np.ndarray], d: Dist, accum: int = 1,
+                  weights: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
+    """This rank's part of each global batch, with the factor its (weighted) mean loss is scaled by so that
+    the gradient summed over an accumulation group of `accum` batches (and averaged over ranks by DDP) is
+    the weighted mean over every row of the group: the part's weight × world / the group's weight. A row's
+    weight is its class weight in a weighted loss (`weights`, indexed by row), else 1, so a trailing partial
+    group, batches of unequal size (token budgets) and parts of unequal class mix all count exactly. The
+    part is rows rank, rank+world, ... of the (length-sorted) batch: every rank gets rows of about the
+    same length, every row goes to exactly one rank. A global batch with fewer rows than ranks is merged
+    into its neighbour, so no rank ever has an empty step."""
     world, rank = (d.world, d.rank) if d.enabled else (1, 0)
     merged: list[np.ndarray] = []
     for b in batches:
@@ -102,11 +104,15 @@ def shard_batches(batches: list[np.ndarray], d: Dist, accum: int = 1) -> list[tu
     if merged and len(merged[0]) < world:
         raise CompError(f"a fold's training part has {len(merged[0])} rows, fewer than the {world} processes "
                         "torchrun started: use fewer processes")
+
+    def weight(index: np.ndarray) -> float:
+        return float(len(index)) if weights is None else float(weights[index].sum())
+
     out = []
     for start in range(0, len(merged), accum):
         group = merged[start:start + accum]
-        rows = sum(len(b) for b in group)
-        out += [(b[rank::world], len(b[rank::world]) * world / rows) for b in group]
+        total = sum(weight(b) for b in group)
+        out += [(b[rank::world], weight(b[rank::world]) * world / total) for b in group]
     return out
 
 

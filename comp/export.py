@@ -17,18 +17,20 @@ from transformers import AutoConfig
 from comp import __version__, bundle, cli
 from comp.artifacts import read_json, sha256
 from comp.config import Config, to_toml
-from comp.engine import resolve_device
 from comp.errors import CompError, run_cli
+from comp.hardware import resolve_device
 from comp.model import load_tokenizer, resolve_model_path
 from comp.outputs import MODEL_FILES
-from comp.predict import Member, estimate, run_folds
+from comp.predict import Member, estimate, run_decision, run_folds
 
 
-def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None]:
+def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, list | None]:
     """The runs to export with their weights: one run (weight 1), or a blend's runs and weights; for a stack
-    also the folder of its (checked) level-2 model."""
+    also the folder of its (checked) level-2 model; the decision rule's class weights when the submission had
+    one (--decide)."""
     if blend is None:
-        return [Member(run or cfg.run.name, 1.0, run_folds(cfg.replace("run", name=run or cfg.run.name)))], None
+        one = cfg.replace("run", name=run or cfg.run.name)
+        return [Member(one.run.name, 1.0, run_folds(one))], None, run_decision(one)
     folder = cfg.replace("run", name=blend).run_dir
     if not (folder / "blend.json").is_file():
         raise CompError(f"blend {blend!r} has no {folder / 'blend.json'}: make it first with "
@@ -44,7 +46,7 @@ def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Me
     weights = record["weights"] or [0.0] * len(record["runs"])
     members = [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
                for name, w in zip(record["runs"], weights, strict=True)]
-    return members, folder if stack else None
+    return members, folder if stack else None, (record.get("decision") or {}).get("weights")
 
 
 def copy_member(m: Member, root: Path) -> None:
@@ -84,7 +86,7 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     console = console or cli.console()
     if out.exists():
         raise CompError(f"{out} already exists: remove it or pick another --out")
-    members, stack = members_of(cfg, run, blend)
+    members, stack, decision = members_of(cfg, run, blend)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -95,7 +97,7 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
             for name in ("stack.json", "stack.safetensors"):
                 shutil.copyfile(stack / name, tmp / "stack" / name)
         speeds = measure_speed(cfg, members, console)
-        manifest = {"combine": "stack" if stack else "weights", "rows_per_second": speeds,
+        manifest = {"combine": "stack" if stack else "weights", "decision": decision, "rows_per_second": speeds,
                     "comp_version": __version__, "torch_version": torch.__version__,
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,

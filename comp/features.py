@@ -16,8 +16,8 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 from comp.artifacts import read_json, write_json
 from comp.config import Config
-from comp.data import MISSING
 from comp.errors import CompError
+from comp.tables import MISSING
 
 FORMAT = 1
 BOUNDS = 1e-7  # scikit-learn's QuantileTransformer clips the normal's tails at these probabilities

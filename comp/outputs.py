@@ -11,9 +11,9 @@ import pandas as pd
 from comp import identity, metrics
 from comp.artifacts import read_json, read_npy, sha256
 from comp.config import Config
-from comp.data import Competition, load_competition, read_table
 from comp.errors import CompError
-from comp.folds import load_folds
+from comp.splits import load_folds
+from comp.tables import Competition, load_competition, read_table
 
 METRICS = ("macro_f1", "accuracy", "log_loss")  # the CV table's columns
 OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
@@ -142,7 +142,7 @@ def submission_frame(cfg: Config, comp: Competition, probs: np.ndarray) -> pd.Da
     ids = sample[d.id].astype(str).to_numpy()
     answer_cols = [c for c in sample.columns if c != d.id]
     aligned = by_id.loc[ids]
-    if answer_cols == [d.label] or len(answer_cols) == 1:
+    if not takes_probabilities(cfg, comp):
         predicted = np.array(comp.classes)[aligned.to_numpy().argmax(1)]
         return pd.DataFrame({d.id: sample[d.id].to_numpy(), answer_cols[0]: predicted})
     if set(map(str, answer_cols)) == set(comp.classes):
@@ -152,6 +152,11 @@ def submission_frame(cfg: Config, comp: Competition, probs: np.ndarray) -> pd.Da
         return out
     raise CompError(f"sample submission columns {answer_cols} are neither one label column nor one column per "
                     f"class {comp.classes}; fix data.sample_submission")
+
+
+def takes_probabilities(cfg: Config, comp: Competition) -> bool:
+    """Whether the submission holds a probability per class (the sample has more than one answer column)."""
+    return comp.sample is not None and len([c for c in comp.sample.columns if c != cfg.data.id]) > 1
 
 
 def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, float]:

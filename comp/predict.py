@@ -15,17 +15,19 @@ import numpy as np
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import bundle, cli, config, engine, identity
-from comp.artifacts import atomic_path, write_npy
+from comp import bundle, cli, config, identity, loop
+from comp.artifacts import atomic_path, read_json, write_npy
 from comp.baselines import load_classical
+from comp.batching import Rows, tokenize
 from comp.config import Config
-from comp.data import Competition, _load_sample, load_table
-from comp.engine import Rows, make_progress, resolve_device, resolve_precision
+from comp.decide import decided
 from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
+from comp.hardware import resolve_device, resolve_precision
 from comp.model import build_model, load_tokenizer
 from comp.outputs import average_probabilities, config_matches, is_complete, submission_frame, verify_fold
 from comp.stacking import Stacker
+from comp.tables import Competition, _load_sample, load_table
 
 
 @dataclass
@@ -77,9 +79,9 @@ def run_folds(cfg: Config) -> list[FoldModel]:
     return folds
 
 
-def bundle_members(root: Path) -> tuple[list[Member], Stacker | None]:
+def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, list[float] | None]:
     """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders, and
-    its level-2 model when the bundle is a stack."""
+    its level-2 model when the bundle is a stack, and its decision rule's class weights when it has one."""
     manifest = bundle.read_manifest(root)
     members = []
     for m in manifest["members"]:
@@ -91,7 +93,13 @@ def bundle_members(root: Path) -> tuple[list[Member], Stacker | None]:
                 trained = trained.replace("model", name_or_path=str(root / "encoders" / m["name"]))
             folds.append(FoldModel(trained, path, manifest["classes"]))
         members.append(Member(m["name"], m["weight"], folds))
-    return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None
+    return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None, manifest.get("decision")
+
+
+def run_decision(cfg: Config) -> list[float] | None:
+    """The class weights of the decision rule the run's last submit used (--decide), if it used one."""
+    path = cfg.run_dir / "decision.json"
+    return read_json(path)["weights"] if path.is_file() else None
 
 
 def fold_predictor(fm: FoldModel, device_name: str | None):
@@ -108,16 +116,17 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
     tokenizer = load_tokenizer(cfg.model, cfg.root)
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
-        rows = Rows(engine.tokenize(tokenizer, texts, cfg.model.max_length), encoder.transform(table))
-        with make_progress(console) as progress:
-            return engine.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
+        rows = Rows(tokenize(tokenizer, texts, cfg.model.max_length), encoder.transform(table))
+        with loop.make_progress(console) as progress:
+            return loop.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
                                   resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
 
     return logits
 
 
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
-            logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None) -> dict:
+            logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None,
+            decision: list[float] | None = None) -> dict:
     """Predict `test` with every fold of every member: fold-averaged probabilities per run, weighted over runs
     (or combined by the stack's level-2 model); write the submission (and each fold's logits under
     logits_dir/<run>/)."""
@@ -139,6 +148,8 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
         probs = stacker.predict(per_run)
     else:
         probs = sum(m.weight * p for m, p in zip(members, per_run, strict=True))
+    if decision is not None:  # the labels the submission's decision rule chose
+        probs = decided(probs, np.asarray(decision))
     comp = Competition(table.iloc[:0], table, None, classes, np.zeros(0, np.int64), [], texts, cfg.data.id)
     if sample is not None:
         comp.sample = _load_sample(cfg.replace("data", sample_submission=str(sample.resolve())), table)
@@ -205,12 +216,12 @@ def _main(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     stacker = None
     if args.bundle:
-        members, stacker = bundle_members(Path(args.bundle))
+        members, stacker, decision = bundle_members(Path(args.bundle))
     else:
         if args.run:
             args.set = [*args.set, f"run.name={args.run}"]
         cfg = cli.load_config(args, console)
-        members = [Member(cfg.run.name, 1.0, run_folds(cfg))]
+        members, decision = [Member(cfg.run.name, 1.0, run_folds(cfg))], run_decision(cfg)
     if args.estimate is not None:
         if args.estimate < 1:
             raise CompError(f"--estimate {args.estimate}: give the number of rows to project for (>= 1)")
@@ -219,7 +230,7 @@ def _main(args: argparse.Namespace) -> int:
     if not args.out:
         raise CompError("--out is missing: name the submission file to write (or pass --estimate ROWS)")
     predict(members, Path(args.test), Path(args.out), Path(args.sample) if args.sample else None, args.device,
-            Path(args.save_logits) if args.save_logits else None, console, stacker)
+            Path(args.save_logits) if args.save_logits else None, console, stacker, decision)
     return 0
 
 

@@ -11,19 +11,21 @@ import numpy as np
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
-from sklearn.model_selection import train_test_split
 
 from comp import __version__, identity, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
 from comp.baselines import fit_classical
+from comp.batching import Rows, cached_tokenize
 from comp.config import Config, to_toml
-from comp.data import Competition
 from comp.distributed import SINGLE, Dist
-from comp.engine import Checkpoint, Rows, fit_fold, seed_everything
+from comp.engine import Fold, FoldResult, fit_fold
 from comp.errors import CompError
 from comp.features import MetaEncoder
-from comp.model import build_model
+from comp.loop import make_progress
+from comp.model import build_model, load_tokenizer
 from comp.outputs import checked_files, is_complete, split, verify_fold
+from comp.state import Checkpoint, seed_everything
+from comp.tables import Competition
 
 
 @dataclass
@@ -65,25 +67,66 @@ def pseudo_labels(cfg: Config, comp: Competition, folds_fp: str, fold: int) -> P
                                   "teacher_sha256": record["sha256"]["test_logits.npy"]})
 
 
-def prepare_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold: int, train_tokens: list[np.ndarray],
-                 test_tokens: list[np.ndarray] | None, train_fraction: float = 1.0, pseudo: Pseudo | None = None):
-    """The fold's metadata encoder (fitted on its training part only) and its train / validation / test rows.
-    train_fraction < 1 keeps a seeded stratified share of the training part (tuning uses it); `pseudo`
-    rows (test rows with a teacher's labels) join the training part only."""
-    tr, va = split(folds, fold)
-    if train_fraction < 1.0:
-        keep = max(len(comp.classes), int(round(train_fraction * len(tr))))
-        tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=comp.y[tr])
-        tr = np.sort(tr)
+@dataclass
+class Tokens:
+    """The token ids of the training texts (and of the test texts, when they are to be predicted) under a
+    config's tokenizer, and its padding id."""
+
+    train: list[np.ndarray]
+    test: list[np.ndarray] | None
+    pad_id: int
+
+
+def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = SINGLE,
+                    with_test: bool = True) -> Tokens:
+    """The config's tokenizer over the tables' texts, through the token cache (under DDP rank 0 fills it, the
+    others read it). Every stage that trains tokenizes here, so tokens always follow the config being trained
+    (a tuning trial's max_length or model included)."""
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model, cfg.root)
+    if tokenizer.pad_token_id is None:
+        raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
+    tables = [comp.train_text] + ([comp.test_text] if with_test else [])
+    for turn in (True, False) if d.enabled else (True,):
+        if d.is_main == turn:
+            with make_progress(console) as progress:
+                done = [cached_tokenize(tokenizer, texts, cfg.model.max_length, cfg.cache_dir, progress)
+                        for texts in tables]
+        d.barrier()
+    how = "from the cache" if all(hit for _, hit in done) else "tokenized"
+    console.print(f"{len(comp.train_text)} train" + (f" and {len(comp.test_text)} test" if with_test else "")
+                  + f" rows {how} in {time.perf_counter() - t0:.1f}s")
+    return Tokens(done[0][0], done[1][0] if with_test else None, tokenizer.pad_token_id)
+
+
+def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray, tokens: Tokens,
+                 pseudo: Pseudo | None = None) -> tuple[MetaEncoder, Rows, Rows, Rows | None]:
+    """The metadata encoder (fitted on the training part only) and the train / validation / test rows of a
+    split of the training table; `pseudo` rows (test rows with a teacher's labels) join the training part."""
     encoder = MetaEncoder.from_config(cfg).fit(comp.train.iloc[tr])
-    rows = Rows(train_tokens, np.zeros((len(train_tokens), 0), np.float32), comp.y)
+    rows = Rows(tokens.train, np.zeros((len(tokens.train), 0), np.float32), comp.y)
     train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
     val_rows = rows.subset(va, encoder.transform(comp.train.iloc[va]))
-    test_rows = None if test_tokens is None else Rows(test_tokens, encoder.transform(comp.test))
+    test_rows = None if tokens.test is None else Rows(tokens.test, encoder.transform(comp.test))
     if pseudo is not None and len(pseudo.index):
         extra = comp.test.iloc[pseudo.index]
-        train_rows = train_rows + Rows([test_tokens[i] for i in pseudo.index], encoder.transform(extra), pseudo.labels)
+        train_rows = train_rows + Rows([tokens.test[i] for i in pseudo.index], encoder.transform(extra), pseudo.labels)
     return encoder, train_rows, val_rows, test_rows
+
+
+def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray], index: int, tokens: Tokens,
+              console: Console, pseudo: Pseudo | None = None, checkpoint: Checkpoint | None = None,
+              on_epoch=None, d: Dist = SINGLE) -> tuple[MetaEncoder, FoldResult]:
+    """The one wiring of a fold, for train, tune and bench: rows and metadata encoder from the split `part`
+    (training rows, validation rows), the model seeded by the fold's `index`, then fit_fold."""
+    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo)
+    seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
+    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
+    console.print(f"fold {index}: {len(part[0])} train rows, {len(part[1])} validation rows, "
+                  f"{0 if test_rows is None else len(test_rows)} test rows, {encoder.width} metadata features"
+                  + (f", {d.world} processes (DDP)" if d.enabled else ""))
+    fold = Fold(index, train_rows, val_rows, test_rows, tokens.pad_id, checkpoint, on_epoch)
+    return encoder, fit_fold(cfg, model, fold, console, d)
 
 
 def checkpoint_identity(cfg: Config, comp: Competition, fold: int, folds_fp: str, d: Dist = SINGLE) -> dict:
@@ -93,9 +136,8 @@ def checkpoint_identity(cfg: Config, comp: Competition, fold: int, folds_fp: str
             "folds_fingerprint": folds_fp, "processes": d.world}
 
 
-def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
-               train_tokens: list[np.ndarray], test_tokens: list[np.ndarray], pad_id: int, console: Console,
-               fresh: bool = False, d: Dist = SINGLE) -> dict:
+def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int, tokens: Tokens,
+               console: Console, fresh: bool = False, d: Dist = SINGLE) -> dict:
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
     then write every artifact of that fold (under DDP: every rank trains, rank 0 writes)."""
     out = cfg.fold_dir(fold)
@@ -106,27 +148,21 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
             checkpoint.delete()
     d.barrier()
     pseudo = pseudo_labels(cfg, comp, folds_fp, fold)
-    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, folds, fold, train_tokens, test_tokens,
-                                                            pseudo=pseudo)
-    tr, va = split(folds, fold)
     if pseudo is not None:
         console.print(f"fold {fold}: +{pseudo.record['rows']} pseudo-labelled test rows from run {pseudo.record['from']!r} "
                       f"(probability >= {pseudo.record['threshold']}): "
                       + ", ".join(f"{c} {n}" for c, n in pseudo.record["per_class"].items()))
+    tr, va = split(folds, fold)
+    encoder, result = fit_split(cfg, comp, (tr, va), fold, tokens, console, pseudo, checkpoint, d=d)
     unseen = encoder.unseen(comp.test)
     if any(unseen.values()):
         console.print(f"fold {fold}: test rows with categories unseen in training (rare column, or zeros): "
                       + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
-    seed_everything(cfg.train.seed + fold)  # the head's initial weights are part of the run
-    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
-    console.print(f"fold {fold}: {len(tr)} train rows, {len(va)} validation rows, {len(test_rows)} test rows, "
-                  f"{encoder.width} metadata features" + (f", {d.world} processes (DDP)" if d.enabled else ""))
-    result = fit_fold(cfg, model, train_rows, val_rows, test_rows, pad_id, console, fold, checkpoint, d=d)
     record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": result.best_epoch,
               "best": result.history[result.best_epoch - 1], "history": result.history,
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
-              "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(test_rows),
+              "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
               "processes": d.world, "pseudo": pseudo.record if pseudo else None, "unseen_categories": unseen,
               "oof": metrics.score(comp.y[va], result.val_logits),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}

@@ -9,8 +9,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from comp import cli, metrics, report
-from comp.artifacts import atomic_path
+from comp import cli, decide, metrics, report
+from comp.artifacts import atomic_path, write_json
 from comp.config import Config
 from comp.errors import run_cli
 from comp.outputs import METRICS, average_probabilities, leaderboard, load_run, submission_frame, test_logits_in_order
@@ -29,20 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         started = time.perf_counter()
         console = cli.console(args.quiet)
-        submit(cli.load_config(args, console), console)
+        submit(cli.load_config(args, console), console, args.decide)
         console.print(f"submit took {time.perf_counter() - started:.1f}s")
         return 0
 
     return run_cli(body)
 
 
-def submit(cfg: Config, console: Console | None = None) -> dict:
-    """Check and combine every fold of the run; print the CV table; write the submission."""
+def submit(cfg: Config, console: Console | None = None, decide_labels: bool = False) -> dict:
+    """Check and combine every fold of the run; print the CV table; write the submission (its labels chosen by a
+    cross-fitted decision rule with `decide_labels`, recorded in the run's decision.json for comp.export)."""
     console = console or cli.console()
     comp, folds, folds_fp, outputs, oof = load_run(cfg)
     probs = average_probabilities(test_logits_in_order(comp, outputs))
-    frame = submission_frame(cfg, comp, probs)
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
+    rule = None
+    if decide_labels:
+        probs, rule = decide.for_submission(cfg, comp, folds, metrics.probabilities(oof), probs, console)
+        if lb:
+            rule["leaderboard_after"] = leaderboard(cfg, comp, probs)[rule["metric"]]
+    frame = submission_frame(cfg, comp, probs)
 
     per_fold = [metrics.score(comp.y[folds == o.fold], o.oof_logits) for o in outputs]
     cv = metrics.score(comp.y, oof)
@@ -60,17 +66,31 @@ def submit(cfg: Config, console: Console | None = None) -> dict:
     console.print(table)
     console.print(f"CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
                   f"  (majority-class macro_f1 {baseline:.4f})")
+    if cfg.data.metric not in METRICS:
+        console.print(f"CV {cfg.data.metric} {cv[cfg.data.metric]:.4f} (data.metric)")
     if lb:
         console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
                       f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
+    if rule and lb:
+        console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
+    record_decision(cfg, rule)
     with atomic_path(cfg.submission_path) as tmp:
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows)")
     report.append_run(cfg, cv, lb, folds_fp)
     page = report.write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
     console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
-    return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline_macro_f1": baseline,
+    return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline_macro_f1": baseline, "decision": rule,
             "path": str(cfg.submission_path)}
+
+
+def record_decision(cfg: Config, rule: dict | None) -> None:
+    """The run's decision rule beside its folds (what comp.export bundles), or none when this submit had none."""
+    path = cfg.run_dir / "decision.json"
+    if rule is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_json(path, rule)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
 from comp import cli, distributed, identity
 from comp.artifacts import write_text
-from comp.data import load_competition
-from comp.engine import cached_tokenize, make_progress
 from comp.errors import CompError, run_cli
-from comp.folds import load_folds
-from comp.model import load_tokenizer
 from comp.outputs import config_matches, is_complete, verify_fold
 from comp.parallel import make_slots, run_folds
-from comp.runs import train_classical_fold, train_fold
+from comp.runs import tokenize_tables, train_classical_fold, train_fold
+from comp.splits import load_folds
+from comp.tables import load_competition
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +79,9 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         if d.enabled or devices or args.jobs > 1:
             raise CompError(f"model.kind = {cfg.model.kind!r} fits on the CPU in one process: drop torchrun, "
                             "--devices and --jobs")
-        train_tokens = test_tokens = pad_id = None
+        tokens = None
     else:
-        train_tokens, test_tokens, pad_id = tokenize_tables(cfg, comp, console, d)
+        tokens = tokenize_tables(cfg, comp, console, d)
     if len(todo) > 1 and (devices or args.jobs > 1):
         failed = run_folds(cfg, args, todo, make_slots(devices, args.jobs), console)
         if failed:
@@ -94,8 +91,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     for k in todo:
         console.start_log()
         if cfg.model.kind == "encoder":
-            record = train_fold(cfg, comp, folds, folds_fp, k, train_tokens, test_tokens, pad_id, console,
-                                fresh=args.force, d=d)
+            record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d)
         else:
             record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
         b = record["best"]
@@ -106,27 +102,6 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         if d.is_main:
             write_text(cfg.fold_dir(k) / "train.log", log)
     return 0
-
-
-def tokenize_tables(cfg, comp, console, d: distributed.Dist):
-    """Token ids of the train and test texts, through the cache (under DDP rank 0 fills it, the others read it),
-    and the tokenizer's padding id."""
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model, cfg.root)
-    if tokenizer.pad_token_id is None:
-        raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
-    for turn in (True, False) if d.enabled else (True,):  # under DDP rank 0 fills the cache, the others read it
-        if d.is_main == turn:
-            with make_progress(console) as progress:
-                train_tokens, hit_train = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length,
-                                                          cfg.cache_dir, progress)
-                test_tokens, hit_test = cached_tokenize(tokenizer, comp.test_text, cfg.model.max_length,
-                                                        cfg.cache_dir, progress)
-        d.barrier()
-    how = "from the cache" if hit_train and hit_test else "tokenized"
-    console.print(f"{len(train_tokens)} train and {len(test_tokens)} test rows {how} "
-                  f"in {time.perf_counter() - t0:.1f}s")
-    return train_tokens, test_tokens, tokenizer.pad_token_id
 
 
 if __name__ == "__main__":

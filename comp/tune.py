@@ -18,16 +18,16 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
+from sklearn.model_selection import train_test_split
 
 from comp import cli
 from comp.artifacts import atomic_path, write_text
 from comp.config import MONITORS, Config, dump_toml, from_dict
-from comp.data import Competition, load_competition
-from comp.engine import cached_tokenize, fit_fold, seed_everything
 from comp.errors import CompError, run_cli
-from comp.folds import load_folds
-from comp.model import build_model, load_tokenizer
-from comp.runs import prepare_fold
+from comp.outputs import split
+from comp.runs import fit_split, tokenize_tables
+from comp.splits import load_folds
+from comp.tables import Competition, load_competition
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Optuna 4.9 renamed the callback that re-queues the trials of a dead worker.
@@ -106,29 +106,34 @@ def make_pruner(cfg: Config, n_folds: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials, n_warmup_steps=t.pruner_warmup_epochs)
 
 
-class Objective:
-    """Trains the configured folds with a trial's values through the same fit_fold as comp.train."""
+def train_share(cfg: Config, comp: Competition, tr: np.ndarray, fold: int) -> np.ndarray:
+    """tune.train_fraction < 1: a seeded stratified share of a fold's training rows (all of them at 1)."""
+    if cfg.tune.train_fraction >= 1.0:
+        return tr
+    keep = max(len(comp.classes), int(round(cfg.tune.train_fraction * len(tr))))
+    tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=comp.y[tr])
+    return np.sort(tr)
 
-    def __init__(self, cfg: Config, comp: Competition, folds: np.ndarray, train_tokens: list, pad_id: int,
-                 console: Console, worker_id: int = 0):
-        self.cfg, self.comp, self.folds, self.train_tokens, self.pad_id = cfg, comp, folds, train_tokens, pad_id
-        self.worker_id = worker_id
+
+class Objective:
+    """Trains the configured folds with a trial's values through the same fold wiring as comp.train; the
+    tokens follow the trial's config (through the token cache), so max_length or the model may be searched."""
+
+    def __init__(self, cfg: Config, comp: Competition, folds: np.ndarray, console: Console, worker_id: int = 0):
+        self.cfg, self.comp, self.folds, self.worker_id = cfg, comp, folds, worker_id
         self.console, self.fold_ids, self.metric = console, tune_folds(cfg), metric_of(cfg)
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", self.worker_id)
         params = {key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()}
         cfg = with_params(self.cfg, params)
-        epochs = cfg.train.epochs
+        tokens = tokenize_tables(cfg, self.comp, self.console, with_test=False)
         values, epochs_run = [], 0
         try:
             for i, k in enumerate(self.fold_ids):
-                _, train_rows, val_rows, _ = prepare_fold(cfg, self.comp, self.folds, k, self.train_tokens, None,
-                                                          cfg.tune.train_fraction)
-                seed_everything(cfg.train.seed + k)
-                model = build_model(cfg.model, train_rows.meta.shape[1], len(self.comp.classes), root=cfg.root)
+                tr, va = split(self.folds, k)
 
-                def on_epoch(row: dict, offset: int = i * epochs, fold: int = k) -> None:
+                def on_epoch(row: dict, offset: int = i * cfg.train.epochs, fold: int = k) -> None:
                     nonlocal epochs_run
                     epochs_run += 1
                     trial.set_user_attr("epochs_run", epochs_run)
@@ -139,10 +144,10 @@ class Objective:
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"{self.metric} {value:.4f} at epoch {row['epoch']} of fold {fold}")
 
-                result = fit_fold(cfg, model, train_rows, val_rows, None, self.pad_id, self.console, k,
-                                  on_epoch=on_epoch)
+                _, result = fit_split(cfg, self.comp, (train_share(cfg, self.comp, tr, k), va), k, tokens,
+                                      self.console, on_epoch=on_epoch)
                 values.append(result.history[result.best_epoch - 1][self.metric])
-                del model, result
+                del result
         finally:
             gc.collect()  # release the trial's model, optimizer and tensors before the next one
             if torch.cuda.is_available():
@@ -168,8 +173,6 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
         ends = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in ends:
             with_params(cfg, {key: value})
-    tokenizer = load_tokenizer(cfg.model, cfg.root)
-    train_tokens, _ = cached_tokenize(tokenizer, comp.train_text, cfg.model.max_length, cfg.cache_dir)
     storage, url = open_storage(cfg, storage_url)
     name = study_name or cfg.tune.study_name or cfg.run.name
     direction = "minimize" if MONITORS[metric_of(cfg)] == "min" else "maximize"
@@ -185,7 +188,7 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
     done = sum(t.state in FINISHED for t in study.trials)
     console.print(f"study {name!r} in {url}: {done} finished trial(s), target {target}; "
                   f"{metric_of(cfg)} ({direction}) on fold(s) {fold_ids}")
-    objective = Objective(cfg, comp, folds, train_tokens, tokenizer.pad_token_id, console, worker_id)
+    objective = Objective(cfg, comp, folds, console, worker_id)
 
     def announce(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         value = "" if trial.value is None else f"{trial.value:.4f}"

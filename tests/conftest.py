@@ -195,3 +195,12 @@ def postgres_url():
         subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def own_copy(cfg: Path, tmp_path: Path) -> Path:
+    """A test's own copy of a shared trained project (folds record what they were trained on, not where, so
+    they stay valid in the copy): what the test retrains or alters leaves the other tests' project alone."""
+    import shutil
+
+    shutil.copytree(cfg.parent, tmp_path / "own")
+    return tmp_path / "own" / cfg.name

@@ -4,12 +4,12 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-from comp import config, data, demos
+from comp import config, demos, tables
 from tests.conftest import make_tables, write_project
 
 
 def load(cfg_path, *overrides):
-    return data.load_competition(config.load(cfg_path, list(overrides)))
+    return tables.load_competition(config.load(cfg_path, list(overrides)))
 
 
 def test_loads_and_joins_text(project):

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comp import config, folds, outputs, runs, train
-from comp.data import load_competition
+from comp import config, folds, outputs, runs, splits, train
+from comp.batching import cached_tokenize, train_batches
 from comp.distributed import Dist, shard_batches
-from comp.engine import cached_tokenize, predict, train_batches
 from comp.features import MetaEncoder
+from comp.loop import predict
 from comp.model import build_model, load_tokenizer
+from comp.tables import load_competition
 from tests.conftest import make_tables, write_project
 
 
@@ -46,6 +47,27 @@ def _torchrun(cfg: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.parametrize("loss", ["ce", "balanced_ce"])
+def test_shard_scaling_is_exact_for_weighted_losses(loss):
+    """DDP averages the ranks' gradients: with each rank's (class-weighted) mean loss scaled by its factor, the
+    average over ranks and the sum over an accumulation group is the weighted mean over all the group's rows,
+    whatever mix of classes each rank drew."""
+    from comp.config import TrainConfig
+    from comp.objective import make_loss, row_weights
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 14 + [1] * 4 + [2] * 2)
+    rng.shuffle(y)
+    logits = torch.from_numpy(rng.normal(size=(20, 3)).astype(np.float32))
+    tcfg = TrainConfig(loss=loss)
+    loss_fn, weights = make_loss(tcfg, y, 3, torch.device("cpu")), row_weights(tcfg, y, 3)
+    batches = [np.arange(0, 9), np.arange(9, 20)]  # one accumulation group of two unequal batches
+    world, target = 3, torch.from_numpy(y)
+    total = sum(scale * loss_fn(logits[index], target[index]) / world
+                for rank in range(world) for index, scale in shard_batches(batches, Dist(rank, world), 2, weights))
+    assert float(total) == pytest.approx(float(loss_fn(logits, target)), rel=1e-6)
+
+
 def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     tables = make_tables(n_train=120)
     one = write_project(tmp_path / "one", tiny_model, tables)
@@ -71,7 +93,7 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     # every validation and test row was predicted once, by the saved weights, and put back in its place
     cfg = config.load(two)
     comp = load_competition(cfg)
-    split, _ = folds.load_folds(cfg, comp)
+    split, _ = splits.load_folds(cfg, comp)
     tr, va = runs.split(split, 0)
     tok = load_tokenizer(cfg.model, cfg.root)
     tokens, _ = cached_tokenize(tok, comp.train_text, cfg.model.max_length, None)

@@ -3,31 +3,32 @@ import pytest
 import torch
 from rich.console import Console
 
-from comp import engine
+from comp import batching, engine, hardware, loop, objective, state
+from comp.batching import Rows
 from comp.config import ModelConfig, TrainConfig
 from comp.distributed import SINGLE, shard_batches
-from comp.engine import EarlyStopping, Rows
 from comp.model import build_model, load_tokenizer
+from comp.state import EarlyStopping
 
 
 def test_train_batches_cover_every_row_once_and_bucket_by_length():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 200, size=1003)
-    batches = engine.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    batches = batching.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(1003))
     # within a batch the lengths are close: far tighter than random batches
     spread = np.mean([np.ptp(lengths[b]) for b in batches])
     assert spread < 0.25 * np.ptp(lengths)
-    again = engine.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
+    again = batching.train_batches(lengths, 16, np.random.default_rng(1), pool=10)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
-    other = engine.train_batches(lengths, 16, np.random.default_rng(2), pool=10)
+    other = batching.train_batches(lengths, 16, np.random.default_rng(2), pool=10)
     assert not np.array_equal(np.concatenate(other), flat)
 
 
 def test_inference_batches_sorted_and_complete():
     lengths = np.array([5, 1, 9, 3, 7])
-    batches = engine.inference_batches(lengths, 2)
+    batches = batching.inference_batches(lengths, 2)
     assert np.concatenate(batches).tolist() == [1, 3, 0, 4, 2]
 
 
@@ -37,7 +38,7 @@ def tiny(tiny_model):
     tok = load_tokenizer(mcfg)
     texts = ["the dress fits", "lovely", "awful broken refund the size was very plain and the color feels ugly",
              "okay shirt", "great comfy fabric and stunning color"] * 3
-    rows = Rows(engine.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(15, 2)).astype(np.float32),
+    rows = Rows(batching.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(15, 2)).astype(np.float32),
                 np.arange(15) % 3)
     return mcfg, tok, rows
 
@@ -49,17 +50,17 @@ def test_padding_never_changes_a_prediction(tiny, pooling):
     torch.manual_seed(0)
     model = build_model(mcfg, 2, 3)
     cpu = torch.device("cpu")
-    one_by_one = engine.predict(model, rows, 1, tok.pad_token_id, cpu, None)  # no padding at all
-    batched = engine.predict(model, rows, 4, tok.pad_token_id, cpu, None)   # padded to each batch's longest row
+    one_by_one = loop.predict(model, rows, 1, tok.pad_token_id, cpu, None)  # no padding at all
+    batched = loop.predict(model, rows, 4, tok.pad_token_id, cpu, None)   # padded to each batch's longest row
     assert np.allclose(one_by_one, batched, atol=1e-5)
 
 
 def test_predict_restores_row_order(tiny):
     mcfg, tok, rows = tiny
     model = build_model(mcfg, 2, 3)
-    full = engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    full = loop.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
     reversed_rows = Rows(rows.tokens[::-1], rows.meta[::-1].copy(), None)
-    back = engine.predict(model, reversed_rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    back = loop.predict(model, reversed_rows, 4, tok.pad_token_id, torch.device("cpu"), None)
     assert np.allclose(full, back[::-1], atol=1e-5)
 
 
@@ -69,22 +70,22 @@ def test_pooling_changes_the_computation(tiny):
     for pooling in ("cls", "mean"):
         torch.manual_seed(0)
         model = build_model(ModelConfig(**{**mcfg.__dict__, "pooling": pooling}), 2, 3)
-        outs.append(engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None))
+        outs.append(loop.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None))
     assert not np.allclose(outs[0], outs[1])
 
 
 def test_metadata_reaches_the_head(tiny):
     mcfg, tok, rows = tiny
     model = build_model(mcfg, 2, 3)
-    a = engine.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
-    b = engine.predict(model, Rows(rows.tokens, rows.meta + 1.0), 4, tok.pad_token_id, torch.device("cpu"), None)
+    a = loop.predict(model, rows, 4, tok.pad_token_id, torch.device("cpu"), None)
+    b = loop.predict(model, Rows(rows.tokens, rows.meta + 1.0), 4, tok.pad_token_id, torch.device("cpu"), None)
     assert not np.allclose(a, b)
 
 
 def test_optimizer_groups_use_their_learning_rates(tiny):
     mcfg, _, _ = tiny
     model = build_model(mcfg, 2, 3)
-    opt = engine.make_optimizer(model, TrainConfig(encoder_lr=1e-5, head_lr=1e-3))
+    opt = state.make_optimizer(model, TrainConfig(encoder_lr=1e-5, head_lr=1e-3))
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     for group in opt.param_groups:
         expected = 1e-5 if id(group["params"][0]) in encoder_ids else 1e-3
@@ -105,22 +106,21 @@ def test_tokenization_cache_hit_and_invalidation(tmp_path, tiny):
     mcfg, tok, _ = tiny
     texts = ["the dress fits", "lovely comfy fabric", "awful"]
     cache = tmp_path / "cache"
-    first, hit = engine.cached_tokenize(tok, texts, 48, cache)
+    first, hit = batching.cached_tokenize(tok, texts, 48, cache)
     assert not hit and len(list(cache.glob("tokens-*.npz"))) == 1
-    again, hit = engine.cached_tokenize(tok, texts, 48, cache)
+    again, hit = batching.cached_tokenize(tok, texts, 48, cache)
     assert hit and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(first, engine.tokenize(tok, texts, 48), strict=True))
-    assert not engine.cached_tokenize(tok, texts, 4, cache)[1]                        # max_length changed
-    assert not engine.cached_tokenize(tok, [*texts[:2], "awful!"], 48, cache)[1]      # a text changed
+    assert all(np.array_equal(a, b) for a, b in zip(first, batching.tokenize(tok, texts, 48), strict=True))
+    assert not batching.cached_tokenize(tok, texts, 4, cache)[1]                        # max_length changed
+    assert not batching.cached_tokenize(tok, [*texts[:2], "awful!"], 48, cache)[1]      # a text changed
     other = load_tokenizer(mcfg)
     other.add_tokens(["zzzword"])
-    assert not engine.cached_tokenize(other, texts, 48, cache)[1]                     # the tokenizer changed
-    assert engine.cached_tokenize(tok, texts, 48, cache)[1]
+    assert not batching.cached_tokenize(other, texts, 48, cache)[1]                     # the tokenizer changed
+    assert batching.cached_tokenize(tok, texts, 48, cache)[1]
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny):
     mcfg, tok, rows = tiny
-    cpu = torch.device("cpu")
     index = np.arange(14)
     params = []
     for batches, accum in (([index[:7], index[7:]], 2), ([index], 1)):
@@ -132,22 +132,19 @@ def test_grad_accumulation_matches_one_big_batch(tiny):
         tcfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0, warmup_ratio=0.0)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the accumulated gradient itself
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        from rich.console import Console
 
-        progress = engine.make_progress(Console(quiet=True))
-        engine.train_one_epoch(model, rows, batches, opt, sched, torch.nn.CrossEntropyLoss(), tcfg,
-                               tok.pad_token_id, cpu, None, progress, "t")
+        _epoch(model, rows, batches, tcfg, tok.pad_token_id, opt, sched)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
 
 
 def test_token_budget_caps_padded_batch_size_and_keeps_every_row():
     lengths = np.random.default_rng(3).integers(4, 120, size=500)
-    batches = engine.train_batches(lengths, 32, np.random.default_rng(0), pool=5, max_tokens=1500)
+    batches = batching.train_batches(lengths, 32, np.random.default_rng(0), pool=5, max_tokens=1500)
     assert sorted(np.concatenate(batches).tolist()) == list(range(500))
     assert all(len(b) * lengths[b].max() <= 1500 or len(b) == 1 for b in batches)
     assert all(len(b) <= 32 for b in batches)
-    plain = engine.train_batches(lengths, 32, np.random.default_rng(0), pool=5)
+    plain = batching.train_batches(lengths, 32, np.random.default_rng(0), pool=5)
     assert len(batches) > len(plain)  # long rows went into smaller batches
     assert max(len(b) for b in batches) == 32  # short rows still fill whole batches
 
@@ -157,7 +154,7 @@ def test_pad_to_multiple_rounds_widths_within_the_longest_row_and_changes_no_upd
     cpu = torch.device("cpu")
     longest = int(rows.lengths.max())
     for index in (np.array([0, 1]), np.array([2]), np.arange(15)):
-        ids, mask, _ = engine.collate(rows, index, tok.pad_token_id, cpu, 8, longest)
+        ids, mask, _ = batching.collate(rows, index, tok.pad_token_id, cpu, 8, longest)
         own = int(rows.lengths[index].max())
         assert ids.shape[1] == max(own, min(-(-own // 8) * 8, longest))
         assert mask.sum().item() == rows.lengths[index].sum()  # the extra columns are padding only
@@ -170,13 +167,11 @@ def test_pad_to_multiple_rounds_widths_within_the_longest_row_and_changes_no_upd
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         tcfg = TrainConfig(pad_to_multiple_of=multiple, grad_clip=0.0, log_every=1)
-        opt = engine.make_optimizer(model, tcfg)
+        opt = state.make_optimizer(model, tcfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        from rich.console import Console
 
-        engine.train_one_epoch(model, rows, [np.array([0, 1, 3]), np.array([2, 4]), np.arange(5, 15)], opt, sched,
-                               torch.nn.CrossEntropyLoss(), tcfg, tok.pad_token_id, cpu, None,
-                               engine.make_progress(Console(quiet=True)), "t")
+        _epoch(model, rows, [np.array([0, 1, 3]), np.array([2, 4]), np.arange(5, 15)], tcfg, tok.pad_token_id,
+               opt, sched)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
 
@@ -186,13 +181,13 @@ def test_pad_to_multiple_rounds_widths_within_the_longest_row_and_changes_no_upd
                                                       ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
                                                       ((9, 0), torch.bfloat16)])
 def test_auto_precision_on_gpus_takes_bf16_only_where_it_is_native(capability, expected):
-    assert engine.native_precision("cuda", capability, set()) == expected
+    assert hardware.native_precision("cuda", capability, set()) == expected
 
 
 @pytest.mark.parametrize(("flags", "expected"), [({"avx2", "avx512f"}, None), ({"avx512f", "avx512_bf16"}, torch.bfloat16),
                                                  ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), None)])
 def test_auto_precision_on_cpus_follows_the_bf16_flags(flags, expected):
-    assert engine.native_precision("cpu", None, flags) == expected
+    assert hardware.native_precision("cpu", None, flags) == expected
 
 
 def _sgd_update(mcfg, tok, rows, batches, accum, scales=None):
@@ -203,12 +198,19 @@ def _sgd_update(mcfg, tok, rows, batches, accum, scales=None):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     tcfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0, warmup_ratio=0.0)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    progress = engine.make_progress(Console(quiet=True))
-    engine.train_one_epoch(model, rows, batches, opt, sched, torch.nn.CrossEntropyLoss(), tcfg, tok.pad_token_id,
-                           torch.device("cpu"), None, progress, "t", scales=scales)
+    _epoch(model, rows, batches, tcfg, tok.pad_token_id, scales=scales)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _epoch(model, rows, batches, tcfg, pad_id, opt=None, sched=None, scales=None, loss_fn=None):
+    """One train_one_epoch over these batches (each share's loss scaled by `scales`, by default 1 / accum) with
+    a bare training state: SGD at lr 1 unless an optimizer is given."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = sched or torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    rt = loop.Runtime(tcfg, torch.device("cpu"), None, pad_id, loss_fn or torch.nn.CrossEntropyLoss())
+    scales = scales or [1.0 / tcfg.grad_accum_steps] * len(batches)
+    return loop.train_one_epoch(state.TrainState.bare(model, opt, sched), rows, list(zip(batches, scales, strict=True)),
+                                rt, loop.make_progress(Console(quiet=True)))
 
 
 def test_grad_accumulation_weights_micro_batches_by_rows_and_a_partial_group_by_its_own(tiny):
@@ -235,7 +237,7 @@ def test_the_schedule_spans_exactly_the_optimizer_steps_taken(tmp_path, tiny_mod
     tokens = [rng.integers(5, 60, size=n).astype(np.int32) for n in rng.integers(3, 30, size=600)]
     rows = Rows(tokens, np.zeros((600, 0), np.float32), rng.integers(0, 3, size=600))
     planned, taken = {}, []
-    real = engine.get_linear_schedule_with_warmup
+    real = engine.get_linear_schedule_with_warmup  # as fit_fold's set-up calls it
 
     def spy(optimizer, warmup, total):
         planned["total"] = total
@@ -246,7 +248,8 @@ def test_the_schedule_spans_exactly_the_optimizer_steps_taken(tmp_path, tiny_mod
 
     monkeypatch.setattr(engine, "get_linear_schedule_with_warmup", spy)
     model = build_model(cfg.model, 0, 3, root=cfg.root)
-    engine.fit_fold(cfg, model, rows, Rows(tokens[:20], rows.meta[:20], rows.y[:20]), None, 0, Console(quiet=True))
+    fold = engine.Fold(0, rows, Rows(tokens[:20], rows.meta[:20], rows.y[:20]), None, 0)
+    engine.fit_fold(cfg, model, fold, Console(quiet=True))
     assert planned["total"] == len(taken)
 
 
@@ -260,17 +263,17 @@ def test_a_nan_epoch_never_becomes_the_best():
 
 
 def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path, project):
-    from comp import config, data
+    from comp import config, tables
     from comp.distributed import Dist
     from comp.runs import checkpoint_identity
 
     cfg = config.load(project)
-    comp = data.load_competition(cfg)
+    comp = tables.load_competition(cfg)
     one, two = checkpoint_identity(cfg, comp, 0, "fp"), checkpoint_identity(cfg, comp, 0, "fp", Dist(0, 2))
     assert one != two
-    saved = engine.Checkpoint(tmp_path / "last.pt", one)
+    saved = state.Checkpoint(tmp_path / "last.pt", one)
     torch.save({"identity": one}, saved.path)
-    assert saved.load() is not None and engine.Checkpoint(saved.path, two).load() is None
+    assert saved.load() is not None and state.Checkpoint(saved.path, two).load() is None
 
 
 def test_validation_loss_is_the_training_objective_on_the_validation_rows():
@@ -282,10 +285,10 @@ def test_validation_loss_is_the_training_objective_on_the_validation_rows():
     scores = metrics.score(y, logits)
     plain = TrainConfig(loss="ce")
     balanced = TrainConfig(loss="balanced_ce")
-    assert engine.validation_loss(plain, None, rows, logits, scores) == scores["log_loss"]
-    loss_fn = engine.make_loss(balanced, np.array([0, 0, 0, 1]), 2, torch.device("cpu"))
+    assert objective.validation_loss(plain, None, rows, logits, scores) == scores["log_loss"]
+    loss_fn = objective.make_loss(balanced, np.array([0, 0, 0, 1]), 2, torch.device("cpu"))
     nll = -torch.log_softmax(torch.from_numpy(logits), 1)[torch.arange(4), torch.from_numpy(y)].numpy()
     weights = np.array([4 / 6, 4 / 6, 4 / 6, 2.0])  # n / (k * count): class 0 three rows, class 1 one
     expected = (weights * nll).sum() / weights.sum()
-    assert engine.validation_loss(balanced, loss_fn, rows, logits, scores) == pytest.approx(expected, rel=1e-5)
+    assert objective.validation_loss(balanced, loss_fn, rows, logits, scores) == pytest.approx(expected, rel=1e-5)
     assert expected != pytest.approx(scores["log_loss"])

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import blend, config, folds, metrics, outputs, runs, submit, train
-from comp.data import load_competition
+from comp import blend, config, metrics, outputs, runs, splits, submit, train
+from comp.tables import load_competition
 from tests.conftest import assert_user_error, snapshot, trained_project
 
 
@@ -85,7 +85,7 @@ def test_pseudo_rows_come_from_the_folds_own_teacher_and_never_enter_validation(
     cfg_path = two_runs
     cfg = config.load(cfg_path, ["run.name=student", "train.pseudo_run=tiny", "train.pseudo_threshold=0.34"])
     comp = load_competition(cfg)
-    split, fp = folds.load_folds(cfg, comp)
+    split, fp = splits.load_folds(cfg, comp)
     pseudo = runs.pseudo_labels(cfg, comp, fp, 1)
     teacher = softmax(np.load(cfg_path.parent / "folds" / "tiny" / "fold_1" / "test_logits.npy"), axis=1)
     expected = np.flatnonzero(teacher.max(1) >= 0.34)
@@ -93,8 +93,8 @@ def test_pseudo_rows_come_from_the_folds_own_teacher_and_never_enter_validation(
     assert np.array_equal(pseudo.labels, teacher[expected].argmax(1))
     tokens = [np.array([i], np.int32) for i in range(len(comp.train))]
     test_tokens = [np.array([10_000 + i], np.int32) for i in range(len(comp.test))]
-    _, tr_rows, va_rows, _ = runs.prepare_fold(cfg, comp, split, 1, tokens, test_tokens, pseudo=pseudo)
     tr, va = runs.split(split, 1)
+    _, tr_rows, va_rows, _ = runs.prepare_fold(cfg, comp, tr, va, runs.Tokens(tokens, test_tokens, 0), pseudo=pseudo)
     assert [int(t[0]) for t in va_rows.tokens] == va.tolist()  # validation: the fold's own train rows only
     assert len(tr_rows) == len(tr) + len(expected)
     assert sorted(int(t[0]) for t in tr_rows.tokens[len(tr):]) == (10_000 + expected).tolist()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from comp import engine, fastpath
+from comp import batching, fastpath, state
 from comp.config import ModelConfig, TrainConfig
 from comp.model import build_model, load_encoder, load_tokenizer
 
@@ -54,9 +54,9 @@ def batch(tiny_model):
     tok = load_tokenizer(mcfg)
     texts = ["the dress fits", "lovely", "awful broken refund the size was very plain and the color feels ugly",
              "great comfy fabric and stunning color"]
-    rows = engine.Rows(engine.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32),
+    rows = batching.Rows(batching.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32),
                        np.arange(4) % 3)
-    return mcfg, rows, engine.collate(rows, np.arange(4), tok.pad_token_id, torch.device("cpu"))
+    return mcfg, rows, batching.collate(rows, np.arange(4), tok.pad_token_id, torch.device("cpu"))
 
 
 def _no_dropout(model):
@@ -88,7 +88,7 @@ def test_training_attention_matches_sdpa_with_padding(batch, pooling):
         assert torch.allclose(a, b, atol=1e-5)
     # padding never changes a training-mode output either: each row alone, unpadded
     for i in range(len(rows)):
-        ids, mask, meta = engine.collate(rows, np.array([i]), 0, torch.device("cpu"))
+        ids, mask, meta = batching.collate(rows, np.array([i]), 0, torch.device("cpu"))
         assert torch.allclose(model(ids, mask, meta), ours[i:i + 1], atol=1e-5)
     # and under bf16 autocast the two agree to bf16's precision
     low, _ = _logits_and_grads(model, inputs, torch.bfloat16)
@@ -117,7 +117,7 @@ def test_fused_optimizer_takes_the_same_step(batch):
     model = _no_dropout(build_model(mcfg, 2, 3))
     tcfg = TrainConfig(encoder_lr=1e-3, head_lr=1e-2, weight_decay=0.1)
     ref_model = copy.deepcopy(model)
-    opt = engine.make_optimizer(model, tcfg)
+    opt = state.make_optimizer(model, tcfg)
     assert opt.defaults["fused"]
     ref = torch.optim.AdamW([{**g, "params": [dict(ref_model.named_parameters())[n] for n in names]}
                              for g, names in _group_names(opt, model)], foreach=False)

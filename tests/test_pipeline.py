@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import config, data, folds, outputs, runs, submit, train
+from comp import config, folds, outputs, runs, splits, submit, tables, train
 from comp.features import MetaEncoder
 from tests.conftest import assert_user_error, snapshot, trained_project
 
@@ -33,8 +33,8 @@ def test_every_fold_writes_its_artifacts(trained):
 
 def test_no_row_in_both_parts_and_oof_covers_its_fold(trained):
     cfg = config.load(trained)
-    comp = data.load_competition(cfg)
-    f, _ = folds.load_folds(cfg, comp)
+    comp = tables.load_competition(cfg)
+    f, _ = splits.load_folds(cfg, comp)
     seen = []
     for k in range(3):
         tr, va = runs.split(f, k)
@@ -49,8 +49,8 @@ def test_no_row_in_both_parts_and_oof_covers_its_fold(trained):
 
 def test_encoders_fitted_on_training_rows_only(trained):
     cfg = config.load(trained)
-    comp = data.load_competition(cfg)
-    f, _ = folds.load_folds(cfg, comp)
+    comp = tables.load_competition(cfg)
+    f, _ = splits.load_folds(cfg, comp)
     for k in range(3):
         enc = MetaEncoder.load(fold_files(trained, k) / "encoders.json")
         train_part = comp.train["count"][f != k]
@@ -79,7 +79,7 @@ def test_submission_follows_sample_and_averages_fold_probabilities(trained, caps
 
 def test_probability_format_submission(trained, tmp_path):
     cfg = config.load(trained)
-    comp = data.load_competition(cfg)
+    comp = tables.load_competition(cfg)
     sample = pd.DataFrame({"id": comp.sample["id"], "1": 0.0, "3": 0.0, "2": 0.0})
     path = tmp_path / "probs_sample.csv"
     sample.to_csv(path, index=False)

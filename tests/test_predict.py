@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from comp import export, folds, predict, submit, train
-from tests.conftest import assert_user_error, snapshot, write_project
+from tests.conftest import assert_user_error, own_copy, snapshot, write_project
 
 
 def cli(cfg, main, *args):
@@ -193,21 +193,15 @@ def test_a_moved_project_keeps_its_folds_and_a_changed_input_is_refused(tmp_path
 
 def test_folds_trained_before_content_records_stay_valid(trained, tmp_path):
     """Older folds recorded a hash of the settings with the path strings, and no content: they still submit."""
-    run = trained.parent / "folds" / "tiny"
-    backup = tmp_path / "tiny"
-    shutil.copytree(run, backup)
     from comp import config
 
-    cfg = config.load(trained)
-    try:
-        for k in range(3):
-            path = run / f"fold_{k}" / "metrics.json"
-            record = json.loads(path.read_text())
-            assert record.pop("content")["model"]
-            path.write_text(json.dumps({**record, "config_hash": cfg.hash(paths=True)}))
-        assert cli(trained, submit.main) == 0
-        path.write_text(json.dumps({**record, "config_hash": cfg.hash()}))  # the new hash without content: stale
-        assert cli(trained, submit.main) == 2
-    finally:
-        shutil.rmtree(run)
-        shutil.copytree(backup, run)
+    cfg_path = own_copy(trained, tmp_path)
+    cfg = config.load(cfg_path)
+    for k in range(3):
+        path = cfg_path.parent / "folds" / "tiny" / f"fold_{k}" / "metrics.json"
+        record = json.loads(path.read_text())
+        assert record.pop("content")["model"]
+        path.write_text(json.dumps({**record, "config_hash": cfg.hash(paths=True)}))
+    assert cli(cfg_path, submit.main) == 0
+    path.write_text(json.dumps({**record, "config_hash": cfg.hash()}))  # the new hash without content: stale
+    assert cli(cfg_path, submit.main) == 2

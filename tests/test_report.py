@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from comp import config, outputs, report, submit, train
-from tests.conftest import trained_project
+from tests.conftest import own_copy, trained_project
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,8 @@ def test_report_cli_and_runs_table(run, capsys):
     assert "best CV first" in out and "CV - LB" in out and "tiny" in out
 
 
-def test_run_log_and_plain_output_outside_a_terminal(run, capsys):
+def test_run_log_and_plain_output_outside_a_terminal(run, tmp_path, capsys):
+    run = own_copy(run, tmp_path)
     capsys.readouterr()
     assert train.main(["--config", str(run), "--fold", "1", "--force"]) == 0
     out = capsys.readouterr().out
@@ -77,7 +78,8 @@ def test_run_log_and_plain_output_outside_a_terminal(run, capsys):
     assert "\x1b" not in out and "CV macro_f1" in out
 
 
-def test_quiet_prints_nothing(run, capsys):
+def test_quiet_prints_nothing(run, tmp_path, capsys):
+    run = own_copy(run, tmp_path)
     capsys.readouterr()
     assert train.main(["--config", str(run), "--fold", "2", "--force", "--quiet"]) == 0
     assert submit.main(["--config", str(run), "--quiet"]) == 0

@@ -8,9 +8,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import config, engine
+from comp import batching, config, engine, objective, state
+from comp.batching import Rows
 from comp.config import ModelConfig, TrainConfig
-from comp.engine import Rows
 from comp.model import GATE_BETA, build_model, load_tokenizer
 from tests.conftest import write_project
 
@@ -21,20 +21,20 @@ def tiny(tiny_model):
     tok = load_tokenizer(mcfg)
     texts = ["the dress fits", "lovely", "awful broken refund the size was very plain", "okay shirt",
              "great comfy fabric and stunning color", "plain fine"] * 4
-    rows = Rows(engine.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(24, 2)).astype(np.float32),
+    rows = Rows(batching.tokenize(tok, texts, 48), np.random.default_rng(0).normal(size=(24, 2)).astype(np.float32),
                 np.array([0, 0, 0, 0, 1, 2] * 4))
     return mcfg, tok, rows
 
 
 def batch(rows, tok, n=6):
-    return engine.collate(rows, np.arange(n), tok.pad_token_id, torch.device("cpu"))
+    return batching.collate(rows, np.arange(n), tok.pad_token_id, torch.device("cpu"))
 
 
 def test_layer_decay_scales_each_encoder_layer(tiny):
     mcfg, _, _ = tiny
     model = build_model(mcfg, 2, 3)
     tcfg = TrainConfig(encoder_lr=1e-3, head_lr=5e-3, layer_decay=0.5)
-    opt = engine.make_optimizer(model, tcfg)
+    opt = state.make_optimizer(model, tcfg)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert len(lr_of) == sum(1 for p in model.parameters())  # every parameter exactly once
     named = dict(model.named_parameters())
@@ -43,7 +43,7 @@ def test_layer_decay_scales_each_encoder_layer(tiny):
     assert lr_of[id(named["encoder.encoder.layer.0.output.dense.weight"])] == pytest.approx(2.5e-4)
     assert lr_of[id(named["encoder.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
     assert lr_of[id(named["out.weight"])] == pytest.approx(5e-3)
-    flat = engine.make_optimizer(model, TrainConfig(encoder_lr=1e-3, head_lr=5e-3))
+    flat = state.make_optimizer(model, TrainConfig(encoder_lr=1e-3, head_lr=5e-3))
     assert {g["lr"] for g in flat.param_groups} == {1e-3, 5e-3}
 
 
@@ -73,44 +73,62 @@ def test_losses(tiny):
     y = torch.from_numpy(rows.y)
     cpu = torch.device("cpu")
     ce = torch.nn.functional.cross_entropy(logits, y)
-    assert torch.allclose(engine.make_loss(TrainConfig(), rows.y, 3, cpu)(logits, y), ce)
+    assert torch.allclose(objective.make_loss(TrainConfig(), rows.y, 3, cpu)(logits, y), ce)
     # balanced: 16 / 4 / 4 rows -> weights n / (k count) = 0.5, 2, 2
-    balanced = engine.make_loss(TrainConfig(loss="balanced_ce"), rows.y, 3, cpu)
+    balanced = objective.make_loss(TrainConfig(loss="balanced_ce"), rows.y, 3, cpu)
     w = torch.tensor([0.5, 2.0, 2.0])
     per_row = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     assert torch.allclose(balanced(logits, y), (w[y] * per_row).sum() / w[y].sum())
-    focal = engine.make_loss(TrainConfig(loss="focal", focal_gamma=2.0), rows.y, 3, cpu)
+    focal = objective.make_loss(TrainConfig(loss="focal", focal_gamma=2.0), rows.y, 3, cpu)
     p = torch.softmax(logits, 1)[torch.arange(24), y]
     assert torch.allclose(focal(logits, y), ((1 - p) ** 2 * per_row).mean(), atol=1e-6)
-    assert torch.allclose(engine.make_loss(TrainConfig(loss="focal", focal_gamma=0.0), rows.y, 3, cpu)(logits, y), ce)
+    assert torch.allclose(objective.make_loss(TrainConfig(loss="focal", focal_gamma=0.0), rows.y, 3, cpu)(logits, y), ce)
 
 
-def test_ema_tracks_the_weights_and_evaluation_uses_it(tiny):
+def test_ema_shadow_after_n_updates_is_the_warmed_up_average(tiny):
+    """After n updates the shadow is the recursion s_t = d_t s_(t-1) + (1 - d_t) w_t with the warm-up decay
+    d_t = min(decay, (1 + t) / (10 + t)), starting from the initial weights; evaluation swaps it in and out."""
     mcfg, _, _ = tiny
     model = build_model(mcfg, 2, 3)
-    ema = engine.EMA(model, 0.9)
-    start = model.out.weight.detach().clone()
-    with torch.no_grad():
-        model.out.weight.add_(1.0)
-    ema.update(model)  # warm-up decay min(0.9, 2/11)
-    d = 2 / 11
-    assert torch.allclose(ema.shadow["out.weight"], d * start + (1 - d) * (start + 1.0), atol=1e-6)
+    ema = state.EMA(model, 0.9)
+    expected = model.out.weight.detach().clone().double()
+    for t in range(1, 31):
+        with torch.no_grad():
+            model.out.weight.add_(0.1 * t)
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * model.out.weight.detach().double()
+    assert ema.updates == 30
+    assert torch.allclose(ema.shadow["out.weight"].double(), expected, atol=1e-5)
+    own = model.out.weight.detach().clone()
     with ema.applied(model):
         assert torch.allclose(model.out.weight, ema.shadow["out.weight"])
-    assert torch.allclose(model.out.weight, start + 1.0)  # its own weights back
+    assert torch.equal(model.out.weight, own)  # its own weights back
 
 
-def test_reinit_layers_redraws_only_the_top_layers(tiny, tiny_model):
+def test_reinit_layers_redraws_only_the_top_layers(tiny, tiny_model, tmp_path):
+    """The top layer is drawn afresh by the encoder's own initializer (weights N(0, initializer_range), biases 0,
+    LayerNorm 1 / 0); the layers below keep their pretrained weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     mcfg, _, _ = tiny
-    saved = load_file(str(tiny_model / "model.safetensors"))
+    shutil.copytree(tiny_model, tmp_path / "m")
+    saved = {k: v * 3 + 1 if "layer.1." in k else v  # a pretrained top layer unlike any fresh draw
+             for k, v in load_file(str(tiny_model / "model.safetensors")).items()}
+    save_file(saved, str(tmp_path / "m" / "model.safetensors"))
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(mcfg, reinit_layers=1), 2, 3)
-    state = model.encoder.state_dict()
-    key = next(k for k in saved if k.endswith("layer.0.attention.self.query.weight"))
-    top = key.replace("layer.0", "layer.1")
-    mine = key.removeprefix("bert.")
-    assert torch.equal(state[mine], saved[key])
-    assert not torch.equal(state[top.removeprefix("bert.")], saved[top])
+    model = build_model(dataclasses.replace(mcfg, name_or_path=str(tmp_path / "m"), reinit_layers=1), 2, 3)
+    std = model.encoder.config.initializer_range
+    for name, value in model.encoder.state_dict().items():
+        if "layer.0." in name:
+            assert torch.equal(value, saved.get("bert." + name, saved.get(name))), name
+        elif "layer.1." in name and name.endswith("weight") and "LayerNorm" not in name:
+            assert abs(value.mean().item()) < 0.02 and abs(value.std().item() - std) < 0.25 * std, name
+        elif "layer.1." in name:
+            fresh = torch.ones_like(value) if "LayerNorm.weight" in name else torch.zeros_like(value)
+            assert torch.equal(value, fresh), name
     with pytest.raises(Exception, match="reinit_layers = 5"):
         build_model(dataclasses.replace(mcfg, reinit_layers=5), 2, 3)
 
@@ -147,7 +165,7 @@ def test_ema_and_tricks_run_through_fit_fold(tmp_path, tiny_model, tiny):
             c = c.replace(section, **changes)
         torch.manual_seed(0)
         model = build_model(c.model, 2, 3, root=c.root)
-        res = engine.fit_fold(c, model, rows, rows, None, tok.pad_token_id, Console(quiet=True))
+        res = engine.fit_fold(c, model, engine.Fold(0, rows, rows, None, tok.pad_token_id), Console(quiet=True))
         results[name] = res.val_logits
     for name, logits in results.items():
         if name != "plain":

@@ -15,8 +15,7 @@ import torch
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from comp import config, data, engine, folds, train, tune
-from comp.model import load_tokenizer
+from comp import config, folds, splits, tables, train, tune
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,13 +138,11 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, tiny_model):
 def test_trials_release_memory(project):
     assert folds.main(["--config", str(project)]) == 0
     cfg = config.load(project, ["train.epochs=1"])
-    comp = data.load_competition(cfg)
-    f, _ = folds.load_folds(cfg, comp)
-    tok = load_tokenizer(cfg.model, cfg.root)
-    tokens = engine.tokenize(tok, comp.train_text, cfg.model.max_length)
+    comp = tables.load_competition(cfg)
+    f, _ = splits.load_folds(cfg, comp)
     from rich.console import Console
 
-    objective = tune.Objective(cfg, comp, f, tokens, tok.pad_token_id, Console(quiet=True))
+    objective = tune.Objective(cfg, comp, f, Console(quiet=True))
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     live = []
     for _ in range(5):
@@ -155,3 +152,29 @@ def test_trials_release_memory(project):
     assert max(live[1:]) <= live[0], live  # no tensors kept alive trial over trial
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     json.dumps(live)
+
+
+def test_a_trial_trains_on_tokens_of_its_own_max_length(project, monkeypatch):
+    """model.max_length in [tune.space] must change what the trial's model reads (tokens follow the trial's
+    config through the cache), not only the config it records."""
+    assert folds.main(["--config", str(project)]) == 0
+    cfg = config.load(project, ["train.epochs=1", "tune.folds=[0]"])
+    cfg = cfg.replace("tune", space={"model.max_length": {"type": "categorical", "choices": [8, 48]}})
+    comp = tables.load_competition(cfg)
+    f, _ = splits.load_folds(cfg, comp)
+    seen = []
+    real = tune.fit_split
+
+    def spy(trial_cfg, comp, part, index, tokens, *args, **kwargs):
+        seen.append((trial_cfg.model.max_length, max(len(t) for t in tokens.train)))
+        return real(trial_cfg, comp, part, index, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "fit_split", spy)
+    from rich.console import Console
+
+    objective = tune.Objective(cfg, comp, f, Console(quiet=True))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for length in (8, 48):
+        study.enqueue_trial({"model.max_length": length})
+    study.optimize(objective, n_trials=2)
+    assert sorted(seen) == [(8, 8), (48, max(n for m, n in seen if m == 48))] and seen[0][1] != seen[1][1]

@@ -1,0 +1,182 @@
+"""Rows and the batches they are cut into: tokenize once (through an on-disk cache), length-bucketed
+training batches, length-sorted inference batches, padding to a batch's longest row."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from transformers import PreTrainedTokenizerBase
+
+from comp.artifacts import atomic_path
+from comp.config import TrainConfig
+from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
+
+
+@dataclass
+class Rows:
+    """Tokenized rows (no padding) with their metadata matrix and, for training rows, labels."""
+
+    tokens: list[np.ndarray]
+    meta: np.ndarray
+    y: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+
+    def subset(self, index: np.ndarray, meta: np.ndarray) -> Rows:
+        """Rows at `index` with a freshly encoded metadata matrix."""
+        y = None if self.y is None else self.y[index]
+        return Rows([self.tokens[i] for i in index], meta, y)
+
+    def __add__(self, other: Rows) -> Rows:
+        """These rows followed by the other's (both labelled)."""
+        return Rows(self.tokens + other.tokens, np.concatenate([self.meta, other.meta]), np.concatenate([self.y, other.y]))
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048,
+             progress: Progress | None = None) -> list[np.ndarray]:
+    """Token ids of each text, truncated to max_length, without padding; batched through the fast tokenizer."""
+    out: list[np.ndarray] = []
+    task = progress.add_task("tokenize", total=len(texts), info="") if progress else None
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)
+        out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        if progress:
+            progress.update(task, completed=len(out))
+    if progress:
+        progress.remove_task(task)
+    return out
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides how the tokenizer splits text (vocabulary, normalizer, specials)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # call-time state the tokenizer keeps from its last use
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                    cache_dir: Path | None, progress: Progress | None = None) -> tuple[list[np.ndarray], bool]:
+    """tokenize(), through an on-disk cache keyed by tokenizer identity, max_length and the texts;
+    returns the token ids and whether the cache answered."""
+    if cache_dir is None:
+        return tokenize(tokenizer, texts, max_length, progress=progress), False
+    h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{max_length}|{len(texts)}|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    path = cache_dir / f"tokens-{h.hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                flat, offsets = z["ids"], z["offsets"]
+            return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], True
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # a broken cache file is rebuilt below
+    tokens = tokenize(tokenizer, texts, max_length, progress=progress)
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in tokens])
+    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=flat.astype(np.int32), offsets=offsets)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(tokens))], False
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50,
+                  max_tokens: int = 0) -> list[np.ndarray]:
+    """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches.
+    max_tokens > 0 also caps each batch's padded size (rows × its longest row): long rows come in smaller
+    batches."""
+    perm = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(perm), batch_size * pool):
+        chunk = perm[start:start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        if max_tokens <= 0:
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            continue
+        begin = 0
+        for i in range(1, len(chunk) + 1):  # sorted: the row just added is the batch's longest
+            if i == len(chunk) or i - begin >= batch_size or (i + 1 - begin) * lengths[chunk[i]] > max_tokens:
+                batches.append(chunk[begin:i])
+                begin = i
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def epoch_batches(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE,
+                  weights: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
+    """One epoch's batches for this rank, each with the factor its mean loss is scaled by (see shard_batches;
+    `weights`: each row's weight in the loss, for class-weighted losses); draws from rng."""
+    batches = train_batches(lengths, tcfg.batch_size * d.world, rng, max_tokens=tcfg.max_tokens_per_batch * d.world)
+    return shard_batches(batches, d, tcfg.grad_accum_steps, weights)
+
+
+def planned_steps(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE) -> int:
+    """The optimizer steps of train.epochs epochs: the epochs' batch lists drawn as training will draw them
+    (rng seeded as the loop's), so token budgets and DDP merging are counted exactly."""
+    return sum(math.ceil(len(epoch_batches(lengths, tcfg, rng, d)) / tcfg.grad_accum_steps) for _ in range(tcfg.epochs))
+
+
+def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE) -> list[np.ndarray]:
+    """Rows sorted by length, cut into batches (the caller restores the original order); under DDP only
+    this rank's share, every world-th row of that order."""
+    order = shard_rows(np.argsort(lengths, kind="stable"), d)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1,
+            cap: int = 0) -> tuple[torch.Tensor, ...]:
+    """Pad the chosen rows to their longest one, rounded up to `multiple` tokens but never past `cap`;
+    returns input_ids, attention_mask, meta."""
+    seqs = [rows.tokens[i] for i in index]
+    width = max(len(s) for s in seqs)
+    if multiple > 1:
+        width = max(width, min(-(-width // multiple) * multiple, cap))
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+    tensors = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(rows.meta[index]))
+    if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the free pages inside glibc's heaps back to the system. Every step allocates activations of
+    new shapes, and the heap fragments under that: without this a full-data demo fold grew past 4 GB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

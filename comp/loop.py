@@ -1,0 +1,133 @@
+"""The loop: one training epoch over length-bucketed batches, and prediction over length-sorted ones."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from comp.batching import Rows, collate, inference_batches, release_free_memory
+from comp.config import TrainConfig
+from comp.distributed import SINGLE, Dist
+from comp.errors import CompError
+from comp.model import TextMetaClassifier
+from comp.state import TrainState
+
+
+def make_progress(console: Console) -> Progress:
+    """A rich progress bar; silent when the console is not a terminal."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a fold's loop runs: its settings, device, autocast dtype (None: fp32), padding id, loss, process
+    group, and the fold's number (for the progress bar)."""
+
+    tcfg: TrainConfig
+    device: torch.device
+    amp: torch.dtype | None
+    pad_id: int
+    loss_fn: nn.Module
+    d: Dist = SINGLE
+    fold: int = 0
+
+
+class RunningLoss:
+    """The summed training loss and rows of an epoch so far, on the device (read back only to report).
+    Under DDP rank 0 carries the sums restored from a checkpoint; the other ranks count from zero."""
+
+    def __init__(self, loss_sum: float, seen: int, rt: Runtime):
+        self.rt = rt
+        self.total = torch.tensor(loss_sum if rt.d.is_main else 0.0, dtype=torch.float32, device=rt.device)
+        self.seen = seen if rt.d.is_main else 0
+
+    def add(self, loss: torch.Tensor, rows: int) -> None:
+        self.total += loss.detach() * rows
+        self.seen += rows
+
+    def summed(self) -> tuple[float, int]:
+        """The sums over every rank."""
+        loss_sum, n = self.rt.d.sum(float(self.total.item()), self.seen)
+        return loss_sum, int(n)
+
+    def restart_from(self, loss_sum: float, n: int) -> None:
+        self.total.fill_(loss_sum if self.rt.d.is_main else 0.0)
+        self.seen = n if self.rt.d.is_main else 0
+
+
+def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray, float]], rt: Runtime,
+                    progress: Progress, on_checkpoint=None) -> float:
+    """One pass over this rank's shares of the epoch's batches (from state.fit.step on, when resuming);
+    returns the mean training loss over every rank's rows. Each share's mean loss is scaled by its factor
+    (distributed.shard_batches); the gradients of grad_accum_steps batches are summed before each optimizer
+    step, and under DDP synchronised only then. `on_checkpoint` is called every train.checkpoint_every
+    steps with the running sums in state.fit."""
+    fit, tcfg = state.fit, rt.tcfg
+    ddp = isinstance(state.trained, nn.parallel.DistributedDataParallel)
+    state.trained.train()
+    task = progress.add_task(f"fold {rt.fold} epoch {fit.epoch}/{tcfg.epochs}", total=len(shares),
+                             completed=fit.step, info="")
+    y = torch.from_numpy(rows.y).to(rt.device)
+    longest = int(rows.lengths.max()) if len(rows) else 0  # widths rounded up stay within the rows' own longest
+    running = RunningLoss(fit.loss_sum, fit.seen, rt)
+    for step in range(fit.step + 1, len(shares) + 1):
+        index, scale = shares[step - 1]
+        input_ids, mask, meta = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)
+        boundary = step % tcfg.grad_accum_steps == 0 or step == len(shares)
+        with state.trained.no_sync() if ddp and not boundary else contextlib.nullcontext():
+            loss = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp), y[index])
+            state.scaler.scale(loss * scale).backward()
+        if boundary:
+            state.optimizer_step(tcfg.grad_clip)
+        running.add(loss, len(index))
+        if step % tcfg.log_every == 0 or step == len(shares):
+            # the only host sync: every log_every steps, for the running loss on the progress bar
+            progress.update(task, completed=step, info=f"loss {running.total.item() / running.seen:.4f}")
+            if rt.device.type == "cpu":
+                release_free_memory()
+        else:
+            progress.update(task, completed=step)
+        if (on_checkpoint and tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0
+                and step % tcfg.grad_accum_steps == 0 and step < len(shares)):
+            fit.step, (fit.loss_sum, fit.seen) = step, running.summed()  # rank 0's checkpoint holds every rank's sums
+            running.restart_from(fit.loss_sum, fit.seen)
+            on_checkpoint()
+    progress.remove_task(task)
+    loss_sum, n = running.summed()
+    return float(loss_sum / max(n, 1))
+
+
+@torch.inference_mode()
+def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int, device: torch.device,
+            amp_dtype: torch.dtype | None, progress: Progress | None = None, description: str = "predict",
+            d: Dist = SINGLE) -> np.ndarray:
+    """fp32 logits for every row, in the rows' original order. Under DDP each rank predicts every
+    world-th row of the length order and every rank gets all the logits back."""
+    model.eval()
+    out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
+    batches = inference_batches(rows.lengths, batch_size, d)
+    mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    task = progress.add_task(description, total=len(batches), info="") if progress else None
+    for step, index in enumerate(batches, 1):
+        input_ids, mask, meta = collate(rows, index, pad_id, device)
+        out[index] = model(input_ids, mask, meta, amp_dtype).float().cpu().numpy()
+        if progress:
+            progress.update(task, completed=step)
+    if progress:
+        progress.remove_task(task)
+    if d.enabled:
+        parts = d.gather((mine, out[mine]))
+        covered = np.concatenate([index for index, _ in parts])
+        if len(covered) != len(rows) or not np.array_equal(np.sort(covered), np.arange(len(rows))):
+            raise CompError(f"{description}: the ranks' predictions do not cover every row exactly once")
+        for index, logits in parts:
+            out[index] = logits
+    return out

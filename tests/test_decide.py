@@ -1,0 +1,95 @@
+"""The metric registry against scikit-learn, and decision rules fitted honestly (--decide)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, log_loss
+
+from comp import decide, export, metrics, predict, submit
+from tests.conftest import assert_user_error, own_copy, snapshot, trained_project
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    """The tiny project with every fold trained (each test works on its own copy)."""
+    return trained_project(tmp_path_factory.mktemp("decide"), tiny_model)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_metric_matches_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 5, size=300)
+    y[y == 4] = 3  # class 4 never true
+    logits = rng.normal(size=(300, 5))
+    pred = logits.argmax(1)
+    got = metrics.score(y, logits)
+    assert got["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", labels=range(5), zero_division=0))
+    assert got["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic", labels=range(5)))
+    probs = metrics.probabilities(logits)
+    assert got["log_loss"] == pytest.approx(log_loss(y, probs, labels=range(5)))
+    assert set(metrics.NAMES) == set(got) and set(metrics.DIRECTION) == set(got)
+
+
+def _underpredicted(seed=0, n=600):
+    """Probabilities that are right about the order of most rows but shrink class 2, so argmax misses it."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    logits = rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[y]
+    probs = metrics.probabilities(logits) * np.array([1.0, 1.0, 0.15])
+    return y, probs / probs.sum(1, keepdims=True)
+
+
+def test_the_rule_raises_the_metric_by_weighting_the_shrunk_class_up():
+    y, probs = _underpredicted()
+    w = decide.fit(y, probs, "macro_f1")
+    before = metrics.score_labels(y, probs.argmax(1), 3)["macro_f1"]
+    after = metrics.score_labels(y, decide.decided(probs, w).argmax(1), 3)["macro_f1"]
+    assert w[0] == 1.0 and w[2] > 2.0 and after > before + 0.05
+
+
+def test_fold_ks_rule_never_sees_fold_ks_rows():
+    y, probs = _underpredicted()
+    folds = np.arange(len(y)) % 3
+    _, weights = decide.cross_fit(y, folds, probs, "macro_f1")
+    changed = probs.copy()
+    changed[folds == 0] = np.roll(changed[folds == 0], 1, axis=1)  # fold 0's OOF rows, scrambled
+    _, again = decide.cross_fit(y, folds, changed, "macro_f1")
+    assert np.array_equal(weights[0], again[0])  # fitted on folds 1 and 2 only
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[1:], again[1:], strict=True))
+
+
+def test_submit_decide_writes_the_rule_and_predict_and_bundles_apply_it(trained, tmp_path, capsys):
+    cfg = own_copy(trained, tmp_path)
+    data = cfg.parent / "data"
+    assert submit.main(["--config", str(cfg), "--decide"]) == 0
+    out = capsys.readouterr().out
+    assert "decide: CV macro_f1" in out
+    rule = json.loads((cfg.parent / "folds" / "tiny" / "decision.json").read_text())
+    assert rule["metric"] == "macro_f1" and len(rule["weights"]) == 3 and len(rule["fold_weights"]) == 3
+    written = pd.read_csv(cfg.parent / "submissions" / "tiny.csv")
+    args = ["--test", str(data / "test.csv"), "--sample", str(data / "sample_submission.csv")]
+    assert predict.main(["--config", str(cfg), "--quiet", "--out", str(tmp_path / "p.csv"), *args]) == 0
+    assert pd.read_csv(tmp_path / "p.csv").equals(written)
+    assert export.main(["--config", str(cfg), "--quiet", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["decision"] == rule["weights"]
+    assert predict.main(["--quiet", "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "q.csv"), *args]) == 0
+    assert pd.read_csv(tmp_path / "q.csv").equals(written)
+    assert submit.main(["--config", str(cfg)]) == 0  # a plain submit drops the rule
+    assert not (cfg.parent / "folds" / "tiny" / "decision.json").exists()
+
+
+@pytest.mark.parametrize("case", ["probability metric", "probability submission"])
+def test_decide_where_it_cannot_apply_is_one_line_and_writes_nothing(trained, tmp_path, capsys, case):
+    cfg = own_copy(trained, tmp_path)
+    extra = ["--set", "data.metric=log_loss"]
+    if case == "probability submission":
+        sample = pd.read_csv(cfg.parent / "data" / "sample_submission.csv")[["id"]].assign(**{c: 0.1 for c in ("1", "2", "3")})
+        sample.to_csv(cfg.parent / "data" / "probs.csv", index=False)
+        extra = ["--set", "data.sample_submission=data/probs.csv"]
+    before = snapshot(cfg.parent)
+    code = submit.main(["--config", str(cfg), "--decide", *extra])
+    assert_user_error(code, capsys, "--decide")
+    assert snapshot(cfg.parent) == before
