@@ -52,6 +52,7 @@ class FoldsConfig:
     n_splits: int = 5
     seed: int = 42
     path: str = "folds/folds.csv"
+    group: str = ""  # a training column: rows sharing its value stay in one fold (StratifiedGroupKFold)
 
     def __post_init__(self):
         _require(self.n_splits >= 2, "folds.n_splits must be >= 2")
@@ -234,7 +235,8 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"model": {"kind": "encoder", "min_category_rows": 1, "numeric_transform": "standard", "wide": "off",
+LATER = {"folds": {"group": ""},
+         "model": {"kind": "encoder", "min_category_rows": 1, "numeric_transform": "standard", "wide": "off",
                    "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,

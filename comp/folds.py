@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.table import Table
@@ -12,7 +13,7 @@ from comp import cli
 from comp.artifacts import read_json
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.splits import fingerprint, make_folds, meta_path, trained_runs, write_folds
+from comp.splits import groups_of, import_folds, make_folds, meta_path, split_fingerprint, trained_runs, write_folds
 from comp.tables import Competition, load_competition
 
 
@@ -20,21 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m comp.folds`: write folds/folds.csv once for the training table."""
     parser = cli.parser("comp.folds", main.__doc__)
     parser.add_argument("--force", action="store_true", help="replace a split that trained folds depend on")
+    parser.add_argument("--from", dest="source", metavar="FILE",
+                        help="import your own split: a table of the training ids and their fold (0 .. n_splits-1)")
     args = parser.parse_args(argv)
 
     def body():
         started = time.perf_counter()
         cfg = cli.load_config(args)
         comp = load_competition(cfg)
-        labels = np.array(comp.classes)[comp.y]
-        fold = make_folds(labels, cfg.folds.n_splits, cfg.folds.seed)
-        new_fp = fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed)
+        if args.source:
+            fold = import_folds(cfg, comp, Path(args.source))
+        else:
+            fold = make_folds(np.array(comp.classes)[comp.y], cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp))
+        new_fp = split_fingerprint(cfg, comp, fold, bool(args.source))
         old = read_json(meta_path(cfg)) if meta_path(cfg).is_file() else {}
         dependants = trained_runs(cfg)
         if old and old.get("fingerprint") != new_fp and dependants and not args.force:
             raise CompError(f"{cfg.folds_path} already holds another split that {len(dependants)} trained fold(s) "
                             f"depend on (e.g. {dependants[0].parent}); pass --force to replace it")
-        fp = write_folds(cfg, comp, fold)
+        fp = write_folds(cfg, comp, fold, str(Path(args.source).resolve()) if args.source else "")
         _print_summary(cfg, comp, fold, fp, args.quiet)
         if not args.quiet:
             print(f"folds took {time.perf_counter() - started:.1f}s")
@@ -45,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_summary(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, quiet: bool = False) -> None:
     console = cli.console(quiet)
-    table = Table(title=f"{cfg.folds_path}  ({len(fold)} rows, fingerprint {fp})")
+    groups = groups_of(cfg, comp)
+    grouped = "" if groups is None else f", {len(set(groups))} groups of {cfg.folds.group!r}"
+    table = Table(title=f"{cfg.folds_path}  ({len(fold)} rows{grouped}, fingerprint {fp})")
     table.add_column("fold", justify="right")
     table.add_column("rows", justify="right")
     for c in comp.classes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from comp.artifacts import atomic_path, read_json, sha256, write_json
 from comp.config import Config
@@ -15,17 +15,37 @@ from comp.errors import CompError
 from comp.tables import Competition
 
 
-def fingerprint(ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int) -> str:
-    """A hash of the rows, their labels and the split settings; order of rows does not matter."""
+def fingerprint(ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None,
+                assignment: np.ndarray | None = None) -> str:
+    """A hash of the rows, their labels (and groups) and the split settings; order of rows does not matter. comp's
+    own split follows from these; an imported one also hashes its `assignment` (each row's fold)."""
     order = np.argsort(ids, kind="stable")
-    h = hashlib.sha256(f"{n_splits}|{seed}|".encode())
+    h = hashlib.sha256(f"{n_splits}|{seed}|{'imported|' if assignment is not None else ''}".encode())
+    extra = [x for x in (groups, assignment) if x is not None]
     for i in order:
-        h.update(f"{ids[i]}\t{labels[i]}\n".encode())
+        h.update(("\t".join([str(ids[i]), str(labels[i]), *(str(x[i]) for x in extra)]) + "\n").encode())
     return h.hexdigest()[:16]
 
 
-def make_folds(labels: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
-    """The fold number of each row (shuffled, seeded StratifiedKFold)."""
+def groups_of(cfg: Config, comp: Competition) -> np.ndarray | None:
+    """folds.group's value for every training row (None when the split is not grouped)."""
+    col = cfg.folds.group
+    if not col:
+        return None
+    if col not in comp.train.columns:
+        raise CompError(f"folds.group = {col!r} is not a column of {cfg.path(cfg.data.train)} (columns are: "
+                        f"{', '.join(map(str, comp.train.columns))}); fix folds.group")
+    values = comp.train[col]
+    if values.isna().any():
+        first = comp.train[cfg.data.id][values.isna()].iloc[0]
+        raise CompError(f"folds.group column {col!r} has {int(values.isna().sum())} missing value(s) (first: id "
+                        f"{first}): every row needs a group; fill them in or drop folds.group")
+    return values.astype(str).to_numpy()
+
+
+def make_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The fold number of each row: shuffled, seeded StratifiedKFold, or with groups StratifiedGroupKFold (every
+    row of a group in one fold, the label shares kept as close as the groups allow)."""
     classes, counts = np.unique(labels, return_counts=True)
     small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < n_splits]
     if small:
@@ -33,8 +53,16 @@ def make_folds(labels: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
         raise CompError(f"class {c} has {n} row(s), fewer than folds.n_splits = {n_splits}; "
                         "lower folds.n_splits or merge / drop that class")
     fold = np.full(len(labels), -1, dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    if groups is None:
+        parts = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    else:
+        n_groups = len(set(groups))
+        if n_groups < n_splits:
+            raise CompError(f"folds.group has {n_groups} distinct value(s), fewer than folds.n_splits = {n_splits}; "
+                            "lower folds.n_splits or group more finely")
+        parts = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels, groups)
+    for k, (_, val) in enumerate(parts):
         fold[val] = k
     return fold
 
@@ -43,15 +71,55 @@ def meta_path(cfg: Config) -> Path:
     return cfg.folds_path.with_suffix(".json")
 
 
-def write_folds(cfg: Config, comp: Competition, fold: np.ndarray) -> str:
-    """Write folds.csv (id, fold) and its fingerprint file; return the fingerprint."""
+def split_fingerprint(cfg: Config, comp: Competition, fold: np.ndarray, imported: bool) -> str:
     labels = np.array(comp.classes)[comp.y]
-    fp = fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed)
+    return fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp),
+                       fold if imported else None)
+
+
+def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, imported: str = "") -> str:
+    """Write folds.csv (id, fold) and its fingerprint file (`imported`: the file the split came from); return
+    the fingerprint."""
+    fp = split_fingerprint(cfg, comp, fold, bool(imported))
     with atomic_path(cfg.folds_path) as tmp:
         pd.DataFrame({"id": comp.train_ids, "fold": fold}).to_csv(tmp, index=False)
     write_json(meta_path(cfg), {"fingerprint": fp, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed,
-                                "n_rows": len(fold), "csv_sha256": sha256(cfg.folds_path)})
+                                "group": cfg.folds.group, "imported": imported, "n_rows": len(fold),
+                                "csv_sha256": sha256(cfg.folds_path)})
     return fp
+
+
+def import_folds(cfg: Config, comp: Competition, path: Path) -> np.ndarray:
+    """A user's own split (a table with id and fold columns) aligned with the training rows, after checking it
+    names every training row once, no other id, and folds 0 .. n_splits-1 each with rows."""
+    from comp.tables import read_table
+
+    if not path.is_file():
+        raise CompError(f"--from {path}: no such file")
+    table = read_table(path, "folds", cfg.data.id)
+    id_col = cfg.data.id if cfg.data.id in table.columns else "id"
+    if id_col not in table.columns or "fold" not in table.columns:
+        raise CompError(f"{path} needs the columns {cfg.data.id} (or id) and fold (it has "
+                        f"{', '.join(map(str, table.columns))})")
+    if table[id_col].duplicated().any():
+        raise CompError(f"{path} names id {table[id_col][table[id_col].duplicated()].iloc[0]} more than once: "
+                        "give each training row one fold")
+    fold = pd.to_numeric(table["fold"], errors="coerce")
+    if fold.isna().any() or (fold % 1 != 0).any():
+        raise CompError(f"{path}: column fold holds a value that is not a whole number; give each row's fold 0 .. "
+                        f"{cfg.folds.n_splits - 1}")
+    by_id = dict(zip(table[id_col].astype(str), fold.astype(int), strict=True))
+    unknown = sorted(set(by_id) - set(comp.train_ids))
+    missing = [i for i in comp.train_ids if i not in by_id]
+    if unknown or missing:
+        what = f"names {len(unknown)} id(s) not in train (e.g. {unknown[0]})" if unknown else \
+            f"misses {len(missing)} training row(s) (e.g. id {missing[0]})"
+        raise CompError(f"{path} {what}: it must give the fold of every training row, and of no other")
+    out = np.array([by_id[i] for i in comp.train_ids], dtype=np.int64)
+    if set(out) != set(range(cfg.folds.n_splits)):
+        raise CompError(f"{path} has folds {sorted(set(out))}, but folds.n_splits = {cfg.folds.n_splits} needs "
+                        f"0 .. {cfg.folds.n_splits - 1}, each with rows: fix the file or folds.n_splits")
+    return out
 
 
 def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
@@ -62,9 +130,11 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
     meta = read_json(meta_file)
     if meta.get("csv_sha256") != sha256(path):
         raise CompError(f"{path} was changed after it was written: remake it with python -m comp.folds --force")
-    if meta.get("n_splits") != cfg.folds.n_splits or meta.get("seed") != cfg.folds.seed:
-        raise CompError(f"{path} was made with n_splits={meta.get('n_splits')}, seed={meta.get('seed')} but the "
-                        f"config says {cfg.folds.n_splits}, {cfg.folds.seed}: remake it with python -m comp.folds --force")
+    made = (meta.get("n_splits"), meta.get("seed"), meta.get("group", ""))
+    if made != (cfg.folds.n_splits, cfg.folds.seed, cfg.folds.group):
+        raise CompError(f"{path} was made with n_splits={made[0]}, seed={made[1]}, group={made[2]!r} but the config "
+                        f"says {cfg.folds.n_splits}, {cfg.folds.seed}, {cfg.folds.group!r}: remake it with "
+                        "python -m comp.folds --force")
     table = pd.read_csv(path, dtype={"id": str})
     by_id = dict(zip(table["id"], table["fold"], strict=True))
     ids = comp.train_ids
@@ -73,11 +143,13 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
         removed = len(by_id) - (len(ids) - len(added))
         raise CompError(f"{path} no longer matches the training rows ({len(added)} added, {removed} removed): "
                         "remake it with python -m comp.folds --force")
-    fp = fingerprint(ids, np.array(comp.classes)[comp.y], cfg.folds.n_splits, cfg.folds.seed)
+    fold = np.array([by_id[i] for i in ids], dtype=np.int64)
+    fp = split_fingerprint(cfg, comp, fold, bool(meta.get("imported")))
     if fp != meta.get("fingerprint"):
-        raise CompError(f"{path} no longer matches the training rows (labels changed): "
+        raise CompError(f"{path} no longer matches the training rows (labels{' or groups' if cfg.folds.group else ''} "
+                        "changed): "
                         "remake it with python -m comp.folds --force")
-    return np.array([by_id[i] for i in ids], dtype=np.int64), fp
+    return fold, fp
 
 
 def trained_runs(cfg: Config) -> list[Path]:
