@@ -138,14 +138,13 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         label = "stacked (level-2 model from the other folds)" if stack_with else "fitted (weights from the other folds)"
         table.add_row(label, "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
     console.print(table)
-    console.print(f"blend CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
+    console.print(f"blend CV {metrics.line(cv, cfg.data.metric)}"
                   f"  ({'equal weights' if how == 'equal' else how + ' fitted on k-1 folds, scored on the held-out fold'})"
                   + ("" if stack_with else "; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights,
                                                                                                      strict=True))))
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     if lb:
-        console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
-                      f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
+        console.print(f"leaderboard {metrics.line(lb, cfg.data.metric)}  ({cfg.path(cfg.data.solution)})")
     rule = None
     if decide_labels:  # on the blend's honest OOF probabilities: each fold's from weights fitted without it
         probs, rule = decide.for_submission(cfg, comp, folds, cv_oof, probs, console)

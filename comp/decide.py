@@ -1,7 +1,11 @@
-"""Decision rules fitted honestly (`--decide`): per-class weights on the predicted probabilities, chosen to raise
-the competition's label metric (data.metric: macro-F1, accuracy or QWK) over a plain argmax. The rule's CV is
-cross-fitted: fold k's rows are decided by weights fitted on the other folds' OOF rows only; the weights fitted
-on every OOF row decide the test rows."""
+"""Decision rules fitted honestly (`--decide`): how to turn predicted probabilities into labels so that the
+competition's label metric (data.metric) beats a plain argmax.
+
+- macro-F1 and accuracy: per-class weights on the probabilities (argmax of weight × probability);
+- QWK (ordinal ratings): cut points on the expected rating Σ k·p_k (the "optimized rounder").
+
+Both are fitted by coordinate ascent. The rule's CV is cross-fitted: fold k's rows are decided by a rule
+fitted on the other folds' OOF rows only; the rule fitted on every OOF row decides the test rows."""
 
 from __future__ import annotations
 
@@ -14,73 +18,90 @@ from comp.outputs import takes_probabilities
 from comp.tables import Competition
 
 GRID = np.exp(np.linspace(-1.5, 1.5, 31))  # a class's weight relative to the first class's (which stays 1)
+STEPS = 21                                 # candidate positions of a cut between its neighbours
 ROUNDS = 2
 
 
-def decided(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The probabilities reweighted by class and renormalised: their argmax is the rule's label."""
-    p = probs * weights
-    return p / p.sum(1, keepdims=True)
+def labels_of(probs: np.ndarray, rule: dict) -> np.ndarray:
+    """The class each row gets under the rule."""
+    if rule["kind"] == "cuts":
+        return np.searchsorted(np.asarray(rule["cuts"]), probs @ np.arange(probs.shape[1]), side="right")
+    return (np.log(np.clip(probs, 1e-12, 1.0)) + np.log(np.asarray(rule["weights"]))).argmax(1)
 
 
-def fit(y: np.ndarray, probs: np.ndarray, metric: str) -> np.ndarray:
-    """Per-class weights by coordinate ascent over GRID (ROUNDS passes), starting from argmax (all 1); a weight
-    moves only when the metric strictly improves."""
+def decided(probs: np.ndarray, rule: dict) -> np.ndarray:
+    """One-hot rows of the rule's labels: what a label submission writes (its argmax)."""
+    return np.eye(probs.shape[1])[labels_of(probs, rule)]
+
+
+def fit(y: np.ndarray, probs: np.ndarray, metric: str) -> dict:
+    """The rule for the metric, by coordinate ascent from a plain argmax (weights) or from rounding the expected
+    class (cuts); a value moves only when the metric strictly improves."""
     k, fn = probs.shape[1], metrics.LABEL_METRICS[metric]
-    logp = np.log(np.clip(probs, 1e-12, 1.0))
-    weights = np.ones(k)
+    kind = "cuts" if metric == "qwk" else "weights"
+    values = np.arange(k - 1) + 0.5 if kind == "cuts" else np.ones(k)
 
-    def value(w: np.ndarray) -> float:
-        return fn(metrics.confusion(y, (logp + np.log(w)).argmax(1), k))
+    def value(v: np.ndarray) -> float:
+        return fn(metrics.confusion(y, labels_of(probs, {"kind": kind, kind: v}), k))
 
-    best = value(weights)
+    best = value(values)
     for _ in range(ROUNDS):
-        for c in range(1, k):
-            for g in GRID:
-                trial = weights.copy()
-                trial[c] = g
+        for i in range(len(values)) if kind == "cuts" else range(1, k):
+            for candidate in _candidates(values, i, kind):
+                trial = values.copy()
+                trial[i] = candidate
                 v = value(trial)
                 if v > best + 1e-12:
-                    best, weights = v, trial
-    return weights
+                    best, values = v, trial
+    return {"kind": kind, kind: values.tolist()}
 
 
-def cross_fit(y: np.ndarray, folds: np.ndarray, probs: np.ndarray, metric: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """OOF labels where fold k's rows are decided by weights fitted on the other folds' rows; each fold's weights."""
-    labels, per_fold = np.zeros(len(y), np.int64), []
+def _candidates(values: np.ndarray, i: int, kind: str) -> np.ndarray:
+    if kind == "weights":
+        return GRID
+    low = values[i - 1] if i > 0 else values[i] - 1.0
+    high = values[i + 1] if i + 1 < len(values) else values[i] + 1.0
+    return np.linspace(low, high, STEPS)[1:-1]  # cuts stay in order
+
+
+def cross_fit(y: np.ndarray, folds: np.ndarray, probs: np.ndarray, metric: str) -> tuple[np.ndarray, list[dict]]:
+    """OOF labels where fold k's rows are decided by a rule fitted on the other folds' rows; each fold's rule."""
+    labels, rules = np.zeros(len(y), np.int64), []
     for k in np.unique(folds):
         own = folds == k
-        w = fit(y[~own], probs[~own], metric)
-        labels[own] = decided(probs[own], w).argmax(1)
-        per_fold.append(w)
-    return labels, per_fold
+        rule = fit(y[~own], probs[~own], metric)
+        labels[own] = labels_of(probs[own], rule)
+        rules.append(rule)
+    return labels, rules
 
 
 def decide(metric: str, y: np.ndarray, folds: np.ndarray, oof_probs: np.ndarray) -> dict:
-    """The rule for data.metric: its weights fitted on every OOF row, and the CV before and after (cross-fitted)."""
+    """The rule for data.metric fitted on every OOF row, with the CV before and after (cross-fitted)."""
     if metric not in metrics.LABEL_METRICS:
         raise CompError(f"--decide picks labels, and data.metric = {metric!r} scores probabilities: set data.metric "
                         f"to one of {', '.join(metrics.LABEL_METRICS)}, or drop --decide")
     k = oof_probs.shape[1]
-    labels, per_fold = cross_fit(y, folds, oof_probs, metric)
-    return {"metric": metric, "weights": fit(y, oof_probs, metric).tolist(),
+    labels, rules = cross_fit(y, folds, oof_probs, metric)
+    return {**fit(y, oof_probs, metric), "metric": metric,
             "cv_before": metrics.score_labels(y, oof_probs.argmax(1), k)[metric],
-            "cv_after": metrics.score_labels(y, labels, k)[metric],
-            "fold_weights": [w.tolist() for w in per_fold]}
+            "cv_after": metrics.score_labels(y, labels, k)[metric], "fold_rules": rules}
 
 
 def for_submission(cfg: Config, comp: Competition, folds: np.ndarray, oof_probs: np.ndarray, test_probs: np.ndarray,
                    console) -> tuple[np.ndarray, dict]:
-    """The rule for the competition's metric (printed), and the test probabilities it decides."""
+    """The rule for the competition's metric (printed), and the test rows it decides (one-hot)."""
     if takes_probabilities(cfg, comp):
         raise CompError("--decide picks labels, and this submission holds a probability per class (see "
                         "data.sample_submission): drop --decide")
     rule = decide(cfg.data.metric, comp.y, folds, oof_probs)
     console.print(describe(rule, comp.classes), highlight=False)
-    return decided(test_probs, np.array(rule["weights"])), rule
+    return decided(test_probs, rule), rule
 
 
 def describe(rule: dict, classes: list[str]) -> str:
-    return (f"decide: CV {rule['metric']} {rule['cv_before']:.4f} -> {rule['cv_after']:.4f} (each fold decided by "
-            f"weights fitted on the other folds); weights " + ", ".join(
-                f"{c} {w:.2f}" for c, w in zip(classes, rule["weights"], strict=True)))
+    if rule["kind"] == "cuts":
+        what = "cuts on the expected class " + ", ".join(f"{c:.2f}" for c in rule["cuts"])
+    else:
+        what = "weights " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, rule["weights"], strict=True))
+    return (f"decide: CV {rule['metric']} {rule['cv_before']:.4f} -> {rule['cv_after']:.4f} (each fold decided by a "
+            f"rule fitted on the other folds); {what}")

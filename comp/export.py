@@ -24,10 +24,9 @@ from comp.outputs import MODEL_FILES
 from comp.predict import Member, estimate, run_decision, run_folds
 
 
-def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, list | None]:
+def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, dict | None]:
     """The runs to export with their weights: one run (weight 1), or a blend's runs and weights; for a stack
-    also the folder of its (checked) level-2 model; the decision rule's class weights when the submission had
-    one (--decide)."""
+    also the folder of its (checked) level-2 model; the decision rule when the submission had one (--decide)."""
     if blend is None:
         one = cfg.replace("run", name=run or cfg.run.name)
         return [Member(one.run.name, 1.0, run_folds(one))], None, run_decision(one)
@@ -46,7 +45,7 @@ def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Me
     weights = record["weights"] or [0.0] * len(record["runs"])
     members = [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
                for name, w in zip(record["runs"], weights, strict=True)]
-    return members, folder if stack else None, (record.get("decision") or {}).get("weights")
+    return members, folder if stack else None, record.get("decision")
 
 
 def copy_member(m: Member, root: Path) -> None:
@@ -97,7 +96,8 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
             for name in ("stack.json", "stack.safetensors"):
                 shutil.copyfile(stack / name, tmp / "stack" / name)
         speeds = measure_speed(cfg, members, console)
-        manifest = {"combine": "stack" if stack else "weights", "decision": decision, "rows_per_second": speeds,
+        manifest = {"combine": "stack" if stack else "weights", "rows_per_second": speeds,
+                    "decision": decision and {k: decision[k] for k in ("kind", decision["kind"], "metric")},
                     "comp_version": __version__, "torch_version": torch.__version__,
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,

@@ -42,6 +42,12 @@ NAMES = (*LABEL_METRICS, "log_loss")                                       # log
 DIRECTION = {**{name: "max" for name in LABEL_METRICS}, "log_loss": "min"}
 
 
+def line(scores: dict[str, float], metric: str) -> str:
+    """The scores as one line, the competition's metric first: "qwk 0.7512  macro_f1 0.4534  ..."."""
+    names = [metric] + [n for n in ("macro_f1", "accuracy", "log_loss") if n != metric]
+    return "  ".join(f"{n} {scores[n]:.4f}" for n in names)
+
+
 def score_labels(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
     cm = confusion(y, pred, n_classes)
     return {name: fn(cm) for name, fn in LABEL_METRICS.items()}

@@ -195,14 +195,30 @@ def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_clas
     model.wide.bias[absent] = -20.0  # classes these rows never show
 
 
+# Families whose position ids start after the padding id (padding_idx + 1), so that many table rows are never a
+# token's position.
+PADDING_OFFSET = {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer", "data2vec-text"}
+
+
+def position_limit(config) -> int | None:
+    """How many tokens the encoder reads at most: its absolute position table, less the rows RoBERTa-style
+    models reserve below their first position; None where positions are only relative (DeBERTa-v2/v3)."""
+    if config.model_type in ("deberta", "deberta-v2") and not getattr(config, "position_biased_input", True):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in PADDING_OFFSET:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
                 root: Path = Path(".")) -> TextMetaClassifier:
     """The full classifier for a fold; checks max_length against the encoder's positions."""
     encoder = load_encoder(mcfg, pretrained, root)
-    limit = getattr(encoder.config, "max_position_embeddings", None)
+    limit = position_limit(encoder.config)
     if limit is not None and mcfg.max_length > limit:
-        raise CompError(f"model.max_length = {mcfg.max_length} exceeds what {mcfg.name_or_path!r} supports "
-                        f"({limit}); lower model.max_length")
+        raise CompError(f"model.max_length = {mcfg.max_length}, but {mcfg.name_or_path!r} supports at most {limit} "
+                        "tokens; lower model.max_length")
     if mcfg.reinit_layers and pretrained:
         reinit_top_layers(encoder, mcfg.reinit_layers)
     return TextMetaClassifier(encoder, n_meta, n_classes, mcfg)

@@ -79,9 +79,9 @@ def run_folds(cfg: Config) -> list[FoldModel]:
     return folds
 
 
-def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, list[float] | None]:
+def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, dict | None]:
     """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders, and
-    its level-2 model when the bundle is a stack, and its decision rule's class weights when it has one."""
+    its level-2 model when the bundle is a stack, and its decision rule when it has one."""
     manifest = bundle.read_manifest(root)
     members = []
     for m in manifest["members"]:
@@ -96,10 +96,10 @@ def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, list[float
     return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None, manifest.get("decision")
 
 
-def run_decision(cfg: Config) -> list[float] | None:
-    """The class weights of the decision rule the run's last submit used (--decide), if it used one."""
+def run_decision(cfg: Config) -> dict | None:
+    """The decision rule the run's last submit used (--decide), if it used one."""
     path = cfg.run_dir / "decision.json"
-    return read_json(path)["weights"] if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def fold_predictor(fm: FoldModel, device_name: str | None):
@@ -126,7 +126,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
 
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
             logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None,
-            decision: list[float] | None = None) -> dict:
+            decision: dict | None = None) -> dict:
     """Predict `test` with every fold of every member: fold-averaged probabilities per run, weighted over runs
     (or combined by the stack's level-2 model); write the submission (and each fold's logits under
     logits_dir/<run>/)."""
@@ -149,7 +149,7 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
     else:
         probs = sum(m.weight * p for m, p in zip(members, per_run, strict=True))
     if decision is not None:  # the labels the submission's decision rule chose
-        probs = decided(probs, np.asarray(decision))
+        probs = decided(probs, decision)
     comp = Competition(table.iloc[:0], table, None, classes, np.zeros(0, np.int64), [], texts, cfg.data.id)
     if sample is not None:
         comp.sample = _load_sample(cfg.replace("data", sample_submission=str(sample.resolve())), table)

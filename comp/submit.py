@@ -64,13 +64,9 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
                                     for k in METRICS), style="bold")
     table.add_row("CV (all OOF)", "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
     console.print(table)
-    console.print(f"CV macro_f1 {cv['macro_f1']:.4f}  accuracy {cv['accuracy']:.4f}  log_loss {cv['log_loss']:.4f}"
-                  f"  (majority-class macro_f1 {baseline:.4f})")
-    if cfg.data.metric not in METRICS:
-        console.print(f"CV {cfg.data.metric} {cv[cfg.data.metric]:.4f} (data.metric)")
+    console.print(f"CV {metrics.line(cv, cfg.data.metric)}  (majority-class macro_f1 {baseline:.4f})")
     if lb:
-        console.print(f"leaderboard macro_f1 {lb['macro_f1']:.4f}  accuracy {lb['accuracy']:.4f}  "
-                      f"log_loss {lb['log_loss']:.4f}  ({cfg.path(cfg.data.solution)})")
+        console.print(f"leaderboard {metrics.line(lb, cfg.data.metric)}  ({cfg.path(cfg.data.solution)})")
     if rule and lb:
         console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
     record_decision(cfg, rule)

@@ -44,21 +44,36 @@ def _underpredicted(seed=0, n=600):
 
 def test_the_rule_raises_the_metric_by_weighting_the_shrunk_class_up():
     y, probs = _underpredicted()
-    w = decide.fit(y, probs, "macro_f1")
+    rule = decide.fit(y, probs, "macro_f1")
+    w = rule["weights"]
     before = metrics.score_labels(y, probs.argmax(1), 3)["macro_f1"]
-    after = metrics.score_labels(y, decide.decided(probs, w).argmax(1), 3)["macro_f1"]
-    assert w[0] == 1.0 and w[2] > 2.0 and after > before + 0.05
+    after = metrics.score_labels(y, decide.labels_of(probs, rule), 3)["macro_f1"]
+    assert rule["kind"] == "weights" and w[0] == 1.0 and w[2] > 2.0 and after > before + 0.05
+
+
+def test_qwk_cuts_the_expected_rating_where_the_metric_is_highest():
+    """Ratings whose predicted distributions are pulled to the middle: rounding the expected rating rarely says
+    1 or 5, and cut points moved inwards fix that."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, size=800)
+    logits = -0.5 * (np.arange(5)[None, :] - (2 + 0.5 * (y[:, None] - 2) + rng.normal(0, 0.4, (800, 1)))) ** 2
+    probs = metrics.probabilities(logits)
+    rule = decide.fit(y, probs, "qwk")
+    before = metrics.score_labels(y, probs.argmax(1), 5)["qwk"]
+    after = metrics.score_labels(y, decide.labels_of(probs, rule), 5)["qwk"]
+    assert rule["kind"] == "cuts" and list(rule["cuts"]) == sorted(rule["cuts"]) and after > before + 0.02
+    assert rule["cuts"][0] > 0.5 and rule["cuts"][-1] < 3.5  # the outer cuts moved inwards
 
 
 def test_fold_ks_rule_never_sees_fold_ks_rows():
     y, probs = _underpredicted()
     folds = np.arange(len(y)) % 3
-    _, weights = decide.cross_fit(y, folds, probs, "macro_f1")
+    _, rules = decide.cross_fit(y, folds, probs, "macro_f1")
     changed = probs.copy()
     changed[folds == 0] = np.roll(changed[folds == 0], 1, axis=1)  # fold 0's OOF rows, scrambled
     _, again = decide.cross_fit(y, folds, changed, "macro_f1")
-    assert np.array_equal(weights[0], again[0])  # fitted on folds 1 and 2 only
-    assert not all(np.array_equal(a, b) for a, b in zip(weights[1:], again[1:], strict=True))
+    assert rules[0] == again[0]  # fitted on folds 1 and 2 only
+    assert rules[1:] != again[1:]
 
 
 def test_submit_decide_writes_the_rule_and_predict_and_bundles_apply_it(trained, tmp_path, capsys):
@@ -68,13 +83,13 @@ def test_submit_decide_writes_the_rule_and_predict_and_bundles_apply_it(trained,
     out = capsys.readouterr().out
     assert "decide: CV macro_f1" in out
     rule = json.loads((cfg.parent / "folds" / "tiny" / "decision.json").read_text())
-    assert rule["metric"] == "macro_f1" and len(rule["weights"]) == 3 and len(rule["fold_weights"]) == 3
+    assert rule["metric"] == "macro_f1" and len(rule["weights"]) == 3 and len(rule["fold_rules"]) == 3
     written = pd.read_csv(cfg.parent / "submissions" / "tiny.csv")
     args = ["--test", str(data / "test.csv"), "--sample", str(data / "sample_submission.csv")]
     assert predict.main(["--config", str(cfg), "--quiet", "--out", str(tmp_path / "p.csv"), *args]) == 0
     assert pd.read_csv(tmp_path / "p.csv").equals(written)
     assert export.main(["--config", str(cfg), "--quiet", "--out", str(tmp_path / "b")]) == 0
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["decision"] == rule["weights"]
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["decision"]["weights"] == rule["weights"]
     assert predict.main(["--quiet", "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "q.csv"), *args]) == 0
     assert pd.read_csv(tmp_path / "q.csv").equals(written)
     assert submit.main(["--config", str(cfg)]) == 0  # a plain submit drops the rule

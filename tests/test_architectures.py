@@ -1,0 +1,95 @@
+"""Every encoder family competitors pick, as tiny random models built offline from their config classes with the
+fixture's tokenizer: each trains a fold, resumes after being stopped mid-epoch exactly where an uninterrupted
+run goes, and predicts what submit wrote. Position limits come from each architecture."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import transformers as T
+
+from comp import folds, model, predict, state, submit, train
+from comp.config import ModelConfig
+from comp.errors import CompError
+from tests.conftest import make_tables, write_project
+
+SMALL = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 37, "pad_token_id": 0}
+ARCHS = {  # the fixture tokenizer's ids: [PAD] 0, [CLS] 2, [SEP] 3
+    "bert": lambda: T.BertConfig(**SMALL, max_position_embeddings=64),
+    "roberta": lambda: T.RobertaConfig(**SMALL, max_position_embeddings=65),  # 64 positions after padding_idx + 1
+    "xlm-roberta": lambda: T.XLMRobertaConfig(**SMALL, max_position_embeddings=65),
+    "deberta-v2": lambda: T.DebertaV2Config(**SMALL, max_position_embeddings=64, relative_attention=True,
+                                            position_biased_input=False, pos_att_type=["p2c", "c2p"],
+                                            position_buckets=16),
+    "electra": lambda: T.ElectraConfig(**SMALL, max_position_embeddings=64, embedding_size=32),
+    "distilbert": lambda: T.DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                             pad_token_id=0, max_position_embeddings=64),
+}
+if hasattr(T, "ModernBertConfig"):
+    ARCHS["modernbert"] = lambda: T.ModernBertConfig(**SMALL, max_position_embeddings=64, global_attn_every_n_layers=1,
+                                                     bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3)
+LIMITS = {"bert": 64, "roberta": 64, "xlm-roberta": 64, "deberta-v2": None, "electra": 64, "distilbert": 64,
+          "modernbert": 64}
+RUN = ["--quiet", "--set", "folds.n_splits=2", "--set", "train.epochs=2", "--set", "train.batch_size=8",
+       "--set", "train.checkpoint_every=2", "--set", "train.patience=2", "--set", "model.max_length=48"]
+
+
+class Stopped(BaseException):
+    """A stop in the middle of an epoch, right after a checkpoint was written (what a kill leaves behind)."""
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request, tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp(request.param)
+    for f in tiny_model.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            shutil.copy(f, out / f.name)
+    T.AutoModel.from_config(ARCHS[request.param]()).save_pretrained(out)
+    return request.param, out
+
+
+def test_each_architecture_trains_resumes_and_predicts(arch, tmp_path, monkeypatch):
+    name, path = arch
+    tables = make_tables(n_train=48, n_test=10)
+    reference, cfg = write_project(tmp_path / "ref", path, tables), write_project(tmp_path / "run", path, tables)
+    for c in (reference, cfg):
+        assert folds.main(["--config", str(c), *RUN]) == 0
+    assert train.main(["--config", str(reference), "--fold", "0", *RUN]) == 0
+
+    save = state.Checkpoint.save
+
+    def save_then_stop(self, st):
+        save(self, st)
+        raise Stopped
+
+    monkeypatch.setattr(state.Checkpoint, "save", save_then_stop)
+    with pytest.raises(Stopped):
+        train.main(["--config", str(cfg), "--fold", "0", *RUN])
+    monkeypatch.undo()
+    fold0 = cfg.parent / "folds" / "tiny" / "fold_0"
+    assert (fold0 / "last.pt").exists() and not (fold0 / "metrics.json").exists()
+    assert train.main(["--config", str(cfg), "--fold", "0", *RUN]) == 0
+    assert json.loads((fold0 / "metrics.json").read_text())["resumed_from"] is not None
+    expected = np.load(reference.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy")
+    assert np.allclose(np.load(fold0 / "oof_logits.npy"), expected, atol=1e-5), name
+
+    assert train.main(["--config", str(cfg), "--fold", "1", *RUN]) == 0 and submit.main(["--config", str(cfg), *RUN]) == 0
+    data = cfg.parent / "data"
+    assert predict.main(["--config", str(cfg), *RUN, "--test", str(data / "test.csv"), "--out", str(tmp_path / "p.csv"),
+                         "--sample", str(data / "sample_submission.csv")]) == 0
+    assert pd.read_csv(tmp_path / "p.csv").equals(pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
+
+
+def test_position_limits_follow_the_architecture(arch):
+    """Absolute positions less their padding offset (RoBERTa and XLM-R keep two), none for relative ones."""
+    name, path = arch
+    encoder = model.load_encoder(ModelConfig(name_or_path=str(path)))
+    assert model.position_limit(encoder.config) == LIMITS[name]
+    if LIMITS[name] is None:
+        model.build_model(ModelConfig(name_or_path=str(path), max_length=1024), 0, 3)  # no cap
+    else:
+        with pytest.raises(CompError, match=f"supports at most {LIMITS[name]}"):
+            model.build_model(ModelConfig(name_or_path=str(path), max_length=LIMITS[name] + 1), 0, 3)
