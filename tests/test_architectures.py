@@ -93,3 +93,34 @@ def test_position_limits_follow_the_architecture(arch):
     else:
         with pytest.raises(CompError, match=f"supports at most {LIMITS[name]}"):
             model.build_model(ModelConfig(name_or_path=str(path), max_length=LIMITS[name] + 1), 0, 3)
+
+
+def _tokenizer_variant(tiny_model, tmp_path, edit):
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model, out)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    edit(settings)
+    (out / "tokenizer_config.json").write_text(json.dumps(settings))
+    return out
+
+
+def test_a_left_padding_tokenizer_trains_like_a_right_padding_one(tiny_model, tmp_path):
+    """comp pads batches itself (on the right, with the mask), so the tokenizer's padding side changes nothing."""
+    left = _tokenizer_variant(tiny_model, tmp_path, lambda s: s.update(padding_side="left"))
+    tables = make_tables(n_train=48, n_test=10)
+    logits = []
+    for name, path in (("right", tiny_model), ("left", left)):
+        cfg = write_project(tmp_path / name, path, tables)
+        assert folds.main(["--config", str(cfg), *RUN]) == 0
+        assert train.main(["--config", str(cfg), "--fold", "0", *RUN]) == 0
+        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+    assert np.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_a_tokenizer_without_a_padding_token_is_one_line(tiny_model, tmp_path, capsys):
+    from tests.conftest import assert_user_error
+
+    bare = _tokenizer_variant(tiny_model, tmp_path, lambda s: s.update(pad_token=None))
+    cfg = write_project(tmp_path / "p", bare)
+    assert folds.main(["--config", str(cfg), *RUN]) == 0
+    assert_user_error(train.main(["--config", str(cfg), "--fold", "0", *RUN]), capsys, "no padding token")
