@@ -126,6 +126,7 @@ class TrainConfig:
     precision: str = "auto"
     grad_accum_steps: int = 1
     compile: bool = False
+    gradient_checkpointing: bool = False
     log_every: int = 20
     checkpoint_every: int = 500
     max_tokens_per_batch: int = 0
@@ -231,7 +232,8 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
             "tune": TuneConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submissions_dir", "reports_dir", "params"},
-            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of"}}
+            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of",
+                      "gradient_checkpointing"}}
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.

@@ -105,6 +105,8 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use tensor cores
         torch.backends.cudnn.allow_tf32 = True
     model.to(rt.device)
+    if tcfg.gradient_checkpointing:
+        enable_checkpointing(model)
     if tcfg.compile:
         model.encoder.forward = torch.compile(model.encoder.forward, dynamic=True)  # keeps state_dict keys
     trained = model
@@ -120,6 +122,19 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
     state = TrainState(model, trained, optimizer, scheduler, scaler, ema, EarlyStopping(tcfg.monitor, tcfg.patience),
                        FitState(epoch_rng=rng.bit_generator.state))
     return state, rng
+
+
+def enable_checkpointing(model: TextMetaClassifier) -> None:
+    """The encoder's own gradient checkpointing: its blocks' activations are recomputed in the backward pass
+    (the random generators' states restored, so dropout draws the same masks) instead of kept."""
+    if not getattr(model.encoder, "supports_gradient_checkpointing", False):
+        raise CompError(f"train.gradient_checkpointing: {type(model.encoder).__name__} does not support it; "
+                        "set it to false")
+    encoder, kwargs = model.encoder, {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def restore(state: TrainState, fold: Fold, rt: Runtime, console: Console) -> dict | None:

@@ -179,3 +179,21 @@ def test_attention_dropout_override_reaches_the_encoder(tiny):
     assert model.encoder.config.attention_probs_dropout_prob == 0.0
     assert model.encoder.config.hidden_dropout_prob == 0.1  # only attention dropout changes
     assert model.encoder.encoder.layer[0].attention.self.dropout.p == 0.0
+
+
+def test_gradient_checkpointing_recomputes_and_changes_no_update(tmp_path, tiny_model, tiny):
+    """The encoder's blocks recompute their activations in the backward pass with the same dropout masks: the
+    fold learns exactly what it learns without it."""
+    _, tok, rows = tiny
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=1", "train.batch_size=6"])
+    logits = {}
+    for on in (False, True):
+        c = cfg.replace("train", gradient_checkpointing=on)
+        torch.manual_seed(0)
+        model = build_model(c.model, 2, 3, root=c.root)
+        logits[on] = engine.fit_fold(c, model, engine.Fold(0, rows, rows, None, tok.pad_token_id),
+                                     Console(quiet=True)).val_logits
+        enc = model.encoder
+        assert (enc.is_activation_checkpointing if hasattr(enc, "activation_checkpointing_enable")
+                else enc.is_gradient_checkpointing) == on
+    assert np.allclose(logits[False], logits[True], atol=1e-5)
