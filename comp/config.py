@@ -15,7 +15,8 @@ from comp import metrics
 from comp.errors import CompError
 
 MODEL_KINDS = ("encoder", "linear", "gbm")
-MONITORS = {"val_loss": "min", "val_macro_f1": "max", "val_accuracy": "max"}
+# what train.monitor may name: the training objective on the validation rows, or a label metric of them
+MONITORS = {"val_loss": "min", **{f"val_{name}": "max" for name in metrics.LABEL_METRICS}}
 
 
 @dataclass(frozen=True)

@@ -160,8 +160,7 @@ def validate(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, row
                              f"fold {fold.index} validate", rt.d)
         m = metrics.score(fold.val.y, val_logits)
         row = {**row, "val_loss": validation_loss(tcfg, rt.loss_fn, fold.val, val_logits, m),
-               "val_accuracy": m["accuracy"], "val_macro_f1": m["macro_f1"],
-               "seconds": round(time.perf_counter() - t0, 2)}
+               **metrics.validation_row(m), "seconds": round(time.perf_counter() - t0, 2)}
         state.fit.history.append(row)
         improved = state.stopper.step(row[tcfg.monitor], row["epoch"])
         if improved:

@@ -42,6 +42,11 @@ NAMES = (*LABEL_METRICS, "log_loss")                                       # log
 DIRECTION = {**{name: "max" for name in LABEL_METRICS}, "log_loss": "min"}
 
 
+def validation_row(scores: dict[str, float]) -> dict[str, float]:
+    """An epoch's label metrics as its history row spells them (val_macro_f1, ...): what train.monitor names."""
+    return {f"val_{name}": scores[name] for name in LABEL_METRICS}
+
+
 def line(scores: dict[str, float], metric: str) -> str:
     """The scores as one line, the competition's metric first: "qwk 0.7512  macro_f1 0.4534  ..."."""
     names = [metric] + [n for n in ("macro_f1", "accuracy", "log_loss") if n != metric]

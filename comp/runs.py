@@ -209,8 +209,7 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
     scores = metrics.score(comp.y[va], val_logits)
-    best = {"epoch": 0, "val_loss": scores["log_loss"], "val_accuracy": scores["accuracy"],
-            "val_macro_f1": scores["macro_f1"]}
+    best = {"epoch": 0, "val_loss": scores["log_loss"], **metrics.validation_row(scores)}
     record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": 0, "best": best, "history": [],
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.kind, "comp_version": __version__, "classes": comp.classes, "n_train": len(tr),

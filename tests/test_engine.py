@@ -292,3 +292,19 @@ def test_validation_loss_is_the_training_objective_on_the_validation_rows():
     expected = (weights * nll).sum() / weights.sum()
     assert objective.validation_loss(balanced, loss_fn, rows, logits, scores) == pytest.approx(expected, rel=1e-5)
     assert expected != pytest.approx(scores["log_loss"])
+
+
+def test_early_stopping_can_follow_qwk(tmp_path, tiny_model):
+    """train.monitor = "val_qwk": every epoch's row carries it and the best epoch is the one where it peaked."""
+    from comp import config
+    from tests.conftest import write_project
+
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=3", "train.patience=3",
+                                                            "train.monitor=val_qwk"])
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(5, 60, size=n).astype(np.int32) for n in rng.integers(3, 30, size=60)]
+    rows = Rows(tokens, np.zeros((60, 0), np.float32), rng.integers(0, 3, size=60))
+    result = engine.fit_fold(cfg, build_model(cfg.model, 0, 3, root=cfg.root), engine.Fold(0, rows, rows, None, 0),
+                             Console(quiet=True))
+    values = [h["val_qwk"] for h in result.history]
+    assert len(values) == 3 and result.best_epoch == int(np.argmax(values)) + 1
