@@ -47,20 +47,69 @@ class Rows:
         return Rows(self.tokens + other.tokens, np.concatenate([self.meta, other.meta]), np.concatenate([self.y, other.y]))
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 2048,
+@dataclass(frozen=True)
+class Truncation:
+    """What of a text longer than max_length tokens is kept: its head (the default), its tail, or head_tail: its
+    first `head` tokens and as many of its last as still fit (the special tokens always included)."""
+
+    max_length: int
+    mode: str = "head"
+    head: int = 0
+
+    @classmethod
+    def of(cls, mcfg) -> Truncation:
+        """model.max_length, model.truncation and model.head_tokens (0: a quarter of max_length)."""
+        return cls(mcfg.max_length, mcfg.truncation, mcfg.head_tokens or mcfg.max_length // 4)
+
+    def key(self) -> str:
+        return str(self.max_length) if self.mode == "head" else f"{self.max_length}|{self.mode}|{self.head}"
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | Truncation, chunk: int = 2048,
              progress: Progress | None = None) -> list[np.ndarray]:
-    """Token ids of each text, truncated to max_length, without padding; batched through the fast tokenizer."""
+    """Token ids of each text, truncated to `limit` (max_length, or a Truncation), without padding; batched
+    through the fast tokenizer."""
+    limit = limit if isinstance(limit, Truncation) else Truncation(limit)
     out: list[np.ndarray] = []
     task = progress.add_task("tokenize", total=len(texts), info="") if progress else None
     for start in range(0, len(texts), chunk):
-        enc = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length,
-                        return_attention_mask=False, return_token_type_ids=False)
-        out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        part = texts[start:start + chunk]
+        if limit.mode == "head":
+            enc = tokenizer(part, truncation=True, max_length=limit.max_length, return_attention_mask=False,
+                            return_token_type_ids=False)
+            out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        else:
+            out += _keep_ends(tokenizer, part, limit)
         if progress:
             progress.update(task, completed=len(out))
     if progress:
         progress.remove_task(task)
     return out
+
+
+def _keep_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Truncation) -> list[np.ndarray]:
+    """tail / head_tail: each text tokenized whole, its body cut to fit, the tokenizer's own specials around it."""
+    prefix, suffix = _specials(tokenizer)
+    room = limit.max_length - len(prefix) - len(suffix)
+    head = 0 if limit.mode == "tail" else min(limit.head, room)
+    enc = tokenizer(texts, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                    return_token_type_ids=False)
+    out = []
+    for ids in enc["input_ids"]:
+        if len(ids) > room:
+            ids = ids[:head] + ids[len(ids) - (room - head):]
+        out.append(np.asarray(prefix + ids + suffix, dtype=np.int32))
+    return out
+
+
+def _specials(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one text ([CLS] / [SEP], <s> / </s>, none)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -78,13 +127,14 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | Truncation,
                     cache_dir: Path | None, progress: Progress | None = None) -> tuple[list[np.ndarray], bool]:
-    """tokenize(), through an on-disk cache keyed by tokenizer identity, max_length and the texts;
+    """tokenize(), through an on-disk cache keyed by tokenizer identity, the truncation and the texts;
     returns the token ids and whether the cache answered."""
+    limit = limit if isinstance(limit, Truncation) else Truncation(limit)
     if cache_dir is None:
-        return tokenize(tokenizer, texts, max_length, progress=progress), False
-    h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{max_length}|{len(texts)}|".encode())
+        return tokenize(tokenizer, texts, limit, progress=progress), False
+    h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{limit.key()}|{len(texts)}|".encode())
     for t in texts:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
@@ -96,7 +146,7 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_le
             return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], True
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a broken cache file is rebuilt below
-    tokens = tokenize(tokenizer, texts, max_length, progress=progress)
+    tokens = tokenize(tokenizer, texts, limit, progress=progress)
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in tokens])
     flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)

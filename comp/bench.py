@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from comp import __version__, cli, metrics
 from comp.artifacts import write_json
-from comp.batching import Rows, tokenize, train_batches
+from comp.batching import Rows, Truncation, tokenize, train_batches
 from comp.config import Config
 from comp.distributed import SINGLE, shard_batches
 from comp.errors import CompError, run_cli
@@ -233,7 +233,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     path = resolve_model_path(cfg.model.name_or_path, cfg.root)
     n_classes = len(comp.classes)
-    tokens = tokenize(tokenizer, comp.train_text, cfg.model.max_length)
+    tokens = tokenize(tokenizer, comp.train_text, Truncation.of(cfg.model))
     result = {"machine": {"platform": platform.platform(), "processor": _cpu_name(), "device": str(device),
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "comp": __version__},
               "model": cfg.model.name_or_path, "precision": str(amp).replace("torch.", "") if amp else "fp32",
@@ -411,7 +411,7 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
     texts = comp.test_text[:n_rows]
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     path = resolve_model_path(cfg.model.name_or_path, cfg.root)
-    tokens = tokenize(tokenizer, texts, cfg.model.max_length)
+    tokens = tokenize(tokenizer, texts, Truncation.of(cfg.model))
     useful = int(sum(len(t) for t in tokens))
     enc = MetaEncoder.from_config(cfg).fit(comp.train)
     rows = Rows(tokens, enc.transform(comp.test.iloc[:n_rows]))

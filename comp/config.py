@@ -83,6 +83,8 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (512, 64)
     dropout: float = 0.2
     max_length: int = 256
+    truncation: str = "head"
+    head_tokens: int = 0
     fusion: str = "concat"
     msd_samples: int = 1
     reinit_layers: int = 0
@@ -105,6 +107,9 @@ class ModelConfig:
         _require(self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
                  "model.attention_dropout must be in [0, 1) (leave it out to keep the encoder's own)")
         _require(self.max_length >= 8, "model.max_length must be >= 8")
+        _require(self.truncation in ("head", "tail", "head_tail"), "model.truncation must be head, tail or head_tail")
+        _require(0 <= self.head_tokens < self.max_length, "model.head_tokens must be >= 0 and below model.max_length "
+                 "(0: a quarter of max_length)")
         _require(all(h > 0 for h in self.head_hidden), "model.head_hidden sizes must be > 0")
 
 
@@ -239,8 +244,8 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"folds": {"group": ""},
-         "model": {"kind": "encoder", "min_category_rows": 1, "numeric_transform": "standard", "wide": "off",
-                   "fusion": "concat",
+         "model": {"truncation": "head", "head_tokens": 0, "kind": "encoder", "min_category_rows": 1,
+                   "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,
                    "pseudo_run": "", "pseudo_threshold": 0.9}}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from comp import bundle, cli, config, identity, loop
 from comp.artifacts import atomic_path, read_json, write_npy
 from comp.baselines import load_classical
-from comp.batching import Rows, tokenize
+from comp.batching import Rows, Truncation, tokenize
 from comp.config import Config
 from comp.decide import decided
 from comp.errors import CompError, run_cli
@@ -116,7 +116,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
     tokenizer = load_tokenizer(cfg.model, cfg.root)
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
-        rows = Rows(tokenize(tokenizer, texts, cfg.model.max_length), encoder.transform(table))
+        rows = Rows(tokenize(tokenizer, texts, Truncation.of(cfg.model)), encoder.transform(table))
         with loop.make_progress(console) as progress:
             return loop.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
                                   resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from comp import __version__, identity, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
 from comp.baselines import fit_classical
-from comp.batching import Rows, cached_tokenize
+from comp.batching import Rows, Truncation, cached_tokenize
 from comp.config import Config, to_toml
 from comp.distributed import SINGLE, Dist
 from comp.engine import Fold, FoldResult, fit_fold
@@ -90,7 +90,7 @@ def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = 
     for turn in (True, False) if d.enabled else (True,):
         if d.is_main == turn:
             with make_progress(console) as progress:
-                done = [cached_tokenize(tokenizer, texts, cfg.model.max_length, cfg.cache_dir, progress)
+                done = [cached_tokenize(tokenizer, texts, Truncation.of(cfg.model), cfg.cache_dir, progress)
                         for texts in tables]
         d.barrier()
     how = "from the cache" if all(hit for _, hit in done) else "tokenized"

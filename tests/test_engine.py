@@ -308,3 +308,24 @@ def test_early_stopping_can_follow_qwk(tmp_path, tiny_model):
                              Console(quiet=True))
     values = [h["val_qwk"] for h in result.history]
     assert len(values) == 3 and result.best_epoch == int(np.argmax(values)) + 1
+
+
+def test_tail_and_head_tail_keep_the_ends_of_a_long_text_between_its_specials(tiny, tmp_path):
+    from comp.batching import Truncation
+
+    _, tok, _ = tiny
+    text = [" ".join(["awful broken refund worst ugly lovely great fine plain okay"] * 3)]
+    full = batching.tokenize(tok, text, 1000)[0]
+    cls, body, sep = full[0], list(full[1:-1]), full[-1]
+    assert len(body) > 20
+    assert list(batching.tokenize(tok, text, 10)[0]) == [cls, *body[:8], sep]
+    assert list(batching.tokenize(tok, text, Truncation(10, "tail"))[0]) == [cls, *body[-8:], sep]
+    assert list(batching.tokenize(tok, text, Truncation(10, "head_tail", 3))[0]) == [cls, *body[:3], *body[-5:], sep]
+    for mode in ("tail", "head_tail"):  # a text that fits is whole in every mode
+        assert np.array_equal(batching.tokenize(tok, ["lovely fabric"], Truncation(10, mode, 3))[0],
+                              batching.tokenize(tok, ["lovely fabric"], 10)[0])
+    cache = tmp_path / "cache"
+    assert not batching.cached_tokenize(tok, text, 10, cache)[1]
+    tail, hit = batching.cached_tokenize(tok, text, Truncation(10, "tail"), cache)
+    assert not hit and list(tail[0]) == [cls, *body[-8:], sep]  # another truncation, another cache entry
+    assert batching.cached_tokenize(tok, text, Truncation(10, "tail"), cache)[1]

@@ -205,3 +205,16 @@ def test_folds_trained_before_content_records_stay_valid(trained, tmp_path):
     assert cli(cfg_path, submit.main) == 0
     path.write_text(json.dumps({**record, "config_hash": cfg.hash()}))  # the new hash without content: stale
     assert cli(cfg_path, submit.main) == 2
+
+
+def test_a_head_tail_run_predicts_what_it_trained_with(tmp_path, tiny_model):
+    """model.truncation reaches every place that tokenizes: training and comp.predict cut long texts alike."""
+    cfg = write_project(tmp_path, tiny_model)
+    over = ["--set", "model.truncation=head_tail", "--set", "model.max_length=12", "--set", "model.head_tokens=4"]
+    assert folds.main(["--config", str(cfg)]) == 0 and cli(cfg, train.main, "--all", *over) == 0
+    data = cfg.parent / "data"
+    assert cli(cfg, predict.main, *over, "--test", str(data / "test.csv"), "--out", str(tmp_path / "s.csv"),
+               "--save-logits", str(tmp_path / "logits")) == 0
+    for k in range(3):
+        written = np.load(cfg.parent / "folds" / "tiny" / f"fold_{k}" / "test_logits.npy")
+        assert np.allclose(np.load(tmp_path / "logits" / "tiny" / f"fold_{k}.npy"), written, atol=1e-5)
