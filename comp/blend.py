@@ -62,12 +62,10 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray]) -> tup
     return out, weights
 
 
-def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
+def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, tables: dict):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
-    finished, on these folds, for these classes and this test table."""
+    finished, on these folds, for these classes and these tables (identity.tables)."""
     member = cfg.replace("run", name=name)
-    now = identity.content(cfg, comp)
-    tables = {k: now[k] for k in ("train", "test")}  # each member has its own model
     outputs = [read_fold(member, k, folds_fp, check_config=False, now=tables) for k in range(cfg.folds.n_splits)]
     hashes = {o.record.get("config_hash") for o in outputs}
     if len(hashes) > 1:
@@ -106,7 +104,8 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"--stack {stack_with!r}: use one of {', '.join(stacking.LEVEL2)}")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
-    members = [load_member(cfg, n, folds_fp, comp, folds) for n in names]
+    tables = identity.tables(cfg, comp)  # each member has its own model: only the tables are shared
+    members = [load_member(cfg, n, folds_fp, comp, folds, tables) for n in names]
     y = comp.y
     oofs, tests = [m[0] for m in members], [m[1] for m in members]
 
@@ -149,7 +148,6 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     if decide_labels:  # on the blend's honest OOF probabilities: each fold's from weights fitted without it
         probs, rule = decide.for_submission(cfg, comp, folds, cv_oof, probs, console)
         if lb:
-            rule["leaderboard_after"] = leaderboard(cfg, comp, probs)[rule["metric"]]
             console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
     frame = submission_frame(cfg, comp, probs)
     record = {"runs": names, "weights_method": how, "stack": stacked, "decision": rule,

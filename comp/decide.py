@@ -14,7 +14,7 @@ import numpy as np
 from comp import metrics
 from comp.config import Config
 from comp.errors import CompError
-from comp.outputs import takes_probabilities
+from comp.outputs import leaderboard, takes_probabilities
 from comp.tables import Competition
 
 GRID = np.exp(np.linspace(-1.5, 1.5, 31))  # a class's weight relative to the first class's (which stays 1)
@@ -89,13 +89,17 @@ def decide(metric: str, y: np.ndarray, folds: np.ndarray, oof_probs: np.ndarray)
 
 def for_submission(cfg: Config, comp: Competition, folds: np.ndarray, oof_probs: np.ndarray, test_probs: np.ndarray,
                    console) -> tuple[np.ndarray, dict]:
-    """The rule for the competition's metric (printed), and the test rows it decides (one-hot)."""
+    """The rule for the competition's metric (printed), and the test rows it decides (one-hot); with hidden
+    answers (data.solution) the rule also records its leaderboard score."""
     if takes_probabilities(cfg, comp):
         raise CompError("--decide picks labels, and this submission holds a probability per class (see "
                         "data.sample_submission): drop --decide")
     rule = decide(cfg.data.metric, comp.y, folds, oof_probs)
     console.print(describe(rule, comp.classes), highlight=False)
-    return decided(test_probs, rule), rule
+    probs = decided(test_probs, rule)
+    if cfg.data.solution:
+        rule["leaderboard_after"] = leaderboard(cfg, comp, probs)[rule["metric"]]
+    return probs, rule
 
 
 def describe(rule: dict, classes: list[str]) -> str:

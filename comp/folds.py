@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
             fold = import_folds(cfg, comp, Path(args.source))
         else:
             fold = make_folds(np.array(comp.classes)[comp.y], cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp))
-        new_fp = split_fingerprint(cfg, comp, fold, bool(args.source))
+        fp = split_fingerprint(cfg, comp, fold, bool(args.source))
         old = read_json(meta_path(cfg)) if meta_path(cfg).is_file() else {}
         dependants = trained_runs(cfg)
-        if old and old.get("fingerprint") != new_fp and dependants and not args.force:
+        if old and old.get("fingerprint") != fp and dependants and not args.force:
             raise CompError(f"{cfg.folds_path} already holds another split that {len(dependants)} trained fold(s) "
                             f"depend on (e.g. {dependants[0].parent}); pass --force to replace it")
-        fp = write_folds(cfg, comp, fold, str(Path(args.source).resolve()) if args.source else "")
+        write_folds(cfg, comp, fold, fp, str(Path(args.source).resolve()) if args.source else "")
         _print_summary(cfg, comp, fold, fp, args.quiet)
         if not args.quiet:
             print(f"folds took {time.perf_counter() - started:.1f}s")

@@ -72,11 +72,15 @@ def model_digest(cfg: Config) -> str | None:
     return _folder_digest(str(folder.resolve()), stamp)
 
 
-def content(cfg: Config, comp) -> dict:
-    """What a fold records of its inputs: the training rows (with labels), the test rows, the model."""
+def tables(cfg: Config, comp) -> dict:
+    """The training rows' (with labels) and the test rows' fingerprints."""
     return {"train": table_digest(comp.train, used_columns(cfg, True)),
-            "test": table_digest(comp.test, used_columns(cfg, False)),
-            "model": model_digest(cfg)}
+            "test": table_digest(comp.test, used_columns(cfg, False))}
+
+
+def content(cfg: Config, comp) -> dict:
+    """What a fold records of its inputs: the tables and the model."""
+    return {**tables(cfg, comp), "model": model_digest(cfg)}
 
 
 WHAT = {"train": "the training table's content", "test": "the test table's content",

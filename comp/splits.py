@@ -77,16 +77,14 @@ def split_fingerprint(cfg: Config, comp: Competition, fold: np.ndarray, imported
                        fold if imported else None)
 
 
-def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, imported: str = "") -> str:
-    """Write folds.csv (id, fold) and its fingerprint file (`imported`: the file the split came from); return
-    the fingerprint."""
-    fp = split_fingerprint(cfg, comp, fold, bool(imported))
+def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, imported: str = "") -> None:
+    """Write folds.csv (id, fold) and its fingerprint file (fp: split_fingerprint of this split; `imported`:
+    the file the split came from)."""
     with atomic_path(cfg.folds_path) as tmp:
         pd.DataFrame({"id": comp.train_ids, "fold": fold}).to_csv(tmp, index=False)
     write_json(meta_path(cfg), {"fingerprint": fp, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed,
                                 "group": cfg.folds.group, "imported": imported, "n_rows": len(fold),
                                 "csv_sha256": sha256(cfg.folds_path)})
-    return fp
 
 
 def import_folds(cfg: Config, comp: Competition, path: Path) -> np.ndarray:

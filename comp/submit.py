@@ -46,8 +46,6 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
     rule = None
     if decide_labels:
         probs, rule = decide.for_submission(cfg, comp, folds, metrics.probabilities(oof), probs, console)
-        if lb:
-            rule["leaderboard_after"] = leaderboard(cfg, comp, probs)[rule["metric"]]
     frame = submission_frame(cfg, comp, probs)
 
     per_fold = [metrics.score(comp.y[folds == o.fold], o.oof_logits) for o in outputs]
