@@ -1,5 +1,6 @@
 # comp — set up, build a demo competition, train an encoder run and a linear run on its folds, stack them;
-# or run the tests. CONFIG=loans.toml picks the metadata-heavy demo.
+# or run the tests. CONFIG=loans.toml picks the metadata-heavy demo; reviews-qwk.toml, reviews-regression.toml and
+# movies.toml the other kinds of competition.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,10 +11,12 @@ PARAMS ?=
 DEVICES ?=
 JOBS ?= 1
 ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--params $(PARAMS))
-# the demo's competition and run name follow the config: loans.toml -> loans, anything else -> the reviews demo
-DEMO := $(if $(findstring loans,$(CONFIG)),loans,reviews)
-NAME ?= $(if $(findstring loans,$(CONFIG)),loans,demo)
-DATA := data/$(if $(findstring loans,$(CONFIG)),loans,demo)/train.csv
+# the demo's tables, run name and task follow the config (its data.train, run.name and data.task)
+config_key = $(shell sed -n 's/^$(1) *= *"\([^"]*\)".*/\1/p' $(CONFIG) | head -1)
+DATA := $(call config_key,train)
+NAME ?= $(call config_key,name)
+# the demo's last step: a stack of the two runs (single_label), or their blend with fitted weights
+COMBINE := $(if $(filter multi_label regression,$(call config_key,task)),--weights fit,--stack)
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
@@ -31,11 +34,9 @@ $(VENV)/.installed: pyproject.toml
 
 data: install $(DATA)
 
-data/demo/train.csv:
-	$(PY) -m comp.data --demo reviews --cache data/cache
-
-data/loans/train.csv:
-	$(PY) -m comp.data --demo loans --cache data/cache
+# data/demo holds the reviews demo; data/loans and data/movies the demos of those names
+data/%/train.csv:
+	$(PY) -m comp.data --demo $(if $(filter demo,$*),reviews,$*) --cache data/cache
 
 folds: data
 	$(PY) -m comp.folds $(ARGS)
@@ -60,7 +61,7 @@ demo: install data
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME) && \
 	$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
-	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear --stack --name $(NAME)-stack && \
+	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear $(COMBINE) --name $(NAME)-stack && \
 	echo "demo finished in $$(( $$(date +%s) - start ))s (after install and data)"
 
 # the classical runs alone: TF-IDF + metadata -> logistic regression, and gradient boosting, on the same folds

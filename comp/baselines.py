@@ -1,7 +1,8 @@
 """Classical runs on the same folds, for blending and stacking with the encoder runs:
 - linear: TF-IDF word and char n-grams + the encoded metadata → logistic regression;
 - gbm: the metadata (native categoricals, raw numerics) + TF-IDF SVD components → HistGradientBoosting.
-Each fits on a fold's training rows only and returns log-probabilities as the fold's logits."""
+Each fits on a fold's training rows only and returns log-probabilities as the fold's logits (linear, for the other
+tasks: label logits or values)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import FeatureUnion
 from sklearn.preprocessing import OrdinalEncoder
 
@@ -24,6 +25,7 @@ from comp.artifacts import atomic_path, read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
 from comp.features import MetaEncoder, prepare_columns
+from comp.metrics import REGRESSION, SINGLE
 
 SVD_COMPONENTS = 64
 
@@ -56,13 +58,33 @@ def fitted_logistic(coef: np.ndarray, intercept: np.ndarray, classes: list) -> L
     return clf
 
 
+def linear_outputs(task: str, x: sparse.csr_matrix, y: np.ndarray, weight: str | None,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients and intercepts of one linear output per label (multi_label: a logistic regression each, a
+    label these rows always or never show a constant logit of ±20) or per target (regression: ridge)."""
+    if task == REGRESSION:
+        ridge = Ridge(alpha=1.0).fit(x, y)
+        return ridge.coef_.reshape(y.shape[1], -1), np.reshape(ridge.intercept_, y.shape[1])
+    coef, intercept = np.zeros((y.shape[1], x.shape[1])), np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        if 0 < y[:, j].sum() < len(y):
+            clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=weight, random_state=seed).fit(x, y[:, j])
+            coef[j], intercept[j] = clf.coef_[0], clf.intercept_[0]
+        else:
+            intercept[j] = 20.0 if y[0, j] else -20.0
+    return coef, intercept
+
+
 class LinearRun:
-    """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression."""
+    """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression (single_label), a
+    logistic regression per label (multi_label) or ridge regression (regression)."""
 
     def __init__(self, cfg: Config, seed: int):
         self.meta = MetaEncoder.from_config(cfg)
         self.text: FeatureUnion | None = None
-        self.clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=class_weight(cfg), random_state=seed)
+        self.task, self.seed, self.weight = cfg.data.task, seed, class_weight(cfg)
+        self.clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=self.weight, random_state=seed)
+        self.coef = self.intercept = None
 
     def _features(self, df: pd.DataFrame, texts: list[str]) -> sparse.csr_matrix:
         parts = [sparse.csr_matrix(self.meta.transform(df))]
@@ -81,15 +103,22 @@ class LinearRun:
         if x.shape[1] == 0:
             raise CompError("model.kind = 'linear' needs text or metadata: data.text is empty on every row and "
                             "data.categorical / data.numeric name no column")
-        self.clf.fit(x, y)
+        if self.task == SINGLE:
+            self.clf.fit(x, y)
+        else:
+            self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
         return self
 
-    def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
-        return self.clf.predict_log_proba(self._features(df, texts))
+    def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        """Log-probabilities of the classes it saw (single_label); label logits or values (the other tasks)."""
+        x = self._features(df, texts)
+        return self.clf.predict_log_proba(x) if self.task == SINGLE else x @ self.coef.T + self.intercept
 
     def save(self, out: Path) -> None:
-        """linear.json (metadata encoder, vocabularies, classes) and linear.safetensors (idf, coefficients)."""
-        arrays = {"coef": self.clf.coef_, "intercept": self.clf.intercept_}
+        """linear.json (metadata encoder, vocabularies, task, classes) and linear.safetensors (idf, coefficients)."""
+        single = self.task == SINGLE
+        arrays = {"coef": self.clf.coef_ if single else self.coef, "intercept": self.clf.intercept_ if single
+                  else self.intercept}
         vocabularies = None
         if self.text is not None:
             vectorizers = dict(self.text.transformer_list)
@@ -98,7 +127,7 @@ class LinearRun:
         with atomic_path(out / "linear.safetensors") as tmp:
             save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(tmp))
         write_json(out / "linear.json", {"format": 1, "meta": self.meta.to_dict(), "vocabularies": vocabularies,
-                                         "classes": self.clf.classes_.tolist()})
+                                         "task": self.task, "classes": self.clf.classes_.tolist() if single else None})
 
     @classmethod
     def load(cls, out: Path) -> LinearRun:
@@ -111,7 +140,11 @@ class LinearRun:
             run.text = tfidf(spec["vocabularies"])
             for name, vectorizer in run.text.transformer_list:
                 vectorizer.idf_ = arrays[f"idf_{name}"]
-        run.clf = fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"])
+        run.task = spec.get("task", SINGLE)
+        if run.task == SINGLE:
+            run.clf = fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"])
+        else:
+            run.coef, run.intercept = arrays["coef"], arrays["intercept"]
         return run
 
 
@@ -163,7 +196,9 @@ class GbmRun:
         self.clf.fit(x, y)
         return self
 
-    def log_proba(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+    task = SINGLE
+
+    def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))
 
     def save(self, out: Path) -> None:
@@ -191,9 +226,11 @@ class ClassicalModel:
         self.model, self.n_classes = model, n_classes
 
     def logits(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
+        if self.model.task != SINGLE:
+            return self.model.outputs(df, texts).astype(np.float32).reshape(len(df), self.n_classes)
         out = np.full((len(df), self.n_classes), np.log(1e-12), dtype=np.float32)
         if len(df):
-            out[:, self.model.clf.classes_] = self.model.log_proba(df, texts)
+            out[:, self.model.clf.classes_] = self.model.outputs(df, texts)
         return out
 
     def save(self, out: Path) -> None:

@@ -18,7 +18,6 @@ from comp.baselines import class_weight
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.outputs import (
-    METRICS,
     assemble_oof,
     average_probabilities,
     leaderboard,
@@ -30,33 +29,45 @@ from comp.splits import load_folds
 from comp.tables import load_competition
 
 
-def fit_weights(y: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
-    """Non-negative weights summing to 1 that minimise the log loss of sum_r w_r · probs_r on these rows."""
+def fit_weights(y: np.ndarray, probs: list[np.ndarray], task: str = metrics.SINGLE) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the task's loss of sum_r w_r · probs_r on these rows: the
+    log loss (single_label), the mean binary log loss (multi_label), the squared error of each target in units
+    of its variance (regression)."""
     k = len(probs)
     if k == 1:
         return np.ones(1)
-    stacked = np.stack([p[np.arange(len(y)), y] for p in probs], axis=1)  # each run's probability of the truth
+    jac = None
+    if task == metrics.SINGLE:
+        stacked = np.stack([p[np.arange(len(y)), y] for p in probs], axis=1)  # each run's probability of the truth
 
-    def loss(w):
-        return -np.log(np.clip(stacked @ w, 1e-15, None)).mean()
+        def loss(w):
+            return -np.log(np.clip(stacked @ w, 1e-15, None)).mean()
 
-    def grad(w):
-        return -(stacked / np.clip(stacked @ w, 1e-15, None)[:, None]).mean(0)
+        def jac(w):
+            return -(stacked / np.clip(stacked @ w, 1e-15, None)[:, None]).mean(0)
+    else:
+        stacked, var = np.stack(probs, axis=-1), np.asarray(y, dtype=np.float64).reshape(len(y), -1).var(0)
 
-    res = minimize(loss, np.full(k, 1.0 / k), jac=grad, method="SLSQP", bounds=[(0.0, 1.0)] * k,
+        def loss(w):
+            p = stacked @ w
+            return metrics.log_loss(y, p) if task == metrics.MULTI else float(np.mean(
+                (p.reshape(len(y), -1) - y.reshape(len(y), -1)) ** 2 / np.where(var > 0, var, 1.0)))
+
+    res = minimize(loss, np.full(k, 1.0 / k), jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * k,
                    constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(k)}])
     w = np.clip(res.x, 0.0, None)
     return w / w.sum()
 
 
-def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
+               task: str = metrics.SINGLE) -> tuple[np.ndarray, list[np.ndarray]]:
     """The fitted blend's OOF probabilities where each fold's rows are blended with weights fitted on the
     other folds' rows only; returns them and the per-fold weights."""
     out = np.zeros_like(probs[0])
     weights = []
     for k in np.unique(folds):
         fit, held = folds != k, folds == k
-        w = fit_weights(y[fit], [p[fit] for p in probs])
+        w = fit_weights(y[fit], [p[fit] for p in probs], task)
         out[held] = sum(wi * p[held] for wi, p in zip(w, probs, strict=True))
         weights.append(w)
     return out, weights
@@ -70,8 +81,8 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, tables: dict
     hashes = {o.record.get("config_hash") for o in outputs}
     if len(hashes) > 1:
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
-    oof = metrics.probabilities(assemble_oof(comp, folds, outputs))
-    test = average_probabilities(test_logits_in_order(comp, outputs))
+    oof = metrics.activate(cfg.data.task, assemble_oof(comp, folds, outputs))
+    test = average_probabilities(test_logits_in_order(comp, outputs), cfg.data.task)
     return oof, test, outputs[0].record
 
 
@@ -102,6 +113,9 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"--weights {how!r}: use 'fit' or 'equal'")
     if stack_with is not None and stack_with not in stacking.LEVEL2:
         raise CompError(f"--stack {stack_with!r}: use one of {', '.join(stacking.LEVEL2)}")
+    task, metric = cfg.data.task, cfg.data.metric
+    if stack_with is not None and task != metrics.SINGLE:
+        raise CompError(f"--stack needs data.task = \"single_label\" (this one is {task!r}): blend with --weights")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
     tables = identity.tables(cfg, comp)  # each member has its own model: only the tables are shared
@@ -116,34 +130,35 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with)
         weights, fold_weights = np.full(len(names), np.nan), []
     elif how == "fit":
-        weights = fit_weights(y, oofs)
-        cv_oof, fold_weights = honest_oof(y, folds, oofs)
+        weights = fit_weights(y, oofs, task)
+        cv_oof, fold_weights = honest_oof(y, folds, oofs, task)
     else:
         weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
     if not stack_with:
         probs = sum(w * t for w, t in zip(weights, tests, strict=True))
 
     table = Table(title=f"blend {cfg.run.name!r} of {len(names)} run(s) on {cfg.folds.n_splits} folds, {len(y)} OOF rows")
-    for col in ("", "weight", *METRICS):
+    shown = metrics.columns(task, metric)
+    for col in ("", "weight", *shown):
         table.add_column(col, justify="right")
     rows = {}
     for name, w, p in zip(names, weights, oofs, strict=True):
-        rows[name] = metrics.score_probabilities(y, p)
-        table.add_row(f"run {name}", "" if stack_with else f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in METRICS))
-    equal = metrics.score_probabilities(y, equal_oof)
-    table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in METRICS))
-    cv = metrics.score_probabilities(y, cv_oof)
+        rows[name] = metrics.score_predictions(y, p, task)
+        table.add_row(f"run {name}", "" if stack_with else f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in shown))
+    equal = metrics.score_predictions(y, equal_oof, task)
+    table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in shown))
+    cv = metrics.score_predictions(y, cv_oof, task)
     if how != "equal":
         label = "stacked (level-2 model from the other folds)" if stack_with else "fitted (weights from the other folds)"
-        table.add_row(label, "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
+        table.add_row(label, "", *(f"{cv[k]:.4f}" for k in shown), style="bold")
     console.print(table)
-    console.print(f"blend CV {metrics.line(cv, cfg.data.metric)}"
+    console.print(f"blend CV {metrics.line(cv, metric, task)}"
                   f"  ({'equal weights' if how == 'equal' else how + ' fitted on k-1 folds, scored on the held-out fold'})"
                   + ("" if stack_with else "; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights,
                                                                                                      strict=True))))
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     if lb:
-        console.print(f"leaderboard {metrics.line(lb, cfg.data.metric)}  ({cfg.path(cfg.data.solution)})")
+        console.print(f"leaderboard {metrics.line(lb, metric, task)}  ({cfg.path(cfg.data.solution)})")
     rule = None
     if decide_labels:  # on the blend's honest OOF probabilities: each fold's from weights fitted without it
         probs, rule = decide.for_submission(cfg, comp, folds, cv_oof, probs, console)
@@ -167,7 +182,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
 def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--runs", required=required, help="comma-separated run names trained on the same folds")
     parser.add_argument("--weights", default="fit", choices=("fit", "equal"),
-                        help="fit: weights minimising OOF log loss (default); equal: plain average")
+                        help="fit: weights minimising the OOF loss of the task (default); equal: plain average")
     parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
                         help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
                              "logistic (default) or gbm")

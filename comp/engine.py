@@ -98,6 +98,7 @@ def runtime(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, d: Dist) -
 def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime) -> tuple[TrainState, np.random.Generator]:
     """A fresh training state on the fold's device, and the generator that draws each epoch's batch order."""
     seed = tcfg.seed + fold.index
+    model.set_target_moments(fold.train.y)
     init_wide(model, fold.train.meta, fold.train.y, model.out.out_features, tcfg.loss == "balanced_ce", seed)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
@@ -158,7 +159,7 @@ def validate(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, row
     with state.ema.applied(state.model) if state.ema else contextlib.nullcontext():
         val_logits = predict(state.model, fold.val, tcfg.eval_batch_size, rt.pad_id, rt.device, rt.amp, progress,
                              f"fold {fold.index} validate", rt.d)
-        m = metrics.score(fold.val.y, val_logits)
+        m = metrics.score(fold.val.y, val_logits, state.model.task)
         row = {**row, "val_loss": validation_loss(tcfg, rt.loss_fn, fold.val, val_logits, m),
                **metrics.validation_row(m), "seconds": round(time.perf_counter() - t0, 2)}
         state.fit.history.append(row)
@@ -170,8 +171,7 @@ def validate(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, row
 
 def end_epoch(state: TrainState, fold: Fold, rt: Runtime, row: dict, improved: bool, console: Console) -> None:
     """Report the epoch, and let the fold's hook see it."""
-    console.print(f"fold {fold.index} epoch {row['epoch']}: loss {row['train_loss']:.4f}  val_loss "
-                  f"{row['val_loss']:.4f}  acc {row['val_accuracy']:.4f}  macro_f1 {row['val_macro_f1']:.4f}  "
+    console.print(f"fold {fold.index} epoch {row['epoch']}: loss {row['train_loss']:.4f}  {metrics.row_line(row)}  "
                   f"{row['seconds']:.1f}s{'  *' if improved else ''}", highlight=False)
     if fold.on_epoch:
         fold.on_epoch(row)

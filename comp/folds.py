@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from comp import cli
+from comp import cli, metrics
 from comp.artifacts import read_json
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.splits import groups_of, import_folds, make_folds, meta_path, split_fingerprint, trained_runs, write_folds
+from comp.splits import groups_of, import_folds, meta_path, split_fingerprint, split_rows, trained_runs, write_folds
 from comp.tables import Competition, load_competition
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.source:
             fold = import_folds(cfg, comp, Path(args.source))
         else:
-            fold = make_folds(np.array(comp.classes)[comp.y], cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp))
+            fold = split_rows(cfg, comp)
         fp = split_fingerprint(cfg, comp, fold, bool(args.source))
         old = read_json(meta_path(cfg)) if meta_path(cfg).is_file() else {}
         dependants = trained_runs(cfg)
@@ -55,11 +55,15 @@ def _print_summary(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, qu
     table = Table(title=f"{cfg.folds_path}  ({len(fold)} rows{grouped}, fingerprint {fp})")
     table.add_column("fold", justify="right")
     table.add_column("rows", justify="right")
+    single = cfg.data.task == metrics.SINGLE
     for c in comp.classes:
-        table.add_column(f"{cfg.data.label}={c}", justify="right")
+        table.add_column(f"{cfg.data.label}={c}" if single else f"{c} (mean)", justify="right")
     for k in range(cfg.folds.n_splits):
-        counts = np.bincount(comp.y[fold == k], minlength=len(comp.classes))
-        table.add_row(str(k), str(int((fold == k).sum())), *map(str, counts))
+        if single:
+            shown = map(str, np.bincount(comp.y[fold == k], minlength=len(comp.classes)))
+        else:
+            shown = (f"{v:.3g}" for v in comp.y[fold == k].mean(0))
+        table.add_row(str(k), str(int((fold == k).sum())), *shown)
     console.print(table)
 
 

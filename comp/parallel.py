@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from comp import metrics
 from comp.artifacts import read_json
 from comp.config import Config
 
@@ -66,8 +67,7 @@ def run_folds(cfg: Config, args, folds: list[int], slots: list[Slot], console: C
                 seconds = time.perf_counter() - started
                 if proc.returncode == 0:
                     best = read_json(cfg.fold_dir(fold) / "metrics.json")["best"]
-                    console.print(f"fold {fold} done on {slot.name} in {seconds:.0f}s: val_loss {best['val_loss']:.4f}, "
-                                  f"acc {best['val_accuracy']:.4f}, macro_f1 {best['val_macro_f1']:.4f}")
+                    console.print(f"fold {fold} done on {slot.name} in {seconds:.0f}s: {metrics.row_line(best)}")
                 else:
                     err.seek(0)
                     lines = err.read().decode("utf-8", "replace").strip().splitlines()

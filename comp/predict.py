@@ -110,7 +110,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
         return lambda table, texts, console: model.logits(table, texts)
     device = resolve_device(cfg.train)
     encoder = MetaEncoder.load(fm.path / "encoders.json")
-    model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root)
+    model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root, task=cfg.data.task)
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
     model.to(device)
     tokenizer = load_tokenizer(cfg.model, cfg.root)
@@ -133,8 +133,9 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
     console = console or cli.console()
     cfg = members[0].folds[0].cfg
     classes = members[0].folds[0].classes
-    if any(fm.classes != classes for m in members for fm in m.folds):
-        raise CompError("the folds to predict with were trained with different classes: retrain them with --force")
+    if any(fm.classes != classes or fm.cfg.data.task != cfg.data.task for m in members for fm in m.folds):
+        raise CompError("the folds to predict with were trained with different classes or tasks: retrain them with "
+                        "--force")
     table, texts = load_table(cfg, test)
     logits, per_run = {}, []
     for m in members:
@@ -143,7 +144,7 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
             started = time.perf_counter()
             logits[m.name].append(fold_predictor(fm, device)(table, texts, console))
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
-        per_run.append(average_probabilities(logits[m.name]))
+        per_run.append(average_probabilities(logits[m.name], cfg.data.task))
     if stacker is not None:
         probs = stacker.predict(per_run)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import shutil
 import sys
 import time
@@ -20,8 +21,8 @@ from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.outputs import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
 
-RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "cv_macro_f1", "cv_accuracy",
-               "cv_log_loss", "lb_macro_f1", "lb_accuracy", "lb_log_loss", "submission"]
+RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "task", "metric", "cv", "lb", "scores",
+               "submission"]
 
 
 def report_dir(cfg: Config) -> Path:
@@ -34,34 +35,45 @@ def runs_path(cfg: Config) -> Path:
 
 def append_run(cfg: Config, cv: dict, lb: dict | None, folds_fp: str, model: str | None = None,
                config_hash: str | None = None) -> None:
-    """Add one row for this submit (or blend) to submissions/runs.csv (rewritten atomically)."""
+    """Add one row for this submit (or blend) to submissions/runs.csv (rewritten atomically): the competition's
+    metric on the CV and the leaderboard, and every score as JSON."""
     path = runs_path(cfg)
-    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=RUN_COLUMNS)
+    old = _upgrade(pd.read_csv(path)) if path.is_file() else pd.DataFrame(columns=RUN_COLUMNS)
+    metric = cfg.data.metric
     row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": cfg.run.name, "model": model or cfg.model.name_or_path,
-           "config_hash": config_hash or cfg.hash(), "folds_fingerprint": folds_fp,
-           "cv_macro_f1": cv["macro_f1"], "cv_accuracy": cv["accuracy"], "cv_log_loss": cv["log_loss"],
-           "lb_macro_f1": lb["macro_f1"] if lb else None, "lb_accuracy": lb["accuracy"] if lb else None,
-           "lb_log_loss": lb["log_loss"] if lb else None, "submission": str(cfg.submission_path)}
+           "config_hash": config_hash or cfg.hash(), "folds_fingerprint": folds_fp, "task": cfg.data.task,
+           "metric": metric, "cv": cv[metric], "lb": lb[metric] if lb else None,
+           "scores": json.dumps({"cv": cv, "leaderboard": lb}), "submission": str(cfg.submission_path)}
     table = pd.concat([old, pd.DataFrame([row])], ignore_index=True) if len(old) else pd.DataFrame([row])
     with atomic_path(path) as tmp:
         table[RUN_COLUMNS].to_csv(tmp, index=False)
 
 
+def _upgrade(runs: pd.DataFrame) -> pd.DataFrame:
+    """A runs.csv from before the metric columns: its rows were single_label runs scored by macro-F1."""
+    if "metric" in runs.columns:
+        return runs
+    return runs.assign(task=metrics.SINGLE, metric="macro_f1", cv=runs["cv_macro_f1"], lb=runs["lb_macro_f1"],
+                       scores=None)
+
+
 def print_runs(cfg: Config, console: Console) -> None:
-    """Every recorded submit, best CV first, with the CV - leaderboard gap."""
+    """Every recorded submit, grouped by metric, best CV first, with the CV - leaderboard gap."""
     path = runs_path(cfg)
     if not path.is_file():
         raise CompError(f"{path} not found: it is written by python -m comp.submit")
-    runs = pd.read_csv(path).sort_values("cv_macro_f1", ascending=False)
+    runs = _upgrade(pd.read_csv(path))
+    runs["rank"] = [-v if metrics.DIRECTION[m] == "max" else v for m, v in zip(runs["metric"], runs["cv"], strict=True)]
+    runs = runs.sort_values(["metric", "rank"])
     table = Table(title=f"{path}: {len(runs)} submit(s), best CV first")
-    for col in ("time", "run", "model", "config", "CV macro-F1", "LB macro-F1", "CV - LB", "CV log loss"):
+    for col in ("time", "run", "model", "config", "metric", "CV", "LB", "CV - LB"):
         table.add_column(col, justify="right")
     for _, r in runs.iterrows():
-        lb = r["lb_macro_f1"]
+        lb = r["lb"]
         has_lb = pd.notna(lb)
         table.add_row(str(r["time"]), str(r["run"]), str(r["model"]).split("/")[-1], str(r["config_hash"])[:8],
-                      f"{r['cv_macro_f1']:.4f}", f"{lb:.4f}" if has_lb else "",
-                      f"{r['cv_macro_f1'] - lb:+.4f}" if has_lb else "", f"{r['cv_log_loss']:.4f}")
+                      str(r["metric"]), f"{r['cv']:.4f}", f"{lb:.4f}" if has_lb else "",
+                      f"{r['cv'] - lb:+.4f}" if has_lb else "")
     console.print(table)
 
 
@@ -83,7 +95,7 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_learning_curves(records: list[dict], monitor: str, path: Path) -> None:
+def plot_learning_curves(records: list[dict], monitor: str, metric: str, path: Path) -> None:
     """Per fold: train and validation loss, and the monitored metric, per epoch; the best epoch marked."""
     plt = _pyplot()
     n = len(records)
@@ -98,8 +110,8 @@ def plot_learning_curves(records: list[dict], monitor: str, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_xticks(epochs)
         twin = ax.twinx()
-        twin.plot(epochs, [h["val_macro_f1"] for h in hist], "s--", color="tab:green", label="val macro-F1")
-        twin.set_ylim(0, 1)
+        twin.plot(epochs, [h.get(f"val_{metric}", np.nan) for h in hist], "s--", color="tab:green",
+                  label=f"val {metric}")
         if rec is records[-1]:
             lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
             labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
@@ -169,27 +181,36 @@ def plot_confidence(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
 
 def write_report(cfg: Config, outputs: list[FoldOutputs], folds: np.ndarray, y: np.ndarray, oof: np.ndarray,
                  classes: list[str], cv: dict, lb: dict | None) -> Path:
-    """PNGs and index.html for a run under reports/<run>/; returns the page's path."""
+    """PNGs and index.html for a run under reports/<run>/; returns the page's path. The confusion matrix, the
+    per-class and the confidence plots are single_label's; the other tasks get a table per label / target."""
     out = report_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    records = [o.record for o in outputs]
-    pred = oof.argmax(1)
-    probs = metrics.probabilities(oof)
-    plot_learning_curves(records, cfg.train.monitor, out / "learning_curves.png")
-    counts = plot_confusion(y, pred, classes, out / "confusion_matrix.png")
-    per_class = per_class_table(y, pred, classes)
-    plot_per_class(per_class, out / "per_class.png")
-    plot_confidence(y, probs, out / "confidence.png")
-    images = ["learning_curves.png", "confusion_matrix.png", "per_class.png", "confidence.png"]
+    task, metric = cfg.data.task, cfg.data.metric
+    plot_learning_curves([o.record for o in outputs], cfg.train.monitor, metric, out / "learning_curves.png")
+    images = ["learning_curves.png"]
+    counts = None
+    if task == metrics.SINGLE:
+        pred = oof.argmax(1)
+        counts = plot_confusion(y, pred, classes, out / "confusion_matrix.png")
+        per_class = per_class_table(y, pred, classes)
+        plot_per_class(per_class, out / "per_class.png")
+        plot_confidence(y, metrics.probabilities(oof), out / "confidence.png")
+        images += ["confusion_matrix.png", "per_class.png", "confidence.png"]
+    else:
+        predictions = metrics.activate(task, oof)
+        per_class = pd.DataFrame([{"label" if task == metrics.MULTI else "target": name,
+                                   **metrics.score_predictions(y[:, [j]], predictions[:, [j]], task)}
+                                  for j, name in enumerate(classes)])
     study = cfg.tune.study_name or cfg.run.name
     for suffix in ("history", "importances"):
         src = cfg.folds_path.parent / f"{study}_{suffix}.png"
         if src.is_file():
             shutil.copyfile(src, out / f"tune_{suffix}.png")
             images.append(f"tune_{suffix}.png")
-    fold_rows = [[o.fold, o.record["best_epoch"], *(metrics.score(y[folds == o.fold], o.oof_logits)[k]
-                                                    for k in ("macro_f1", "accuracy", "log_loss"))] for o in outputs]
-    folds_df = pd.DataFrame(fold_rows, columns=["fold", "best epoch", "macro_f1", "accuracy", "log_loss"])
+    shown = metrics.columns(task, metric)
+    fold_rows = [[o.fold, o.record["best_epoch"], *(metrics.score(y[folds == o.fold], o.oof_logits, task)[k]
+                                                    for k in shown)] for o in outputs]
+    folds_df = pd.DataFrame(fold_rows, columns=["fold", "best epoch", *shown])
     summary = pd.DataFrame([{"": "CV (all OOF)", **cv}] + ([{"": "leaderboard", **lb}] if lb else []))
     page = _html(cfg, summary, folds_df, per_class, counts, classes, images)
     write_text(out / "index.html", page)
@@ -200,7 +221,8 @@ def _html(cfg, summary, folds_df, per_class, counts, classes, images) -> str:
     def table(df: pd.DataFrame) -> str:
         return df.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, classes="t")
 
-    cm = pd.DataFrame(counts, index=[f"true {c}" for c in classes], columns=[f"pred {c}" for c in classes])
+    cm = "" if counts is None else "<h2>OOF confusion matrix (counts)</h2>" + pd.DataFrame(
+        counts, index=[f"true {c}" for c in classes], columns=[f"pred {c}" for c in classes]).to_html(border=0, classes="t")
     imgs = "\n".join(f'<figure><img src="{html.escape(i)}" alt="{html.escape(i)}"><figcaption>{html.escape(i)}'
                      "</figcaption></figure>" for i in images)
     return f"""<!doctype html>
@@ -213,8 +235,8 @@ figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:100%;border:1px
 generated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 <h2>scores</h2>{table(summary)}
 <h2>folds</h2>{table(folds_df)}
-<h2>per class (OOF)</h2>{table(per_class)}
-<h2>OOF confusion matrix (counts)</h2>{cm.to_html(border=0, classes="t")}
+<h2>per {"class" if counts is not None else "label / target"} (OOF)</h2>{table(per_class)}
+{cm}
 <h2>plots</h2>{imgs}
 </body></html>
 """
@@ -234,11 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         started = time.perf_counter()
         comp, folds, _, outputs, oof = load_run(cfg)
-        cv = metrics.score(comp.y, oof)
+        cv = metrics.score(comp.y, oof, cfg.data.task)
         lb = None
         if cfg.data.solution:
-
-            lb = leaderboard(cfg, comp, average_probabilities(test_logits_in_order(comp, outputs)))
+            lb = leaderboard(cfg, comp, average_probabilities(test_logits_in_order(comp, outputs), cfg.data.task))
         page = write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
         console.print(f"wrote {page} and its plots in {time.perf_counter() - started:.1f}s")
         return 0

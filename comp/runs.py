@@ -121,7 +121,7 @@ def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray
     (training rows, validation rows), the model seeded by the fold's `index`, then fit_fold."""
     encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo)
     seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
-    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root)
+    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task)
     console.print(f"fold {index}: {len(part[0])} train rows, {len(part[1])} validation rows, "
                   f"{0 if test_rows is None else len(test_rows)} test rows, {encoder.width} metadata features"
                   + (f", {d.world} processes (DDP)" if d.enabled else ""))
@@ -164,7 +164,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
               "processes": d.world, "pseudo": pseudo.record if pseudo else None, "unseen_categories": unseen,
-              "oof": metrics.score(comp.y[va], result.val_logits),
+              "task": cfg.data.task, "oof": metrics.score(comp.y[va], result.val_logits, cfg.data.task),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
     if not d.is_main:
         d.barrier()  # rank 0 writes
@@ -208,11 +208,13 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold)
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
-    scores = metrics.score(comp.y[va], val_logits)
-    best = {"epoch": 0, "val_loss": scores["log_loss"], **metrics.validation_row(scores)}
+    scores = metrics.score(comp.y[va], val_logits, cfg.data.task)
+    loss = scores["log_loss"] if "log_loss" in scores else scores["rmse"] ** 2  # regression: the mean squared error
+    best = {"epoch": 0, "val_loss": loss, **metrics.validation_row(scores)}
     record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": 0, "best": best, "history": [],
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
-              "model": cfg.model.kind, "comp_version": __version__, "classes": comp.classes, "n_train": len(tr),
+              "model": cfg.model.kind, "comp_version": __version__, "classes": comp.classes, "task": cfg.data.task,
+              "n_train": len(tr),
               "n_val": len(va), "n_test": len(comp.test), "processes": 1, "pseudo": None, "oof": scores,
               "seconds": round(time.perf_counter() - started, 1), "resumed_from": None}
 

@@ -1,4 +1,5 @@
-"""Split the training rows once into seeded stratified folds; later stages check the split's fingerprint."""
+"""Split the training rows once into seeded stratified folds (by task); later stages check the split's
+fingerprint."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from comp import metrics
 from comp.artifacts import atomic_path, read_json, sha256, write_json
 from comp.config import Config
 from comp.errors import CompError
-from comp.tables import Competition
+from comp.tables import Competition, strata
 
 
 def fingerprint(ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None,
@@ -43,12 +45,63 @@ def groups_of(cfg: Config, comp: Competition) -> np.ndarray | None:
     return values.astype(str).to_numpy()
 
 
-def make_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+def split_rows(cfg: Config, comp: Competition) -> np.ndarray:
+    """comp's own split for data.task: stratified on the class (single_label) or on quantile bins of the target
+    (regression); multi_label by iterative stratification (each label's share kept in every fold), or with
+    folds.group, stratified on each row's rarest label."""
+    groups, task, n, seed = groups_of(cfg, comp), cfg.data.task, cfg.folds.n_splits, cfg.folds.seed
+    if task != metrics.MULTI:
+        return make_folds(row_labels(cfg, comp) if task == metrics.SINGLE else strata(task, comp.y), n, seed, groups)
+    if groups is not None:
+        rarest = np.where(comp.y.any(1), np.argmin(np.where(comp.y > 0, comp.y.sum(0), np.inf), axis=1), -1)
+        return make_folds(rarest, n, seed, groups, check=False)
+    return iterative_folds(comp.y, n, seed)
+
+
+def iterative_folds(y: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """Iterative stratification of a 0/1 label matrix (Sechidis, Tsoumakas & Vlahavas, 2011): the rarest label
+    still unplaced is dealt out first, each of its rows to the fold that most lacks that label (then the fold
+    that most lacks rows, then at random); rows without labels go to the folds that most lack rows. (Written
+    here: the PyPI package of this algorithm installs a top-level `tests` package that shadows a project's own.)"""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y) > 0
+    fold = np.full(len(y), -1, dtype=np.int64)
+    want_rows = np.full(n_splits, len(y) / n_splits)
+    want = np.tile(y.sum(0) / n_splits, (n_splits, 1))  # (fold, label): rows of that label a fold still lacks
+    left = y.copy()
+    while left.any():
+        counts = left.sum(0).astype(float)
+        counts[counts == 0] = np.inf
+        label = rng.choice(np.flatnonzero(counts == counts.min()))
+        for row in rng.permutation(np.flatnonzero(left[:, label])):
+            best = np.flatnonzero(want[:, label] == want[:, label].max())
+            best = best[want_rows[best] == want_rows[best].max()]
+            k = rng.choice(best)
+            fold[row], left[row] = k, False
+            want[k] -= y[row]
+            want_rows[k] -= 1
+    for row in rng.permutation(np.flatnonzero(fold < 0)):
+        k = rng.choice(np.flatnonzero(want_rows == want_rows.max()))
+        fold[row] = k
+        want_rows[k] -= 1
+    return fold
+
+
+def row_labels(cfg: Config, comp: Competition) -> np.ndarray:
+    """Each training row's target as text (what the split's fingerprint hashes): its class, or its values."""
+    if cfg.data.task == metrics.SINGLE:
+        return np.array(comp.classes)[comp.y]
+    return np.array(["|".join(f"{v:.6g}" for v in row) for row in comp.y])
+
+
+def make_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None,
+               check: bool = True) -> np.ndarray:
     """The fold number of each row: shuffled, seeded StratifiedKFold, or with groups StratifiedGroupKFold (every
-    row of a group in one fold, the label shares kept as close as the groups allow)."""
+    row of a group in one fold, the label shares kept as close as the groups allow). `check`: refuse a class
+    with fewer rows than folds."""
     classes, counts = np.unique(labels, return_counts=True)
     small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < n_splits]
-    if small:
+    if small and check:
         c, n = small[0]
         raise CompError(f"class {c} has {n} row(s), fewer than folds.n_splits = {n_splits}; "
                         "lower folds.n_splits or merge / drop that class")
@@ -72,8 +125,7 @@ def meta_path(cfg: Config) -> Path:
 
 
 def split_fingerprint(cfg: Config, comp: Competition, fold: np.ndarray, imported: bool) -> str:
-    labels = np.array(comp.classes)[comp.y]
-    return fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp),
+    return fingerprint(comp.train_ids, row_labels(cfg, comp), cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp),
                        fold if imported else None)
 
 

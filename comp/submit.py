@@ -13,7 +13,7 @@ from comp import cli, decide, metrics, report
 from comp.artifacts import atomic_path, write_json
 from comp.config import Config
 from comp.errors import run_cli
-from comp.outputs import METRICS, average_probabilities, leaderboard, load_run, submission_frame, test_logits_in_order
+from comp.outputs import average_probabilities, leaderboard, load_run, submission_frame, test_logits_in_order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,31 +40,32 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
     """Check and combine every fold of the run; print the CV table; write the submission (its labels chosen by a
     cross-fitted decision rule with `decide_labels`, recorded in the run's decision.json for comp.export)."""
     console = console or cli.console()
+    task, metric = cfg.data.task, cfg.data.metric
     comp, folds, folds_fp, outputs, oof = load_run(cfg)
-    probs = average_probabilities(test_logits_in_order(comp, outputs))
+    probs = average_probabilities(test_logits_in_order(comp, outputs), task)
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     rule = None
     if decide_labels:
-        probs, rule = decide.for_submission(cfg, comp, folds, metrics.probabilities(oof), probs, console)
+        probs, rule = decide.for_submission(cfg, comp, folds, metrics.activate(task, oof), probs, console)
     frame = submission_frame(cfg, comp, probs)
 
-    per_fold = [metrics.score(comp.y[folds == o.fold], o.oof_logits) for o in outputs]
-    cv = metrics.score(comp.y, oof)
-    majority = np.full(len(comp.y), np.bincount(comp.y).argmax())
-    baseline = metrics.score(comp.y, np.eye(len(comp.classes))[majority])["macro_f1"]
+    per_fold = [metrics.score(comp.y[folds == o.fold], o.oof_logits, task) for o in outputs]
+    cv = metrics.score(comp.y, oof, task)
+    baseline = metrics.score_predictions(comp.y, metrics.constant(task, comp.y, len(comp.classes)), task)[metric]
 
+    shown = metrics.columns(task, metric)
     table = Table(title=f"run {cfg.run.name!r}: {cfg.folds.n_splits} folds, {len(comp.y)} OOF rows")
-    for col in ("fold", "best epoch", *METRICS):
+    for col in ("fold", "best epoch", *shown):
         table.add_column(col, justify="right")
     for o, m in zip(outputs, per_fold, strict=True):
-        table.add_row(str(o.fold), str(o.record["best_epoch"]), *(f"{m[k]:.4f}" for k in METRICS))
+        table.add_row(str(o.fold), str(o.record["best_epoch"]), *(f"{m[k]:.4f}" for k in shown))
     table.add_row("mean±std", "", *(f"{np.mean([m[k] for m in per_fold]):.4f}±{np.std([m[k] for m in per_fold]):.4f}"
-                                    for k in METRICS), style="bold")
-    table.add_row("CV (all OOF)", "", *(f"{cv[k]:.4f}" for k in METRICS), style="bold")
+                                    for k in shown), style="bold")
+    table.add_row("CV (all OOF)", "", *(f"{cv[k]:.4f}" for k in shown), style="bold")
     console.print(table)
-    console.print(f"CV {metrics.line(cv, cfg.data.metric)}  (majority-class macro_f1 {baseline:.4f})")
+    console.print(f"CV {metrics.line(cv, metric, task)}  (a constant prediction: {metric} {baseline:.4f})")
     if lb:
-        console.print(f"leaderboard {metrics.line(lb, cfg.data.metric)}  ({cfg.path(cfg.data.solution)})")
+        console.print(f"leaderboard {metrics.line(lb, metric, task)}  ({cfg.path(cfg.data.solution)})")
     if rule and lb:
         console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
     record_decision(cfg, rule)
@@ -74,7 +75,7 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
     report.append_run(cfg, cv, lb, folds_fp)
     page = report.write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
     console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
-    return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline_macro_f1": baseline, "decision": rule,
+    return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline": baseline, "decision": rule,
             "path": str(cfg.submission_path)}
 
 

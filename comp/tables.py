@@ -3,6 +3,7 @@ predict; the classes and the texts comp derives from them."""
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from comp import metrics
 from comp.config import Config
 from comp.errors import CompError
 
@@ -75,27 +77,26 @@ def _first_char(path: Path) -> str:
 
 
 def load_competition(cfg: Config, with_test: bool = True) -> Competition:
-    """Read train (and test / sample submission), validate them against the config, derive labels and text."""
+    """Read train (and test / sample submission), validate them against the config, derive targets and text."""
     d = cfg.data
-    train = read_table(cfg.path(d.train), "train", d.id, (d.label,))
-    _require_columns(train, cfg.path(d.train), [d.id, *d.text, *d.categorical, *d.numeric, d.label])
+    train = read_table(cfg.path(d.train), "train", d.id, d.labels)
+    _require_columns(train, cfg.path(d.train), [d.id, *d.text, *d.categorical, *d.numeric, *d.labels])
     _check_ids(train, d.id, cfg.path(d.train))
-    missing_label = train[d.label].isna()
-    if missing_label.any():
-        raise CompError(f"train file {cfg.path(d.train)}: column {d.label!r} has {int(missing_label.sum())} "
-                        f"missing label(s) (ids {_few(train.loc[missing_label, d.id])}); drop or fill those rows")
     _check_numeric(train, d.numeric, cfg.path(d.train))
+    classes, y = targets(cfg, train, cfg.path(d.train))
     if d.train_rows and d.train_rows < len(train):
-        train = _subsample(train, d.label, d.train_rows, cfg.folds.seed)
+        keep = _subsample(len(train), strata(d.task, y), d.train_rows, cfg.folds.seed)
+        train, y = train.iloc[keep], y[keep]
     train = train.reset_index(drop=True)
     train_text = _join_text(train, cfg, cfg.path(d.train))
 
-    test, sample, test_text = train.iloc[:0].drop(columns=[d.label]), None, []
+    test, sample, test_text = train.iloc[:0].drop(columns=list(d.labels)), None, []
     if with_test:
         test = read_table(cfg.path(d.test), "test", d.id)
         _require_columns(test, cfg.path(d.test), [d.id, *d.text, *d.categorical, *d.numeric])
-        if d.label in test.columns:
-            raise CompError(f"test file {cfg.path(d.test)} has the label column {d.label!r}: "
+        carried = [c for c in d.labels if c in test.columns]
+        if carried:
+            raise CompError(f"test file {cfg.path(d.test)} has the label column {carried[0]!r}: "
                             "the test table must not carry answers; remove the column or fix data.test")
         _check_ids(test, d.id, cfg.path(d.test))
         shared = np.intersect1d(train[d.id].to_numpy(str), test[d.id].to_numpy(str))
@@ -107,11 +108,93 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
         test_text = _join_text(test, cfg, cfg.path(d.test))
         if d.sample_submission:
             sample = _load_sample(cfg, test)
-
-    classes = _sorted_classes(train[d.label].unique())
-    index = {c: i for i, c in enumerate(classes)}
-    y = train[d.label].map(index).to_numpy(dtype=np.int64)
     return Competition(train, test, sample, classes, y, train_text, test_text, d.id)
+
+
+def targets(cfg: Config, frame: pd.DataFrame, path: Path, names: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """The target names and values of a table's label column(s), by data.task: single_label, class indices
+    (int64) into the sorted classes; multi_label, a 0/1 matrix (float32) over the labels (0/1 columns, or one
+    column of tags); regression, the values (float32, one column per target). `names`: those of the training
+    table, which a solution table must use."""
+    d = cfg.data
+    missing = {c: frame[c].isna() for c in d.labels}
+    if d.task != metrics.MULTI or len(d.labels) > 1:
+        col = next((c for c, m in missing.items() if m.any()), None)
+        if col is not None:
+            raise CompError(f"{path}: column {col!r} has {int(missing[col].sum())} missing label(s) (ids "
+                            f"{_few(frame.loc[missing[col], d.id])}); drop or fill those rows")
+    if d.task == metrics.REGRESSION:
+        return list(d.labels), np.column_stack([_numbers(frame, c, path) for c in d.labels]).astype(np.float32)
+    if d.task == metrics.MULTI and len(d.labels) > 1:
+        return list(d.labels), np.column_stack([_flags(frame, c, path) for c in d.labels]).astype(np.float32)
+    col = d.labels[0]
+    if d.task == metrics.MULTI:
+        tags = [_tags(v, d.label_separator, col, path) for v in frame[col]]
+        names = names or sorted({t for row in tags for t in row})
+        if not names:
+            raise CompError(f"{path}: tag column {col!r} holds no tag on any row; check data.label and "
+                            "data.label_separator")
+        index = {t: i for i, t in enumerate(names)}
+        _known(path, {t for row in tags for t in row} - set(index))
+        y = np.zeros((len(frame), len(names)), np.float32)
+        for i, row in enumerate(tags):
+            y[i, [index[t] for t in row]] = 1.0
+        return names, y
+    names = names or _sorted_classes(frame[col].unique())
+    index = {c: i for i, c in enumerate(names)}
+    _known(path, set(frame[col]) - set(index))
+    return names, frame[col].map(index).to_numpy(dtype=np.int64)
+
+
+def strata(task: str, y: np.ndarray, bins: int = 10) -> np.ndarray | None:
+    """What to stratify a sample of rows on: the class; the quantile bin of the (first) regression target;
+    nothing for multi_label (its folds use iterative stratification)."""
+    if task == metrics.SINGLE:
+        return y
+    if task == metrics.REGRESSION:
+        return pd.qcut(pd.Series(y[:, 0]).rank(method="first"), q=min(bins, len(y)), labels=False).to_numpy()
+    return None
+
+
+def _known(path: Path, unknown: set) -> None:
+    if unknown:
+        raise CompError(f"{path} has labels never seen in train ({sorted(map(str, unknown))[:3]}); check data.label")
+
+
+def _numbers(frame: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+    values = pd.to_numeric(frame[col], errors="coerce")
+    bad = values.isna() | np.isinf(values.to_numpy(dtype=float, na_value=np.nan))
+    if bad.any():
+        raise CompError(f"{path}: regression target {col!r} holds text or infinite values in {int(bad.sum())} row(s) "
+                        f"(e.g. {_few(frame[col][bad].astype(str).unique())}); fix those rows, or use data.task = "
+                        "\"single_label\" for classes")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _flags(frame: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+    values = pd.to_numeric(frame[col].replace({"True": 1, "False": 0, "true": 1, "false": 0}), errors="coerce")
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        raise CompError(f"{path}: multi-label column {col!r} holds values other than 0 and 1 in {int(bad.sum())} "
+                        f"row(s) (e.g. {_few(frame[col][bad].astype(str).unique())}); each label column is 0 or 1")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _tags(value, separator: str, col: str, path: Path) -> list[str]:
+    """One cell of a tag column: empty (no label), a list such as ["a", "b"], or tags joined by the separator."""
+    if _isna(value) or not str(value).strip():
+        return []
+    text = str(value).strip()
+    if text[0] in "[(":
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parsed = None
+        if not isinstance(parsed, (list, tuple)) or not all(isinstance(t, (str, int)) for t in parsed):
+            raise CompError(f"{path}: tag column {col!r} holds {text[:40]!r}, neither a list such as [\"a\", \"b\"] "
+                            f"nor tags joined by data.label_separator {separator!r}; fix the column or the separator")
+        return sorted({str(t).strip() for t in parsed if str(t).strip()})
+    return sorted({t.strip() for t in text.split(separator) if t.strip()})
 
 
 def load_table(cfg: Config, path: Path, role: str = "test") -> tuple[pd.DataFrame, list[str]]:
@@ -186,11 +269,14 @@ def _join_text(df: pd.DataFrame, cfg: Config, path: Path) -> list[str]:
     return texts
 
 
-def _subsample(df: pd.DataFrame, label: str, n: int, seed: int) -> pd.DataFrame:
-    counts = df[label].value_counts()
-    stratify = df[label] if counts.min() >= 2 and n >= len(counts) else None
-    keep, _ = train_test_split(df.index.to_numpy(), train_size=n, random_state=seed, stratify=stratify)
-    return df.loc[np.sort(keep)]
+def _subsample(n_rows: int, groups: np.ndarray | None, n: int, seed: int) -> np.ndarray:
+    """Row positions of a sample of n of n_rows rows, stratified on `groups` where every group has two rows or more."""
+    stratify = None
+    if groups is not None:
+        counts = np.unique(groups, return_counts=True)[1]
+        stratify = groups if counts.min() >= 2 and n >= len(counts) else None
+    keep, _ = train_test_split(np.arange(n_rows), train_size=n, random_state=seed, stratify=stratify)
+    return np.sort(keep)
 
 
 def _sorted_classes(values) -> list[str]:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from comp import cli, distributed, identity
+from comp import cli, distributed, identity, metrics
 from comp.artifacts import write_text
 from comp.errors import CompError, run_cli
 from comp.outputs import config_matches, is_complete, verify_fold
@@ -96,8 +96,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
             record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
         b = record["best"]
         console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
-                      f"val_loss {b['val_loss']:.4f}, acc {b['val_accuracy']:.4f}, macro_f1 {b['val_macro_f1']:.4f} "
-                      f"-> {cfg.fold_dir(k)}")
+                      f"{metrics.row_line(b)} -> {cfg.fold_dir(k)}")
         log = console.take_log()
         if d.is_main:
             write_text(cfg.fold_dir(k) / "train.log", log)

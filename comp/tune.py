@@ -27,7 +27,7 @@ from comp.errors import CompError, run_cli
 from comp.outputs import split
 from comp.runs import fit_split, tokenize_tables
 from comp.splits import load_folds
-from comp.tables import Competition, load_competition
+from comp.tables import Competition, load_competition, strata
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Optuna 4.9 renamed the callback that re-queues the trials of a dead worker.
@@ -111,7 +111,8 @@ def train_share(cfg: Config, comp: Competition, tr: np.ndarray, fold: int) -> np
     if cfg.tune.train_fraction >= 1.0:
         return tr
     keep = max(len(comp.classes), int(round(cfg.tune.train_fraction * len(tr))))
-    tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=comp.y[tr])
+    groups = strata(cfg.data.task, comp.y[tr])
+    tr, _ = train_test_split(tr, train_size=keep, random_state=cfg.folds.seed + fold, stratify=groups)
     return np.sort(tr)
 
 

@@ -75,7 +75,7 @@ def test_hash_tracks_what_changes_learning(tmp_path):
             continue  # only meaningful with a teacher
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
-                 "folds.group": "author"}.get(key, other)
+                 "folds.group": "author", "data.task": "regression"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
 
 

@@ -1,5 +1,6 @@
 """Reports: run logs, plots, the run record and the one-page report; console output fit for CI logs."""
 
+import json
 import struct
 
 import pandas as pd
@@ -29,9 +30,10 @@ def test_submit_writes_plots_page_and_one_run_row_per_submit(run, capsys):
     table = pd.read_csv(runs_csv)
     assert len(table) == rows_before + 2
     for row, res in zip(table.tail(2).itertuples(), results, strict=True):
-        assert row.cv_macro_f1 == pytest.approx(res["cv"]["macro_f1"])
-        assert row.cv_log_loss == pytest.approx(res["cv"]["log_loss"])
-        assert row.lb_macro_f1 == pytest.approx(res["leaderboard"]["macro_f1"])
+        assert row.metric == "macro_f1" and row.task == "single_label"
+        assert row.cv == pytest.approx(res["cv"]["macro_f1"])
+        assert row.lb == pytest.approx(res["leaderboard"]["macro_f1"])
+        assert json.loads(row.scores)["cv"]["log_loss"] == pytest.approx(res["cv"]["log_loss"])
         assert row.run == "tiny" and row.config_hash == config.load(run).hash()
     out = root / "reports" / "tiny"
     for name in ("learning_curves.png", "confusion_matrix.png", "per_class.png", "confidence.png"):
