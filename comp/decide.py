@@ -2,9 +2,11 @@
 competition's label metric (data.metric) beats a plain argmax.
 
 - macro-F1 and accuracy: per-class weights on the probabilities (argmax of weight × probability);
-- QWK (ordinal ratings): cut points on the expected rating Σ k·p_k (the "optimized rounder").
+- QWK (ordinal ratings): cut points on the expected rating Σ k·p_k, or on a regression's value (the
+  "optimized rounder"; the levels are the values the training targets show);
+- multi-label macro-F1: a probability threshold per label (each label's F1 is its own, so each is fitted alone).
 
-Both are fitted by coordinate ascent. The rule's CV is cross-fitted: fold k's rows are decided by a rule
+Weights and cuts are fitted by coordinate ascent. The rule's CV is cross-fitted: fold k's rows are decided by a rule
 fitted on the other folds' OOF rows only; the rule fitted on every OOF row decides the test rows."""
 
 from __future__ import annotations
@@ -22,27 +24,51 @@ STEPS = 21                                 # candidate positions of a cut betwee
 ROUNDS = 2
 
 
+THRESHOLDS = np.linspace(0.05, 0.95, 19)  # candidate thresholds of a label
+
+
 def labels_of(probs: np.ndarray, rule: dict) -> np.ndarray:
-    """The class each row gets under the rule."""
+    """The class (regression: level) each row gets under the rule (multi_label: each label's 0/1)."""
+    if rule["kind"] == "thresholds":
+        return (probs >= np.asarray(rule["thresholds"])).astype(np.int64)
     if rule["kind"] == "cuts":
-        return np.searchsorted(np.asarray(rule["cuts"]), probs @ np.arange(probs.shape[1]), side="right")
+        return np.searchsorted(np.asarray(rule["cuts"]), _position(probs, rule), side="right")
     return (np.log(np.clip(probs, 1e-12, 1.0)) + np.log(np.asarray(rule["weights"]))).argmax(1)
 
 
+def _position(probs: np.ndarray, rule: dict) -> np.ndarray:
+    """Where a row sits on the class scale 0 .. k-1: its expected class, or its value placed between the levels."""
+    if "levels" in rule:
+        levels = np.asarray(rule["levels"])
+        return np.interp(probs[:, 0], levels, np.arange(len(levels)))
+    return probs @ np.arange(probs.shape[1])
+
+
 def decided(probs: np.ndarray, rule: dict) -> np.ndarray:
-    """One-hot rows of the rule's labels: what a label submission writes (its argmax)."""
-    return np.eye(probs.shape[1])[labels_of(probs, rule)]
+    """One-hot rows of the rule's labels: what a label submission writes (its argmax; multi_label: its 0/1s;
+    regression: the levels themselves)."""
+    labels = labels_of(probs, rule)
+    if "levels" in rule:
+        return np.asarray(rule["levels"], dtype=np.float64)[labels][:, None]
+    return labels.astype(np.float64) if labels.ndim == 2 else np.eye(probs.shape[1])[labels]
 
 
-def fit(y: np.ndarray, probs: np.ndarray, metric: str) -> dict:
+def fit(y: np.ndarray, probs: np.ndarray, metric: str, task: str = metrics.SINGLE) -> dict:
     """The rule for the metric, by coordinate ascent from a plain argmax (weights) or from rounding the expected
-    class (cuts); a value moves only when the metric strictly improves."""
-    k, fn = probs.shape[1], metrics.LABEL_METRICS[metric]
+    class (cuts); a value moves only when the metric strictly improves. Multi-label (a 0/1 matrix y): the
+    threshold of each label that maximises its F1 (0.5 unless one does better)."""
+    if task == metrics.MULTI:
+        return {"kind": "thresholds", "thresholds": [_threshold(y[:, j], probs[:, j]) for j in range(y.shape[1])]}
+    extra = {}
+    if task == metrics.REGRESSION:  # cuts between the levels the targets show, on the class scale
+        levels = np.unique(y[:, 0])
+        y, extra = np.searchsorted(levels, y[:, 0]), {"levels": levels.tolist()}
+    k, fn = len(extra.get("levels", ())) or probs.shape[1], metrics.LABEL_METRICS[metric]
     kind = "cuts" if metric == "qwk" else "weights"
     values = np.arange(k - 1) + 0.5 if kind == "cuts" else np.ones(k)
 
     def value(v: np.ndarray) -> float:
-        return fn(metrics.confusion(y, labels_of(probs, {"kind": kind, kind: v}), k))
+        return fn(metrics.confusion(y, labels_of(probs, {"kind": kind, kind: v, **extra}), k))
 
     best = value(values)
     for _ in range(ROUNDS):
@@ -53,7 +79,19 @@ def fit(y: np.ndarray, probs: np.ndarray, metric: str) -> dict:
                 v = value(trial)
                 if v > best + 1e-12:
                     best, values = v, trial
-    return {"kind": kind, kind: values.tolist()}
+    return {"kind": kind, kind: values.tolist(), **extra}
+
+
+def _threshold(y: np.ndarray, p: np.ndarray) -> float:
+    def f1(t: float) -> float:
+        tp, predicted = float((y * (p >= t)).sum()), float((p >= t).sum())
+        return 2 * tp / (predicted + y.sum()) if predicted + y.sum() else 0.0
+
+    best = 0.5
+    for t in THRESHOLDS:
+        if f1(t) > f1(best) + 1e-12:
+            best = float(t)
+    return best
 
 
 def _candidates(values: np.ndarray, i: int, kind: str) -> np.ndarray:
@@ -64,40 +102,43 @@ def _candidates(values: np.ndarray, i: int, kind: str) -> np.ndarray:
     return np.linspace(low, high, STEPS)[1:-1]  # cuts stay in order
 
 
-def cross_fit(y: np.ndarray, folds: np.ndarray, probs: np.ndarray, metric: str) -> tuple[np.ndarray, list[dict]]:
-    """OOF labels where fold k's rows are decided by a rule fitted on the other folds' rows; each fold's rule."""
-    labels, rules = np.zeros(len(y), np.int64), []
+def cross_fit(y: np.ndarray, folds: np.ndarray, probs: np.ndarray, metric: str,
+              task: str = metrics.SINGLE) -> tuple[np.ndarray, list[dict]]:
+    """OOF decisions (decided()) where fold k's rows are decided by a rule fitted on the other folds' rows;
+    each fold's rule."""
+    out, rules = None, []
     for k in np.unique(folds):
         own = folds == k
-        rule = fit(y[~own], probs[~own], metric)
-        labels[own] = labels_of(probs[own], rule)
+        rule = fit(y[~own], probs[~own], metric, task)
+        part = decided(probs[own], rule)
+        out = np.zeros((len(y), part.shape[1])) if out is None else out
+        out[own] = part
         rules.append(rule)
-    return labels, rules
+    return out, rules
 
 
-def decide(metric: str, y: np.ndarray, folds: np.ndarray, oof_probs: np.ndarray) -> dict:
+def decide(metric: str, y: np.ndarray, folds: np.ndarray, oof_probs: np.ndarray, task: str = metrics.SINGLE) -> dict:
     """The rule for data.metric fitted on every OOF row, with the CV before and after (cross-fitted)."""
-    if metric not in metrics.LABEL_METRICS:
+    if metrics.REGISTRY[metric].on != "labels":
         raise CompError(f"--decide picks labels, and data.metric = {metric!r} scores probabilities: set data.metric "
-                        f"to one of {', '.join(metrics.LABEL_METRICS)}, or drop --decide")
-    k = oof_probs.shape[1]
-    labels, rules = cross_fit(y, folds, oof_probs, metric)
-    return {**fit(y, oof_probs, metric), "metric": metric,
-            "cv_before": metrics.score_labels(y, oof_probs.argmax(1), k)[metric],
-            "cv_after": metrics.score_labels(y, labels, k)[metric], "fold_rules": rules}
+                        f"to a metric of labels ({', '.join(metrics.LABEL_METRICS)}), or drop --decide")
+    after, rules = cross_fit(y, folds, oof_probs, metric, task)
+    score = metrics.REGISTRY[metric].fn
+    return {**fit(y, oof_probs, metric, task), "metric": metric, "cv_before": score(y, oof_probs),
+            "cv_after": score(y, after), "fold_rules": rules}
 
 
 def for_submission(cfg: Config, comp: Competition, folds: np.ndarray, oof_probs: np.ndarray, test_probs: np.ndarray,
                    console) -> tuple[np.ndarray, dict]:
     """The rule for the competition's metric (printed), and the test rows it decides (one-hot); with hidden
     answers (data.solution) the rule also records its leaderboard score."""
-    if cfg.data.task != metrics.SINGLE:
-        raise CompError(f"--decide fits rules for data.task = \"single_label\" only (this one is {cfg.data.task!r}): "
-                        "drop --decide")
-    if takes_probabilities(cfg, comp):
+    if cfg.data.task == metrics.REGRESSION and (cfg.data.metric != "qwk" or len(comp.classes) != 1):
+        raise CompError("--decide on a regression fits QWK cut points on one target: set data.metric = \"qwk\" "
+                        "(ordinal levels such as ratings), or drop --decide")
+    if takes_probabilities(cfg, comp) and cfg.data.task == metrics.SINGLE:
         raise CompError("--decide picks labels, and this submission holds a probability per class (see "
                         "data.sample_submission): drop --decide")
-    rule = decide(cfg.data.metric, comp.y, folds, oof_probs)
+    rule = decide(cfg.data.metric, comp.y, folds, oof_probs, cfg.data.task)
     console.print(describe(rule, comp.classes), highlight=False)
     probs = decided(test_probs, rule)
     if cfg.data.solution:
@@ -106,8 +147,11 @@ def for_submission(cfg: Config, comp: Competition, folds: np.ndarray, oof_probs:
 
 
 def describe(rule: dict, classes: list[str]) -> str:
-    if rule["kind"] == "cuts":
-        what = "cuts on the expected class " + ", ".join(f"{c:.2f}" for c in rule["cuts"])
+    if rule["kind"] == "thresholds":
+        what = "thresholds " + ", ".join(f"{c} {t:.2f}" for c, t in zip(classes, rule["thresholds"], strict=True))
+    elif rule["kind"] == "cuts":
+        scale = "the value, levels " + ", ".join(f"{v:g}" for v in rule["levels"]) if "levels" in rule else "the expected class"
+        what = f"cuts on {scale}: " + ", ".join(f"{c:.2f}" for c in rule["cuts"])
     else:
         what = "weights " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, rule["weights"], strict=True))
     return (f"decide: CV {rule['metric']} {rule['cv_before']:.4f} -> {rule['cv_after']:.4f} (each fold decided by a "

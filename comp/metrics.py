@@ -93,6 +93,30 @@ def multi_label_f1(y: np.ndarray, p: np.ndarray) -> float:
     return float(f1_score(y, p >= 0.5, average="macro", zero_division=0))
 
 
+MAX_LEVELS = 100  # QWK of a regression: targets with more distinct values are not ordinal levels (NaN)
+
+
+def rounded_qwk(y: np.ndarray, p: np.ndarray) -> float:
+    """QWK of values on ordinal levels (ratings, scores): each prediction rounded to the nearest level the
+    targets show, the levels in sorted order; averaged over the targets. NaN beyond MAX_LEVELS levels."""
+    out = []
+    for j in range(y.shape[1]):
+        levels = np.unique(y[:, j])
+        if len(levels) > MAX_LEVELS:
+            return float("nan")
+        truth, pred = np.searchsorted(levels, y[:, j]), nearest_level(p[:, j], levels)
+        out.append(qwk(confusion(truth, pred, len(levels))))
+    return float(np.mean(out))
+
+
+def nearest_level(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """The index of the level nearest each value (levels sorted)."""
+    right = np.clip(np.searchsorted(levels, values), 1, max(len(levels) - 1, 1))
+    left = right - 1
+    return np.where(np.abs(values - levels[left]) <= np.abs(levels[right] - values), left, right) if len(levels) > 1 \
+        else np.zeros(len(values), np.int64)
+
+
 def rmse(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.sqrt(np.mean((p - y) ** 2)))
 
@@ -133,7 +157,8 @@ REGISTRY = {
     "macro_f1": Metric("max", (SINGLE, MULTI), lambda y, p: (_labels(macro_f1) if y.ndim == 1 else multi_label_f1)(y, p),
                        "labels"),
     "accuracy": Metric("max", (SINGLE,), _labels(accuracy), "labels"),
-    "qwk": Metric("max", (SINGLE,), _labels(qwk), "labels"),
+    "qwk": Metric("max", (SINGLE, REGRESSION), lambda y, p: (_labels(qwk) if y.ndim == 1 else rounded_qwk)(y, p),
+                  "labels"),
     "f1": Metric("max", (SINGLE,), _labels(binary_f1), "labels", binary_only=True),
     "roc_auc": Metric("max", (SINGLE, MULTI), roc_auc, "probabilities"),
     "log_loss": Metric("min", (SINGLE, MULTI), log_loss, "probabilities"),

@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from comp import config, folds, metrics, predict, splits, submit, tables, train
+from comp import config, decide, export, folds, metrics, predict, splits, submit, tables, train
 from comp.config import TrainConfig
 from comp.objective import make_loss
 from comp.state import EarlyStopping
@@ -185,10 +185,12 @@ def test_each_task_trains_submits_and_predicts(trained_task, tmp_path):
     np.testing.assert_allclose(got, expected[pos], rtol=1e-5, atol=1e-6)
     if task == "multi_label":
         assert ((got >= 0) & (got <= 1)).all()
-    out = tmp_path / "predicted.csv"
-    assert predict.main(["--config", cfg_path, "--test", str(cfg.path(cfg.data.test)), "--out", str(out),
-                         "--sample", str(cfg.path(cfg.data.sample_submission))]) == 0
-    np.testing.assert_allclose(pd.read_csv(out).drop(columns="id").to_numpy(), got, rtol=1e-4, atol=1e-5)
+    test, sample = str(cfg.path(cfg.data.test)), str(cfg.path(cfg.data.sample_submission))
+    assert export.main(["--config", cfg_path, "--out", str(tmp_path / "bundle")]) == 0
+    for source in (["--config", cfg_path], ["--bundle", str(tmp_path / "bundle")]):
+        out = tmp_path / "predicted.csv"
+        assert predict.main([*source, "--test", test, "--out", str(out), "--sample", sample]) == 0
+        np.testing.assert_allclose(pd.read_csv(out).drop(columns="id").to_numpy(), got, rtol=1e-4, atol=1e-5)
 
 
 def test_each_task_beats_a_constant_with_the_linear_run(trained_task):
@@ -257,3 +259,51 @@ def test_monitor_metric_follows_data_metric(project):
     assert cfg.train.monitor == "val_mae" and cfg.train.loss == "mse"
     assert config.load(project, ["data.task=multi_label"]).data.metric == "roc_auc"
     assert config.load(project, ["data.task=regression", "data.label=['a', 'b']"]).data.metric == "mcrmse"
+
+
+def test_multi_label_thresholds_are_cross_fitted_and_raise_f1():
+    """Fold k's thresholds come from the other folds only: changing fold k's OOF rows leaves them unchanged."""
+    rng = np.random.default_rng(4)
+    y = (rng.uniform(size=(600, 3)) < [0.3, 0.1, 0.5]).astype(np.float32)
+    probs = np.clip(0.15 + 0.3 * y + rng.normal(0, 0.12, y.shape), 0, 1)  # truth sits below 0.5: 0.5 misses it
+    fold = np.arange(600) % 3
+    labels, rules = decide.cross_fit(y, fold, probs, "macro_f1", "multi_label")
+    changed = probs.copy()
+    changed[fold == 0] = rng.uniform(size=changed[fold == 0].shape)
+    _, again = decide.cross_fit(y, fold, changed, "macro_f1", "multi_label")
+    assert again[0] == rules[0] and again[1] != rules[1]
+    rule = decide.decide("macro_f1", y, fold, probs, "multi_label")
+    assert rule["kind"] == "thresholds" and rule["cv_after"] > rule["cv_before"] + 0.1
+    assert rule["cv_after"] == pytest.approx(metrics.multi_label_f1(y, labels))
+
+
+def test_qwk_cuts_on_a_regression_value_are_cross_fitted():
+    """A regression of 1-5 ratings shrunk towards the mean: rounding under-predicts the ends, cuts fitted on the
+    other folds recover them; the decided values are the ratings themselves."""
+    rng = np.random.default_rng(5)
+    y = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], size=(900, 1), p=[0.1, 0.1, 0.2, 0.3, 0.3])
+    values = 3.6 + 0.45 * (y - 3.6) + rng.normal(0, 0.3, y.shape)
+    fold = np.arange(900) % 3
+    rule = decide.decide("qwk", y, fold, values, "regression")
+    assert rule["kind"] == "cuts" and rule["levels"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert rule["cv_after"] > rule["cv_before"] + 0.05
+    decided, rules = decide.cross_fit(y, fold, values, "qwk", "regression")
+    assert set(np.unique(decided)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    changed = values.copy()
+    changed[fold == 1] += 1.0
+    assert decide.cross_fit(y, fold, changed, "qwk", "regression")[1][1] == rules[1]
+    assert metrics.score_predictions(y, decided, "regression")["qwk"] == pytest.approx(rule["cv_after"])
+
+
+def test_decide_writes_labels_for_multi_label_and_needs_qwk_for_regression(trained_task, capsys):
+    task, cfg_path = trained_task
+    if task == "regression":
+        assert_user_error(submit.main(["--config", cfg_path, "--decide"]), capsys, "QWK cut points", "data.metric")
+        return
+    cfg = config.load(cfg_path, ["data.metric=macro_f1"])
+    assert submit.main(["--config", cfg_path, "--set", "data.metric=macro_f1", "--decide"]) == 0
+    frame = pd.read_csv(cfg.submission_path)
+    assert set(np.unique(frame.drop(columns="id").to_numpy())) <= {0.0, 1.0}
+    assert json.loads((cfg.run_dir / "decision.json").read_text())["kind"] == "thresholds"
+    assert submit.main(["--config", cfg_path]) == 0  # a plain submit again: probabilities, no decision.json
+    assert not (cfg.run_dir / "decision.json").exists()
