@@ -239,7 +239,7 @@ def test_bad_targets_are_one_line(tmp_path, tiny_model, capsys, task, cell, need
 
 
 @pytest.mark.parametrize("sets, needle", [
-    (["data.task=regression", "data.metric=qwk"], "data.metric 'qwk' does not fit data.task = 'regression'"),
+    (["data.task=regression", "data.metric=accuracy"], "data.metric 'accuracy' does not fit data.task = 'regression'"),
     (["data.task=multi_label", "data.metric=rmse"], "does not fit data.task = 'multi_label'"),
     (["data.task=regression", "train.loss=focal"], "train.loss = 'focal' does not fit"),
     (["data.task=regression", "train.monitor=val_macro_f1"], "train.monitor 'val_macro_f1' does not fit"),
