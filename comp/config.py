@@ -159,6 +159,7 @@ class TrainConfig:
     pad_to_multiple_of: int = 8
     layer_decay: float = 1.0
     loss: str = "ce"
+    optimizer: str = "adamw"
     focal_gamma: float = 2.0
     ema_decay: float = 0.0
     pseudo_run: str = ""
@@ -186,6 +187,7 @@ class TrainConfig:
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
         _require(self.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}")
         _require(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
+        _require(self.optimizer in ("adamw", "adamw_8bit"), "train.optimizer must be 'adamw' or 'adamw_8bit'")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
         _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
 
@@ -269,7 +271,8 @@ LATER = {"data": {"task": "single_label", "label_separator": " "},
          "model": {"truncation": "head", "head_tokens": 0, "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
-         "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "focal_gamma": 2.0, "ema_decay": 0.0,
+         "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
+                   "ema_decay": 0.0,
                    "pseudo_run": "", "pseudo_threshold": 0.9}}
 
 

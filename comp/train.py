@@ -14,6 +14,7 @@ from comp.outputs import config_matches, is_complete, verify_fold
 from comp.parallel import make_slots, run_folds
 from comp.runs import tokenize_tables, train_classical_fold, train_fold
 from comp.splits import load_folds
+from comp.state import optimizer_class
 from comp.tables import load_competition
 
 
@@ -46,6 +47,8 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     if not d.is_main:
         args.quiet = True  # rank 0 speaks and writes for the job
     cfg = cli.load_config(args)
+    if cfg.model.kind == "encoder":
+        optimizer_class(cfg.train)  # an optimizer that cannot load is refused before anything is written
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")

@@ -27,6 +27,7 @@ from comp.errors import CompError, run_cli
 from comp.outputs import split
 from comp.runs import fit_split, tokenize_tables
 from comp.splits import load_folds
+from comp.state import optimizer_class
 from comp.tables import Competition, load_competition, strata
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CompError("--n-trials must be >= 1")
         started = time.perf_counter()
         cfg = cli.load_config(args)
+        optimizer_class(cfg.train)  # refused before the study is created
         run_study(cfg, args.storage, args.n_trials, args.worker_id, args.study, cli.console(args.quiet))
         print(f"tuning took {time.perf_counter() - started:.0f}s")
         return 0

@@ -12,7 +12,7 @@ from comp import batching, config, engine, objective, state
 from comp.batching import Rows
 from comp.config import ModelConfig, TrainConfig
 from comp.model import GATE_BETA, build_model, load_tokenizer
-from tests.conftest import write_project
+from tests.conftest import assert_user_error, snapshot, write_project
 
 
 @pytest.fixture
@@ -197,3 +197,38 @@ def test_gradient_checkpointing_recomputes_and_changes_no_update(tmp_path, tiny_
         assert (enc.is_activation_checkpointing if hasattr(enc, "activation_checkpointing_enable")
                 else enc.is_gradient_checkpointing) == on
     assert np.allclose(logits[False], logits[True], atol=1e-5)
+
+
+def test_adamw_8bit_is_refused_in_one_line_without_bitsandbytes(project, capsys, monkeypatch):
+    import sys
+
+    from comp import folds, train
+
+    assert folds.main(["--config", str(project)]) == 0
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as where it is not installed
+    before = snapshot(project.parent)
+    code = train.main(["--config", str(project), "--fold", "0", "--set", "train.optimizer=adamw_8bit"])
+    assert_user_error(code, capsys, "bitsandbytes", "train.optimizer")
+    assert snapshot(project.parent) == before
+
+
+def test_adamw_8bit_takes_the_same_parameter_groups(monkeypatch, tiny):
+    """With bitsandbytes present, its AdamW8bit gets the groups AdamW would (learning rates, decay)."""
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeAdamW8bit(torch.optim.AdamW):
+        def __init__(self, groups):
+            seen["groups"] = groups
+            super().__init__(groups)
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=FakeAdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    model = build_model(tiny[0], 2, 3)
+    tcfg = TrainConfig(optimizer="adamw_8bit", encoder_lr=1e-5, head_lr=1e-3)
+    assert isinstance(state.make_optimizer(model, tcfg), FakeAdamW8bit)
+    plain = state.make_optimizer(model, TrainConfig(encoder_lr=1e-5, head_lr=1e-3))
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in seen["groups"]] == \
+        [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups]
