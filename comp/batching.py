@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from comp.artifacts import atomic_path
 from comp.config import TrainConfig
 from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
+from comp.tables import PAIR
 
 
 @dataclass
@@ -68,13 +69,18 @@ class Truncation:
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | Truncation, chunk: int = 2048,
              progress: Progress | None = None) -> list[np.ndarray]:
     """Token ids of each text, truncated to `limit` (max_length, or a Truncation), without padding; batched
-    through the fast tokenizer."""
+    through the fast tokenizer. A text holding tables.PAIR is the two sides of a pair."""
     limit = limit if isinstance(limit, Truncation) else Truncation(limit)
     out: list[np.ndarray] = []
     task = progress.add_task("tokenize", total=len(texts), info="") if progress else None
     for start in range(0, len(texts), chunk):
         part = texts[start:start + chunk]
-        if limit.mode == "head":
+        if any(PAIR in t for t in part):  # a text pair: the tokenizer's pair encoding, the longer side cut first
+            sides = [t.split(PAIR, 1) if PAIR in t else [t, ""] for t in part]
+            enc = tokenizer([a for a, _ in sides], [b for _, b in sides], truncation="longest_first",
+                            max_length=limit.max_length, return_attention_mask=False, return_token_type_ids=False)
+            out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        elif limit.mode == "head":
             enc = tokenizer(part, truncation=True, max_length=limit.max_length, return_attention_mask=False,
                             return_token_type_ids=False)
             out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]

@@ -32,6 +32,7 @@ class DataConfig:
     solution: str | None = None
     id: str = "id"
     text: tuple[str, ...] = ("text",)
+    text_pair: tuple[str, ...] = ()
     text_separator: str = " . "
     categorical: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
@@ -44,6 +45,8 @@ class DataConfig:
 
     def __post_init__(self):
         _require(len(self.text) > 0, "data.text must name at least one text column")
+        _require(len(self.text_pair) in (0, 2), f"data.text_pair names {len(self.text_pair)} column(s): it takes two, "
+                 "the pair's first and second text (or leave it out)")
         _require(self.task in metrics.TASKS, f"data.task must be one of {', '.join(metrics.TASKS)}")
         _require(len(self.labels) > 0, "data.label must name a label column")
         _require(self.task != "single_label" or len(self.labels) == 1,
@@ -56,9 +59,14 @@ class DataConfig:
         _require(self.metric in fits, f"data.metric {self.metric!r} does not fit data.task = {self.task!r}: "
                  f"use one of {', '.join(fits)} (or auto)")
         _require(self.train_rows >= 0, "data.train_rows must be >= 0 (0 = every row)")
-        cols = [self.id, *self.labels, *self.text, *self.categorical, *self.numeric]
+        cols = [self.id, *self.labels, *self.text_columns, *self.categorical, *self.numeric]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         _require(not dup, f"data: column(s) {dup} are named in more than one role")
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        """The columns the text comes from: data.text_pair's two where it is set (data.text is then unused)."""
+        return self.text_pair or self.text
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -266,7 +274,7 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"data": {"task": "single_label", "label_separator": " "},
+LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": []},
          "folds": {"group": ""},
          "model": {"truncation": "head", "head_tokens": 0, "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
@@ -421,6 +429,8 @@ def _for_task(sections: dict) -> dict:
              "\"single_label\"; leave train.pseudo_run empty")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
              "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
+    _require(not data.text_pair or sections["model"].truncation == "head", "model.truncation applies to one text: "
+             "a text pair (data.text_pair) is cut from its longer side first; leave model.truncation = \"head\"")
     sections["train"] = dataclasses.replace(train, loss=loss, monitor=monitor)
     return sections
 

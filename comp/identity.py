@@ -22,7 +22,7 @@ BLOCK, BLOCKS = 1 << 16, 64
 
 def used_columns(cfg: Config, with_label: bool) -> list[str]:
     d = cfg.data
-    return [d.id, *d.text, *d.categorical, *d.numeric] + ([d.label] if with_label else [])
+    return [d.id, *d.text_columns, *d.categorical, *d.numeric] + (list(d.labels) if with_label else [])
 
 
 def table_digest(frame: pd.DataFrame, columns: list[str]) -> str:

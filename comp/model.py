@@ -117,10 +117,12 @@ class TextMetaClassifier(nn.Module):
     wide != "off": a linear map of the metadata is added to the logits (wide & deep), so the metadata's linear
     signal does not have to pass through the dropout and the MLP."""
 
-    def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig, task: str = SINGLE):
+    def __init__(self, encoder: nn.Module, n_meta: int, n_classes: int, mcfg: ModelConfig, task: str = SINGLE,
+                 pair_sep: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.task = task
+        self.pair_sep = pair_sep  # text pairs on an encoder with token types: the id after which type 1 starts
         if task == REGRESSION:  # the outputs in the targets' own units: standardized value × scale + center
             self.register_buffer("target_center", torch.zeros(n_classes))
             self.register_buffer("target_scale", torch.ones(n_classes))
@@ -149,7 +151,8 @@ class TextMetaClassifier(nn.Module):
                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Logits (regression: values) in fp32; only the encoder runs under autocast when amp_dtype is given."""
         with torch.autocast(input_ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            types = {} if self.pair_sep is None else {"token_type_ids": self.token_types(input_ids)}
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
         hidden = hidden.float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -161,6 +164,12 @@ class TextMetaClassifier(nn.Module):
         if self.training and self.msd_samples > 1:
             return self.in_units(torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide)
         return self.in_units(self.out(self.head(fused)) + wide)
+
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """0 up to and including the first separator, 1 after it: the second side of a pair (as the tokenizer's
+        own token_type_ids mark it)."""
+        sep = (input_ids == self.pair_sep).long()
+        return ((sep.cumsum(1) - sep) > 0).long()
 
     def in_units(self, out: torch.Tensor) -> torch.Tensor:
         """Regression: standardized outputs to the targets' units; logits unchanged."""
@@ -257,8 +266,10 @@ def position_limit(config) -> int | None:
 
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
-                root: Path = Path("."), task: str = SINGLE) -> TextMetaClassifier:
-    """The full classifier for a fold; checks max_length against the encoder's positions."""
+                root: Path = Path("."), task: str = SINGLE, pair_sep: int | None = None) -> TextMetaClassifier:
+    """The full classifier for a fold; checks max_length against the encoder's positions. `pair_sep`: text pairs,
+    the tokenizer's separator id, which marks the second side's token types on an encoder that has them (BERT,
+    ELECTRA, ...; RoBERTa-style encoders tell the sides apart by their separators alone)."""
     encoder = load_encoder(mcfg, pretrained, root)
     limit = position_limit(encoder.config)
     if limit is not None and mcfg.max_length > limit:
@@ -266,4 +277,6 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
                         "tokens; lower model.max_length")
     if mcfg.reinit_layers and pretrained:
         reinit_top_layers(encoder, mcfg.reinit_layers)
-    return TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task)
+    if (getattr(encoder.config, "type_vocab_size", 0) or 0) < 2:
+        pair_sep = None
+    return TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task, pair_sep)

@@ -110,10 +110,11 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
         return lambda table, texts, console: model.logits(table, texts)
     device = resolve_device(cfg.train)
     encoder = MetaEncoder.load(fm.path / "encoders.json")
-    model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root, task=cfg.data.task)
+    tokenizer = load_tokenizer(cfg.model, cfg.root)
+    model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root, task=cfg.data.task,
+                        pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None)
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
     model.to(device)
-    tokenizer = load_tokenizer(cfg.model, cfg.root)
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
         rows = Rows(tokenize(tokenizer, texts, Truncation.of(cfg.model)), encoder.transform(table))

@@ -75,6 +75,7 @@ class Tokens:
     train: list[np.ndarray]
     test: list[np.ndarray] | None
     pad_id: int
+    sep_id: int | None = None
 
 
 def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = SINGLE,
@@ -96,7 +97,7 @@ def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = 
     how = "from the cache" if all(hit for _, hit in done) else "tokenized"
     console.print(f"{len(comp.train_text)} train" + (f" and {len(comp.test_text)} test" if with_test else "")
                   + f" rows {how} in {time.perf_counter() - t0:.1f}s")
-    return Tokens(done[0][0], done[1][0] if with_test else None, tokenizer.pad_token_id)
+    return Tokens(done[0][0], done[1][0] if with_test else None, tokenizer.pad_token_id, tokenizer.sep_token_id)
 
 
 def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray, tokens: Tokens,
@@ -121,7 +122,8 @@ def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray
     (training rows, validation rows), the model seeded by the fold's `index`, then fit_fold."""
     encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo)
     seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
-    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task)
+    model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
+                        pair_sep=tokens.sep_id if cfg.data.text_pair else None)
     console.print(f"fold {index}: {len(part[0])} train rows, {len(part[1])} validation rows, "
                   f"{0 if test_rows is None else len(test_rows)} test rows, {encoder.width} metadata features"
                   + (f", {d.world} processes (DDP)" if d.enabled else ""))

@@ -17,6 +17,7 @@ from comp.config import Config
 from comp.errors import CompError
 
 MISSING = "<missing>"
+PAIR = "\x1f"  # joins the two sides of a text pair in a row's text (stripped from the columns' own values)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
     """Read train (and test / sample submission), validate them against the config, derive targets and text."""
     d = cfg.data
     train = read_table(cfg.path(d.train), "train", d.id, d.labels)
-    _require_columns(train, cfg.path(d.train), [d.id, *d.text, *d.categorical, *d.numeric, *d.labels])
+    _require_columns(train, cfg.path(d.train), [d.id, *d.text_columns, *d.categorical, *d.numeric, *d.labels])
     _check_ids(train, d.id, cfg.path(d.train))
     _check_numeric(train, d.numeric, cfg.path(d.train))
     classes, y = targets(cfg, train, cfg.path(d.train))
@@ -93,7 +94,7 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
     test, sample, test_text = train.iloc[:0].drop(columns=list(d.labels)), None, []
     if with_test:
         test = read_table(cfg.path(d.test), "test", d.id)
-        _require_columns(test, cfg.path(d.test), [d.id, *d.text, *d.categorical, *d.numeric])
+        _require_columns(test, cfg.path(d.test), [d.id, *d.text_columns, *d.categorical, *d.numeric])
         carried = [c for c in d.labels if c in test.columns]
         if carried:
             raise CompError(f"test file {cfg.path(d.test)} has the label column {carried[0]!r}: "
@@ -202,7 +203,7 @@ def load_table(cfg: Config, path: Path, role: str = "test") -> tuple[pd.DataFram
     ignored. Returns it with its joined texts."""
     d = cfg.data
     table = read_table(path, role, d.id)
-    _require_columns(table, path, [d.id, *d.text, *d.categorical, *d.numeric])
+    _require_columns(table, path, [d.id, *d.text_columns, *d.categorical, *d.numeric])
     _check_ids(table, d.id, path)
     _check_numeric(table, d.numeric, path)
     table = table.reset_index(drop=True)
@@ -259,12 +260,17 @@ def _check_numeric(df: pd.DataFrame, columns: tuple[str, ...], path: Path) -> No
 
 
 def _join_text(df: pd.DataFrame, cfg: Config, path: Path) -> list[str]:
+    """Each row's text: data.text's columns joined by data.text_separator (empty parts skipped), or the two
+    sides of data.text_pair joined by PAIR (batching.tokenize encodes them as a pair)."""
     d = cfg.data
-    parts = [df[c].map(lambda v: "" if _isna(v) else str(v).strip()) for c in d.text]
-    texts = [d.text_separator.join(p for p in row if p) for row in zip(*parts, strict=True)]
+    parts = [df[c].map(lambda v: "" if _isna(v) else str(v).replace(PAIR, " ").strip()) for c in d.text_columns]
+    if d.text_pair:
+        texts = [a + PAIR + b if a or b else "" for a, b in zip(*parts, strict=True)]
+    else:
+        texts = [d.text_separator.join(p for p in row if p) for row in zip(*parts, strict=True)]
     empty = [i for i, t in enumerate(texts) if not t]
     if empty and not d.allow_empty_text:
-        raise CompError(f"{path}: {len(empty)} row(s) have no text in {list(d.text)} "
+        raise CompError(f"{path}: {len(empty)} row(s) have no text in {list(d.text_columns)} "
                         f"(ids {_few(df[d.id].iloc[empty])}); drop them or set data.allow_empty_text = true")
     return texts
 

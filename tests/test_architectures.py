@@ -8,12 +8,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import transformers as T
 
-from comp import folds, model, predict, state, submit, train
+from comp import batching, folds, model, predict, state, submit, train
 from comp.config import ModelConfig
 from comp.errors import CompError
-from tests.conftest import make_tables, write_project
+from comp.tables import PAIR
+from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 SMALL = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "intermediate_size": 37, "pad_token_id": 0}
@@ -124,3 +126,48 @@ def test_a_tokenizer_without_a_padding_token_is_one_line(tiny_model, tmp_path, c
     cfg = write_project(tmp_path / "p", bare)
     assert folds.main(["--config", str(cfg), *RUN]) == 0
     assert_user_error(train.main(["--config", str(cfg), "--fold", "0", *RUN]), capsys, "no padding token")
+
+
+def test_text_pairs_use_the_pair_encoding_and_mark_their_sides(arch):
+    """A pair row is the tokenizer's own pair encoding (the longer side cut first); where the encoder has token
+    types, the second side is type 1 exactly as the tokenizer marks it; every family runs it."""
+    name, path = arch
+    tok = model.load_tokenizer(ModelConfig(name_or_path=str(path)))
+    a, b = "the dress fits and the fabric color was very plain", "lovely"
+    ids = batching.tokenize(tok, [a + PAIR + b, "awful" + PAIR + "fine okay"], 48)
+    expected = tok([a, "awful"], [b, "fine okay"])
+    assert [x.tolist() for x in ids] == expected["input_ids"]
+    cut = batching.tokenize(tok, [a + PAIR + b], 9)[0].tolist()
+    assert cut == tok(a, b, truncation="longest_first", max_length=9)["input_ids"] and tok.decode(cut).count("lovely")
+    m = model.build_model(ModelConfig(name_or_path=str(path), max_length=48, head_hidden=(8,)), 0, 3,
+                          pair_sep=tok.sep_token_id).eval()
+    assert (m.pair_sep is not None) == ((getattr(m.encoder.config, "type_vocab_size", 0) or 0) >= 2), name
+    if m.pair_sep is not None:
+        assert m.token_types(torch.tensor(expected["input_ids"][:1])).tolist() == expected["token_type_ids"][:1]
+    batch = batching.collate(batching.Rows(ids, np.zeros((2, 0), np.float32)), np.arange(2), tok.pad_token_id,
+                             torch.device("cpu"))
+    with torch.no_grad():
+        assert m(*batch).shape == (2, 3)
+
+
+def test_a_text_pair_run_trains_and_predicts_what_submit_wrote(tmp_path, tiny_model):
+    cfg = write_project(tmp_path, tiny_model)
+    pair = ["--quiet", "--set", "data.text_pair=['title', 'body']"]
+    assert folds.main(["--config", str(cfg), *pair]) == 0
+    assert train.main(["--config", str(cfg), "--all", *pair]) == 0 and submit.main(["--config", str(cfg), *pair]) == 0
+    out = tmp_path / "p.csv"
+    data = cfg.parent / "data"
+    assert predict.main(["--config", str(cfg), "--test", str(data / "test.csv"), "--out", str(out),
+                         "--sample", str(data / "sample_submission.csv"), *pair]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["data.text_pair=['title']"], "data.text_pair names 1 column(s): it takes two"),
+    (["data.text_pair=['title', 'body', 'shop']"], "names 3 column(s)"),
+    (["data.text_pair=['title', 'body']", "model.truncation=tail"], "a text pair (data.text_pair) is cut"),
+])
+def test_text_pair_config_errors_are_one_line(project, capsys, sets, needle):
+    before = snapshot(project.parent)
+    assert_user_error(folds.main(["--config", str(project), *(a for s in sets for a in ("--set", s))]), capsys, needle)
+    assert snapshot(project.parent) == before
