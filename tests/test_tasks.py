@@ -307,3 +307,30 @@ def test_decide_writes_labels_for_multi_label_and_needs_qwk_for_regression(train
     assert json.loads((cfg.run_dir / "decision.json").read_text())["kind"] == "thresholds"
     assert submit.main(["--config", cfg_path]) == 0  # a plain submit again: probabilities, no decision.json
     assert not (cfg.run_dir / "decision.json").exists()
+
+
+@pytest.mark.parametrize("task", ["regression", "multi_label"])
+def test_several_label_columns(tmp_path, tiny_model, task):
+    """Two regression targets (MCRMSE by default), or one 0/1 column per label: split, trained, submitted per
+    column and scored against a solution with those columns."""
+    t = task_tables(task)
+    for name in ("train.csv", "solution.csv"):
+        df = t[name].copy()
+        if task == "regression":
+            df["second"] = df["label"] * -2.0 + 1.0
+        else:
+            for tag in ("bad", "good", "north"):
+                df[tag] = [int(tag in str(v).split()) for v in df["label"]]
+            df = df.drop(columns="label")
+        t[name] = df
+    cols = ["label", "second"] if task == "regression" else ["bad", "good", "north"]
+    t["sample_submission.csv"] = pd.DataFrame({"id": t["sample_submission.csv"]["id"], **{c: 0 for c in cols}})
+    cfg_path = write_project(tmp_path, tiny_model, t)
+    cfg_path.write_text(cfg_path.read_text().replace('label = "label"\n', f'label = {json.dumps(cols)}\ntask = "{task}"\n'))
+    args = ["--config", str(cfg_path), "--set", "model.kind=linear"]
+    assert folds.main(args) == 0 and train.main([*args, "--all"]) == 0
+    result = submit.submit(config.load(cfg_path, ["model.kind=linear"]))
+    metric = "mcrmse" if task == "regression" else "roc_auc"
+    assert config.load(cfg_path).data.metric == metric and set(result["leaderboard"]) == set(metrics.names(task))
+    frame = pd.read_csv(config.load(cfg_path).submission_path)
+    assert list(frame.columns) == ["id", *cols] and frame[cols].notna().all().all()
