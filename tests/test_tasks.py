@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from comp import config, decide, export, folds, metrics, predict, splits, submit, tables, train
+from comp import blend, config, decide, export, folds, metrics, predict, splits, submit, tables, train
 from comp.config import TrainConfig
 from comp.objective import make_loss
 from comp.state import EarlyStopping
@@ -334,3 +334,20 @@ def test_several_label_columns(tmp_path, tiny_model, task):
     assert config.load(cfg_path).data.metric == metric and set(result["leaderboard"]) == set(metrics.names(task))
     frame = pd.read_csv(config.load(cfg_path).submission_path)
     assert list(frame.columns) == ["id", *cols] and frame[cols].notna().all().all()
+
+
+def test_blend_of_a_task_fits_weights_and_refuses_a_stack(trained_task, capsys):
+    """Two runs of the task blend with weights fitted to its loss (honest CV at least near the better run's);
+    a stack is single_label's and refused in one line."""
+    task, cfg_path = trained_task
+    args = ["--config", cfg_path, "--set", "run.name=lin2", "--set", "model.kind=linear"]
+    assert train.main([*args, "--all"]) == 0
+    name = config.load(cfg_path).run.name
+    assert_user_error(blend.main(["--config", cfg_path, "--runs", f"{name},lin2", "--stack", "--name", "s"]), capsys,
+                      "--stack needs data.task")
+    record = blend.blend(config.load(cfg_path, ["run.name=mix"]), [name, "lin2"])
+    assert record["weights_method"] == "fit" and sum(record["weights"]) == pytest.approx(1.0)
+    metric = config.load(cfg_path).data.metric
+    sign = 1 if metrics.DIRECTION[metric] == "max" else -1
+    best = max(sign * record["member_cv"][n][metric] for n in (name, "lin2"))
+    assert sign * record["cv"][metric] >= best - 0.05
