@@ -38,6 +38,22 @@ class Rows:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
 
+    @property
+    def longest(self) -> int:
+        """The longest window of any row (with one window per row: the longest row)."""
+        best = 0
+        for t in self.tokens:
+            bounds = np.concatenate([[-1], np.flatnonzero(t == WINDOW), [len(t)]])
+            best = max(best, int(np.diff(bounds).max()) - 1)
+        return best
+
+    @property
+    def windows(self) -> np.ndarray | None:
+        """How many windows each row holds (model.chunks > 1: windows joined by WINDOW); None when every row is
+        one window."""
+        counts = np.fromiter(((t == WINDOW).sum() + 1 for t in self.tokens), dtype=np.int64, count=len(self.tokens))
+        return counts if len(counts) and counts.max() > 1 else None
+
     def subset(self, index: np.ndarray, meta: np.ndarray) -> Rows:
         """Rows at `index` with a freshly encoded metadata matrix."""
         y = None if self.y is None else self.y[index]
@@ -48,22 +64,30 @@ class Rows:
         return Rows(self.tokens + other.tokens, np.concatenate([self.meta, other.meta]), np.concatenate([self.y, other.y]))
 
 
+WINDOW = -1  # between two windows of one row's token ids (model.chunks > 1); never a token id
+
+
 @dataclass(frozen=True)
 class Truncation:
     """What of a text longer than max_length tokens is kept: its head (the default), its tail, or head_tail: its
-    first `head` tokens and as many of its last as still fit (the special tokens always included)."""
+    first `head` tokens and as many of its last as still fit (the special tokens always included). chunks > 1:
+    up to that many windows of max_length tokens from the head, consecutive ones sharing `stride` tokens."""
 
     max_length: int
     mode: str = "head"
     head: int = 0
+    chunks: int = 1
+    stride: int = 0
 
     @classmethod
     def of(cls, mcfg) -> Truncation:
-        """model.max_length, model.truncation and model.head_tokens (0: a quarter of max_length)."""
-        return cls(mcfg.max_length, mcfg.truncation, mcfg.head_tokens or mcfg.max_length // 4)
+        """model.max_length, model.truncation and model.head_tokens (0: a quarter of max_length), model.chunks
+        and model.stride."""
+        return cls(mcfg.max_length, mcfg.truncation, mcfg.head_tokens or mcfg.max_length // 4, mcfg.chunks, mcfg.stride)
 
     def key(self) -> str:
-        return str(self.max_length) if self.mode == "head" else f"{self.max_length}|{self.mode}|{self.head}"
+        base = str(self.max_length) if self.mode == "head" else f"{self.max_length}|{self.mode}|{self.head}"
+        return base if self.chunks == 1 else f"{base}|chunks {self.chunks}|{self.stride}"
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | Truncation, chunk: int = 2048,
@@ -80,6 +104,8 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | 
             enc = tokenizer([a for a, _ in sides], [b for _, b in sides], truncation="longest_first",
                             max_length=limit.max_length, return_attention_mask=False, return_token_type_ids=False)
             out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        elif limit.chunks > 1:
+            out += _windows(tokenizer, part, limit)
         elif limit.mode == "head":
             enc = tokenizer(part, truncation=True, max_length=limit.max_length, return_attention_mask=False,
                             return_token_type_ids=False)
@@ -105,6 +131,24 @@ def _keep_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Trun
         if len(ids) > room:
             ids = ids[:head] + ids[len(ids) - (room - head):]
         out.append(np.asarray(prefix + ids + suffix, dtype=np.int32))
+    return out
+
+
+def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Truncation) -> list[np.ndarray]:
+    """chunks > 1: each text tokenized whole and cut into up to `chunks` windows, each within the tokenizer's
+    own specials and max_length tokens long, consecutive ones sharing `stride` tokens; joined by WINDOW."""
+    prefix, suffix = _specials(tokenizer)
+    room = limit.max_length - len(prefix) - len(suffix)
+    step = room - limit.stride
+    enc = tokenizer(texts, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                    return_token_type_ids=False)
+    out = []
+    for ids in enc["input_ids"]:
+        starts = range(0, max(len(ids) - limit.stride, 1), step)[:limit.chunks]
+        parts = []
+        for start in starts:
+            parts += [*prefix, *ids[start:start + room], *suffix, WINDOW]
+        out.append(np.asarray(parts[:-1], dtype=np.int32))
     return out
 
 
@@ -162,52 +206,73 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit:
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 50,
-                  max_tokens: int = 0) -> list[np.ndarray]:
+                  max_tokens: int = 0, windows: np.ndarray | None = None) -> list[np.ndarray]:
     """Every row once: shuffle, sort pools of `pool` batches by length, cut into batches, shuffle the batches.
     max_tokens > 0 also caps each batch's padded size (rows × its longest row): long rows come in smaller
-    batches."""
+    batches. `windows` (each row's, model.chunks > 1): batch_size counts windows, not rows (a row with more
+    windows than that is a batch of its own)."""
     perm = rng.permutation(len(lengths))
     batches = []
     for start in range(0, len(perm), batch_size * pool):
         chunk = perm[start:start + batch_size * pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        if max_tokens <= 0:
+        if max_tokens <= 0 and windows is None:
             batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
             continue
-        begin = 0
-        for i in range(1, len(chunk) + 1):  # sorted: the row just added is the batch's longest
-            if i == len(chunk) or i - begin >= batch_size or (i + 1 - begin) * lengths[chunk[i]] > max_tokens:
+        begin, load = 0, 0
+        for i, row in enumerate(chunk):  # sorted: the row to add is the batch's longest
+            size = 1 if windows is None else int(windows[row])
+            full = load + size > batch_size or 0 < max_tokens < (i + 1 - begin) * lengths[row]
+            if i > begin and full:
                 batches.append(chunk[begin:i])
-                begin = i
+                begin, load = i, 0
+            load += size
+        batches.append(chunk[begin:])
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def epoch_batches(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE,
+def epoch_batches(rows: Rows, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE,
                   weights: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
     """One epoch's batches for this rank, each with the factor its mean loss is scaled by (see shard_batches;
     `weights`: each row's weight in the loss, for class-weighted losses); draws from rng."""
-    batches = train_batches(lengths, tcfg.batch_size * d.world, rng, max_tokens=tcfg.max_tokens_per_batch * d.world)
+    batches = train_batches(rows.lengths, tcfg.batch_size * d.world, rng, max_tokens=tcfg.max_tokens_per_batch * d.world,
+                            windows=rows.windows)
     return shard_batches(batches, d, tcfg.grad_accum_steps, weights)
 
 
-def planned_steps(lengths: np.ndarray, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE) -> int:
+def planned_steps(rows: Rows, tcfg: TrainConfig, rng: np.random.Generator, d: Dist = SINGLE) -> int:
     """The optimizer steps of train.epochs epochs: the epochs' batch lists drawn as training will draw them
     (rng seeded as the loop's), so token budgets and DDP merging are counted exactly."""
-    return sum(math.ceil(len(epoch_batches(lengths, tcfg, rng, d)) / tcfg.grad_accum_steps) for _ in range(tcfg.epochs))
+    return sum(math.ceil(len(epoch_batches(rows, tcfg, rng, d)) / tcfg.grad_accum_steps) for _ in range(tcfg.epochs))
 
 
-def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE) -> list[np.ndarray]:
-    """Rows sorted by length, cut into batches (the caller restores the original order); under DDP only
-    this rank's share, every world-th row of that order."""
+def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE,
+                      windows: np.ndarray | None = None) -> list[np.ndarray]:
+    """Rows sorted by length, cut into batches of batch_size rows (or `windows`, model.chunks > 1; the caller
+    restores the original order); under DDP only this rank's share, every world-th row of that order."""
     order = shard_rows(np.argsort(lengths, kind="stable"), d)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if windows is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, begin, load = [], 0, 0
+    for i, row in enumerate(order):
+        if i > begin and load + windows[row] > batch_size:
+            batches.append(order[begin:i])
+            begin, load = i, 0
+        load += int(windows[row])
+    return batches + ([order[begin:]] if len(order) else [])
 
 
 def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1,
             cap: int = 0) -> tuple[torch.Tensor, ...]:
     """Pad the chosen rows to their longest one, rounded up to `multiple` tokens but never past `cap`;
-    returns input_ids, attention_mask, meta."""
+    returns input_ids, attention_mask, meta, and for rows of several windows (model.chunks > 1) the windows
+    one per line and owner: the batch row of each window."""
     seqs = [rows.tokens[i] for i in index]
+    owner = None
+    if any((s == WINDOW).any() for s in seqs):
+        parts = [np.split(s, np.flatnonzero(s == WINDOW)) for s in seqs]
+        owner = np.repeat(np.arange(len(seqs)), [len(p) for p in parts])
+        seqs = [w[w != WINDOW] for p in parts for w in p]
     width = max(len(s) for s in seqs)
     if multiple > 1:
         width = max(width, min(-(-width // multiple) * multiple, cap))
@@ -216,7 +281,9 @@ def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, mu
     for r, s in enumerate(seqs):
         ids[r, :len(s)] = s
         mask[r, :len(s)] = 1
-    tensors = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(rows.meta[index]))
+    tensors = [torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(rows.meta[index])]
+    if owner is not None:
+        tensors.append(torch.from_numpy(owner))
     if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)

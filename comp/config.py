@@ -113,6 +113,9 @@ class ModelConfig:
     max_length: int = 256
     truncation: str = "head"
     head_tokens: int = 0
+    chunks: int = 1
+    stride: int = 0
+    chunk_pooling: str = "mean"
     fusion: str = "concat"
     msd_samples: int = 1
     reinit_layers: int = 0
@@ -139,6 +142,13 @@ class ModelConfig:
         _require(0 <= self.head_tokens < self.max_length, "model.head_tokens must be >= 0 and below model.max_length "
                  "(0: a quarter of max_length)")
         _require(all(h > 0 for h in self.head_hidden), "model.head_hidden sizes must be > 0")
+        _require(self.chunks >= 1, "model.chunks must be >= 1 (1: one window, the text's head)")
+        _require(0 <= self.stride < self.max_length // 2, "model.stride (tokens two windows share) must be >= 0 and "
+                 "below half of model.max_length")
+        _require(self.chunk_pooling in ("mean", "max", "attention"), "model.chunk_pooling must be 'mean', 'max' or "
+                 "'attention'")
+        _require(self.chunks == 1 or self.truncation == "head", "model.chunks > 1 reads the text from its head in "
+                 "windows: leave model.truncation = \"head\"")
 
 
 @dataclass(frozen=True)
@@ -276,7 +286,8 @@ LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": []},
          "folds": {"group": ""},
-         "model": {"truncation": "head", "head_tokens": 0, "kind": "encoder", "min_category_rows": 1,
+         "model": {"truncation": "head", "head_tokens": 0, "chunks": 1, "stride": 0, "chunk_pooling": "mean",
+                   "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
@@ -429,8 +440,9 @@ def _for_task(sections: dict) -> dict:
              "\"single_label\"; leave train.pseudo_run empty")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
              "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
-    _require(not data.text_pair or sections["model"].truncation == "head", "model.truncation applies to one text: "
-             "a text pair (data.text_pair) is cut from its longer side first; leave model.truncation = \"head\"")
+    _require(not data.text_pair or (sections["model"].truncation == "head" and sections["model"].chunks == 1),
+             "model.truncation and model.chunks apply to one text: a text pair (data.text_pair) is cut from its "
+             "longer side first; leave model.truncation = \"head\" and model.chunks = 1")
     sections["train"] = dataclasses.replace(train, loss=loss, monitor=monitor)
     return sections
 

@@ -74,7 +74,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
         while not state.fit.finished:
             t0, epoch = time.perf_counter(), state.fit.epoch
             rng.bit_generator.state = state.fit.epoch_rng
-            shares = epoch_batches(fold.train.lengths, cfg.train, rng, d, weights)
+            shares = epoch_batches(fold.train, cfg.train, rng, d, weights)
             train_loss = train_one_epoch(state, fold.train, shares, rt, progress, save)
             row, improved = validate(state, fold, rt, progress, {"epoch": epoch, "train_loss": train_loss}, t0)
             end_epoch(state, fold, rt, row, improved, console)
@@ -116,7 +116,7 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
             model, device_ids=[rt.d.local_rank] if rt.device.type == "cuda" else None)
         torch.manual_seed(seed + 7919 * rt.d.rank)
     optimizer = make_optimizer(model, tcfg)
-    total_steps = planned_steps(fold.train.lengths, tcfg, np.random.default_rng(seed), rt.d)
+    total_steps = planned_steps(fold.train, tcfg, np.random.default_rng(seed), rt.d)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None

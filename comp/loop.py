@@ -76,14 +76,14 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
     task = progress.add_task(f"fold {rt.fold} epoch {fit.epoch}/{tcfg.epochs}", total=len(shares),
                              completed=fit.step, info="")
     y = torch.from_numpy(rows.y).to(rt.device)
-    longest = int(rows.lengths.max()) if len(rows) else 0  # widths rounded up stay within the rows' own longest
+    longest = rows.longest  # widths rounded up stay within the rows' own longest window
     running = RunningLoss(fit.loss_sum, fit.seen, rt)
     for step in range(fit.step + 1, len(shares) + 1):
         index, scale = shares[step - 1]
-        input_ids, mask, meta = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)
+        input_ids, mask, meta, *owner = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)
         boundary = step % tcfg.grad_accum_steps == 0 or step == len(shares)
         with state.trained.no_sync() if ddp and not boundary else contextlib.nullcontext():
-            loss = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp), y[index])
+            loss = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp, *owner), y[index])
             state.scaler.scale(loss * scale).backward()
         if boundary:
             state.optimizer_step(tcfg.grad_clip)
@@ -113,12 +113,12 @@ def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int,
     world-th row of the length order and every rank gets all the logits back."""
     model.eval()
     out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
-    batches = inference_batches(rows.lengths, batch_size, d)
+    batches = inference_batches(rows.lengths, batch_size, d, rows.windows)
     mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     task = progress.add_task(description, total=len(batches), info="") if progress else None
     for step, index in enumerate(batches, 1):
-        input_ids, mask, meta = collate(rows, index, pad_id, device)
-        out[index] = model(input_ids, mask, meta, amp_dtype).float().cpu().numpy()
+        input_ids, mask, meta, *owner = collate(rows, index, pad_id, device)
+        out[index] = model(input_ids, mask, meta, amp_dtype, *owner).float().cpu().numpy()
         if progress:
             progress.update(task, completed=step)
     if progress:

@@ -145,11 +145,16 @@ class TextMetaClassifier(nn.Module):
         # created last, so the head draws the same initial weights with or without it
         self.wide = nn.Linear(n_meta, n_classes) if n_meta and mcfg.wide != "off" else None
         self.wide_init = mcfg.wide
+        self.chunk_pooling = mcfg.chunk_pooling  # how a row's windows' vectors become one (model.chunks > 1)
+        self.window_score = nn.Linear(encoder.config.hidden_size, 1) \
+            if mcfg.chunks > 1 and mcfg.chunk_pooling == "attention" else None
         fastpath.install(self)  # the CPU's cheaper dropout masks and batched-matmul attention in training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, meta: torch.Tensor,
-                amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Logits (regression: values) in fp32; only the encoder runs under autocast when amp_dtype is given."""
+                amp_dtype: torch.dtype | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (regression: values) in fp32; only the encoder runs under autocast when amp_dtype is given.
+        `owner` (model.chunks > 1): input_ids holds windows, owner[w] the row of window w; each row's windows'
+        vectors are pooled into one before the head."""
         with torch.autocast(input_ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             types = {} if self.pair_sep is None else {"token_type_ids": self.token_types(input_ids)}
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
@@ -159,11 +164,28 @@ class TextMetaClassifier(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if owner is not None:
+            pooled = self.pool_windows(pooled, owner, len(meta))
         fused = self.fuse(pooled, meta.float())
         wide = 0.0 if self.wide is None else self.wide(meta.float())
         if self.training and self.msd_samples > 1:
             return self.in_units(torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide)
         return self.in_units(self.out(self.head(fused)) + wide)
+
+    def pool_windows(self, vectors: torch.Tensor, owner: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """One vector per row from its windows' vectors: their mean, their element-wise max, or their mean
+        weighted by a softmax over a learned score of each window (attention)."""
+        index = owner[:, None].expand_as(vectors)
+        if self.chunk_pooling == "max":
+            return vectors.new_full((n_rows, vectors.shape[1]), -torch.inf).scatter_reduce(0, index, vectors, "amax")
+        if self.chunk_pooling == "attention":
+            score = self.window_score(vectors).squeeze(1)
+            top = score.new_full((n_rows,), -torch.inf).scatter_reduce(0, owner, score, "amax")
+            weight = (score - top[owner]).exp()
+        else:
+            weight = torch.ones_like(vectors[:, 0])
+        total = weight.new_zeros(n_rows).index_add(0, owner, weight)
+        return vectors.new_zeros((n_rows, vectors.shape[1])).index_add(0, owner, vectors * (weight / total[owner])[:, None])
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 up to and including the first separator, 1 after it: the second side of a pair (as the tokenizer's
