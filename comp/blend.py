@@ -28,6 +28,8 @@ from comp.outputs import (
 from comp.splits import load_folds
 from comp.tables import load_competition
 
+WEIGHTS = ("fit", "hill", "equal")  # --weights: how a blend weighs its runs
+
 
 def fit_weights(y: np.ndarray, probs: list[np.ndarray], task: str = metrics.SINGLE) -> np.ndarray:
     """Non-negative weights summing to 1 that minimise the task's loss of sum_r w_r · probs_r on these rows: the
@@ -59,15 +61,39 @@ def fit_weights(y: np.ndarray, probs: list[np.ndarray], task: str = metrics.SING
     return w / w.sum()
 
 
+def hill_weights(y: np.ndarray, probs: list[np.ndarray], metric: str, max_steps: int = 100) -> np.ndarray:
+    """Greedy forward selection with replacement (Caruana et al., 2004): start from the best run on the metric,
+    then add, one step at a time, the run whose addition to the blend (an equal-weight mean over the picks) best
+    improves it; stop when no addition does. The weights are each run's share of the picks."""
+    fn, sign = metrics.REGISTRY[metric].fn, 1.0 if metrics.DIRECTION[metric] == "max" else -1.0
+
+    def value(p: np.ndarray) -> float:
+        v = fn(y, p)
+        return -np.inf if np.isnan(v) else sign * v
+
+    counts = np.zeros(len(probs))
+    scores = [value(p) for p in probs]
+    first = int(np.argmax(scores))
+    counts[first], total, best = 1, probs[first].astype(np.float64), scores[first]
+    for step in range(1, max_steps):
+        trials = [value((total + p) / (step + 1)) for p in probs]
+        pick = int(np.argmax(trials))
+        if trials[pick] <= best + 1e-12:
+            break
+        counts[pick] += 1
+        total, best = total + probs[pick], trials[pick]
+    return counts / counts.sum()
+
+
 def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
-               task: str = metrics.SINGLE) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The fitted blend's OOF probabilities where each fold's rows are blended with weights fitted on the
-    other folds' rows only; returns them and the per-fold weights."""
+               fitter=fit_weights) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The fitted blend's OOF probabilities where each fold's rows are blended with weights fitted (fitter(y,
+    probs)) on the other folds' rows only; returns them and the per-fold weights."""
     out = np.zeros_like(probs[0])
     weights = []
     for k in np.unique(folds):
         fit, held = folds != k, folds == k
-        w = fit_weights(y[fit], [p[fit] for p in probs], task)
+        w = fitter(y[fit], [p[fit] for p in probs])
         out[held] = sum(wi * p[held] for wi, p in zip(w, probs, strict=True))
         weights.append(w)
     return out, weights
@@ -109,8 +135,8 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError("--runs is empty: name the runs to blend, e.g. --runs a,b,c")
     if cfg.run.name in names:
         raise CompError(f"the blend's run.name {cfg.run.name!r} is one of the blended runs: pass --name for the blend")
-    if how not in ("fit", "equal"):
-        raise CompError(f"--weights {how!r}: use 'fit' or 'equal'")
+    if how not in WEIGHTS:
+        raise CompError(f"--weights {how!r}: use one of {', '.join(WEIGHTS)}")
     if stack_with is not None and stack_with not in stacking.LEVEL2:
         raise CompError(f"--stack {stack_with!r}: use one of {', '.join(stacking.LEVEL2)}")
     task, metric = cfg.data.task, cfg.data.metric
@@ -129,9 +155,10 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         how = f"stack ({stack_with})"
         cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with)
         weights, fold_weights = np.full(len(names), np.nan), []
-    elif how == "fit":
-        weights = fit_weights(y, oofs, task)
-        cv_oof, fold_weights = honest_oof(y, folds, oofs, task)
+    elif how != "equal":
+        fitter = {"fit": lambda yy, pp: fit_weights(yy, pp, task), "hill": lambda yy, pp: hill_weights(yy, pp, metric)}[how]
+        weights = fitter(y, oofs)
+        cv_oof, fold_weights = honest_oof(y, folds, oofs, fitter)
     else:
         weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
     if not stack_with:
@@ -181,8 +208,9 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--runs", required=required, help="comma-separated run names trained on the same folds")
-    parser.add_argument("--weights", default="fit", choices=("fit", "equal"),
-                        help="fit: weights minimising the OOF loss of the task (default); equal: plain average")
+    parser.add_argument("--weights", default="fit", choices=WEIGHTS,
+                        help="fit: weights minimising the OOF loss of the task (default); hill: greedy forward "
+                             "selection with replacement on data.metric; equal: plain average")
     parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
                         help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
                              "logistic (default) or gbm")

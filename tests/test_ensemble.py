@@ -47,6 +47,30 @@ def test_honest_cv_never_fits_a_folds_weights_on_its_own_rows():
     assert not np.allclose(weights[1], after[1])  # the other folds' weights do see fold 0's rows
 
 
+def test_hill_climbing_finds_the_known_optimum_and_is_honest():
+    """Runs A and B are each right on their own half of the rows and less sure where wrong: an even mix of the
+    two is right everywhere, more of either is not, and a noise run never helps."""
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    half = np.arange(300) < 150
+    sure, wrong = np.eye(3)[y] * 0.9 + 0.05, np.eye(3)[(y + 1) % 3] * 0.6 + 0.2
+    a, b = np.where(half[:, None], sure, wrong), np.where(half[:, None], wrong, sure)
+    noise = softmax(rng.normal(size=(300, 3)), axis=1)
+    w = blend.hill_weights(y, [noise, a, b], "accuracy")
+    assert w.tolist() == [0.0, 0.5, 0.5]
+    assert metrics.score_probabilities(y, 0.5 * a + 0.5 * b)["accuracy"] == 1.0
+    fold = np.arange(300) % 3
+
+    def fitter(yy, pp):
+        return blend.hill_weights(yy, pp, "accuracy")
+
+    _, weights = blend.honest_oof(y, fold, [noise, a, b], fitter)
+    changed = [noise.copy(), a, b]
+    changed[0][fold == 0] = np.eye(3)[y[fold == 0]]  # on fold 0's rows the noise run is now perfect
+    _, after = blend.honest_oof(y, fold, changed, fitter)
+    assert np.allclose(weights[0], after[0]) and not np.allclose(weights[1], after[1])
+
+
 def test_blend_cli_prints_and_writes_and_self_blend_equals_the_run(two_runs, capsys):
     cfg = two_runs
     assert submit.main(["--config", str(cfg), "--quiet"]) == 0
@@ -65,6 +89,10 @@ def test_blend_cli_prints_and_writes_and_self_blend_equals_the_run(two_runs, cap
     comp, _, _, _, oof = outputs.load_run(c)
     assert own["cv"]["log_loss"] == pytest.approx(metrics.score(comp.y, oof)["log_loss"], abs=1e-6)
     assert pd.read_csv(cfg.parent / "submissions" / "self.csv").equals(pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
+    assert blend.main(["--config", str(cfg), "--runs", "tiny,tiny-s5", "--weights", "hill", "--name", "hill"]) == 0
+    hill = json.loads((cfg.parent / "folds" / "hill" / "blend.json").read_text())
+    assert hill["weights_method"] == "hill" and sum(hill["weights"]) == pytest.approx(1.0)
+    assert len(hill["fold_weights"]) == 3 and (cfg.parent / "submissions" / "hill.csv").is_file()
 
 
 def test_blend_refuses_a_run_on_other_folds(two_runs, tmp_path, capsys):
