@@ -109,6 +109,11 @@ class LinearRun:
             self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
         return self
 
+    def feature_names(self) -> list[str]:
+        """The name of each feature column: word__… / char__… n-grams of the text, then the metadata's."""
+        text = [] if self.text is None else list(self.text.get_feature_names_out())
+        return text + self.meta.feature_names()
+
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         """Log-probabilities of the classes it saw (single_label); label logits or values (the other tasks)."""
         x = self._features(df, texts)
@@ -197,6 +202,11 @@ class GbmRun:
         return self
 
     task = SINGLE
+
+    def feature_names(self) -> list[str]:
+        """The name of each feature column: word__… / char__… n-grams of the text, then the metadata's."""
+        text = [] if self.text is None else list(self.text.get_feature_names_out())
+        return text + self.meta.feature_names()
 
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))

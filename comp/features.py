@@ -90,6 +90,17 @@ class MetaEncoder:
         cats = sum(len(c["values"]) + bool(c["rare_values"]) for c in self.state["categorical"])
         return cats + len(self.numeric) + len(self.state["numeric"].get("indicators", []))
 
+    def feature_names(self) -> list[str]:
+        """A name for each column transform() writes: column=value (column=<rare>), the numerics, "<column>
+        missing" for the indicators."""
+        if self.state is None:
+            raise CompError("the metadata encoder is not fitted")
+        names = []
+        for c in self.state["categorical"]:
+            names += [f"{c['column']}={v}" for v in c["values"]] + ([f"{c['column']}=<rare>"] if c["rare_values"] else [])
+        names += list(self.numeric)
+        return names + [f"{self.numeric[i]} missing" for i in self.state["numeric"].get("indicators", []) or []]
+
     def transform(self, df: pd.DataFrame) -> np.ndarray:
         """Encode rows: one-hot blocks, then the numerics, then the missing-value indicators."""
         if self.state is None:

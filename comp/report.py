@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from comp import cli, metrics
-from comp.artifacts import atomic_path, write_text
+from comp import adversarial, cli, metrics
+from comp.artifacts import atomic_path, read_json, write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.outputs import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
@@ -212,12 +212,24 @@ def write_report(cfg: Config, outputs: list[FoldOutputs], folds: np.ndarray, y: 
                                                     for k in shown)] for o in outputs]
     folds_df = pd.DataFrame(fold_rows, columns=["fold", "best epoch", *shown])
     summary = pd.DataFrame([{"": "CV (all OOF)", **cv}] + ([{"": "leaderboard", **lb}] if lb else []))
-    page = _html(cfg, summary, folds_df, per_class, counts, classes, images)
+    page = _html(cfg, summary, folds_df, per_class, counts, classes, images, _adversarial_section(cfg))
     write_text(out / "index.html", page)
     return out / "index.html"
 
 
-def _html(cfg, summary, folds_df, per_class, counts, classes, images) -> str:
+def _adversarial_section(cfg: Config) -> str:
+    """comp.adversarial's result, when it has been run on these tables."""
+    path = adversarial.record_path(cfg)
+    if not path.is_file():
+        return ""
+    record = read_json(path)
+    top = pd.DataFrame(record["top_features"]).to_html(index=False, float_format=lambda v: f"{v:+.3f}", border=0,
+                                                        classes="t")
+    return (f"<h2>adversarial validation (train vs test)</h2><p>ROC AUC {record['auc']:.3f} over {record['n_train']} "
+            f"training and {record['n_test']} test rows: {html.escape(adversarial.verdict(record['auc']))}</p>{top}")
+
+
+def _html(cfg, summary, folds_df, per_class, counts, classes, images, extra: str = "") -> str:
     def table(df: pd.DataFrame) -> str:
         return df.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, classes="t")
 
@@ -237,6 +249,7 @@ generated {time.strftime("%Y-%m-%d %H:%M:%S")}</p>
 <h2>folds</h2>{table(folds_df)}
 <h2>per {"class" if counts is not None else "label / target"} (OOF)</h2>{table(per_class)}
 {cm}
+{extra}
 <h2>plots</h2>{imgs}
 </body></html>
 """
