@@ -70,12 +70,13 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     # keys added later enter the hash only away from their defaults (folds trained before them stay valid)
     assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=ce", "model.msd_samples=1"]).hash()
     for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
-        other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5"}[type(default)]
+        other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5", list: "['x', 'y']"}[type(default)]
         if key == "train.pseudo_threshold":
             continue  # only meaningful with a teacher
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
-                 "folds.group": "author", "data.task": "regression"}.get(key, other)
+                 "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
+                 "model.chunk_pooling": "max", "model.stride": "4"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
 
 
