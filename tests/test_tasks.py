@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 from sklearn.metrics import (
+    cohen_kappa_score,
     f1_score,
     log_loss,
     mean_absolute_error,
@@ -97,6 +98,12 @@ def test_regression_metrics_match_scikit_learn_and_scipy():
     assert got["mae"] == pytest.approx(mean_absolute_error(y, p))
     assert got["r2"] == pytest.approx(r2_score(y, p))
     assert got["pearson"] == pytest.approx(np.mean([pearsonr(y[:, j], p[:, j])[0] for j in range(3)]))
+    ratings = rng.choice([1.0, 2.0, 3.0, 4.0, 5.0], size=(200, 1))
+    values = ratings + rng.normal(0, 0.8, ratings.shape)
+    rounded = np.clip(np.floor(values + 0.5), 1, 5)  # the nearest rating (ties down: none at this noise)
+    assert metrics.score_predictions(ratings, values, "regression")["qwk"] == pytest.approx(
+        cohen_kappa_score(ratings[:, 0], rounded[:, 0], weights="quadratic"))
+    assert np.isnan(metrics.score_predictions(y[:, :1], p[:, :1], "regression")["qwk"])  # 150 levels: not ordinal
     one = metrics.score_predictions(y[:, 0], p[:, :1], "regression")  # one target given as a vector
     assert one["rmse"] == pytest.approx(one["mcrmse"]) == pytest.approx(np.sqrt(mean_squared_error(y[:, 0], p[:, 0])))
 
