@@ -180,6 +180,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     focal_gamma: float = 2.0
     ema_decay: float = 0.0
+    awp_lr: float = 0.0
+    awp_eps: float = 0.001
+    awp_start_epoch: int = 1
     pseudo_run: str = ""
     pseudo_threshold: float = 0.9
 
@@ -207,6 +210,8 @@ class TrainConfig:
         _require(self.focal_gamma >= 0, "train.focal_gamma must be >= 0")
         _require(self.optimizer in ("adamw", "adamw_8bit"), "train.optimizer must be 'adamw' or 'adamw_8bit'")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
+        _require(self.awp_lr >= 0 and self.awp_eps > 0, "train.awp_lr must be >= 0 (0 = no AWP) and train.awp_eps > 0")
+        _require(self.awp_start_epoch >= 1, "train.awp_start_epoch must be >= 1")
         _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
 
 
@@ -291,7 +296,7 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
-                   "ema_decay": 0.0,
+                   "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
                    "pseudo_run": "", "pseudo_threshold": 0.9}}
 
 

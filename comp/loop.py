@@ -16,7 +16,7 @@ from comp.config import TrainConfig
 from comp.distributed import SINGLE, Dist
 from comp.errors import CompError
 from comp.model import TextMetaClassifier
-from comp.state import TrainState
+from comp.state import AWP, TrainState
 
 
 def make_progress(console: Console) -> Progress:
@@ -78,6 +78,7 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
     y = torch.from_numpy(rows.y).to(rt.device)
     longest = rows.longest  # widths rounded up stay within the rows' own longest window
     running = RunningLoss(fit.loss_sum, fit.seen, rt)
+    awp = AWP(state.model, tcfg.awp_lr, tcfg.awp_eps) if tcfg.awp_lr > 0 and fit.epoch >= tcfg.awp_start_epoch else None
     for step in range(fit.step + 1, len(shares) + 1):
         index, scale = shares[step - 1]
         input_ids, mask, meta, *owner = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)
@@ -85,6 +86,11 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
         with state.trained.no_sync() if ddp and not boundary else contextlib.nullcontext():
             loss = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp, *owner), y[index])
             state.scaler.scale(loss * scale).backward()
+            if awp is not None:  # the loss at the perturbed weights adds its gradient, then the weights return
+                awp.perturb()
+                adversarial = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp, *owner), y[index])
+                state.scaler.scale(adversarial * scale).backward()
+                awp.restore()
         if boundary:
             state.optimizer_step(tcfg.grad_clip)
         running.add(loss, len(index))

@@ -77,6 +77,35 @@ def optimizer_class(tcfg: TrainConfig) -> type[torch.optim.Optimizer]:
 
 
 
+class AWP:
+    """Adversarial weight perturbation (Wu et al., 2020; the Feedback Prize winners' form): after a batch's
+    backward pass every weight matrix moves by lr · |W| · ∇W / |∇W| (norms over the matrix), each element kept
+    within eps · |w| of where it was; the batch's loss is taken again there and its gradient added to the
+    batch's; then the weights are put back exactly."""
+
+    def __init__(self, model: nn.Module, lr: float, eps: float):
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "weight" in n]
+        self.lr, self.eps = lr, eps
+        self.backup: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        for name, p in self.params:
+            if p.grad is None:
+                continue
+            original = self.backup[name] = p.detach().clone()
+            step = torch.nan_to_num(self.lr * p.grad * (original.norm() / (p.grad.norm() + 1e-12)))
+            bound = self.eps * original.abs()
+            p.copy_(torch.minimum(torch.maximum(original + step, original - bound), original + bound))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.params:
+            if name in self.backup:
+                p.copy_(self.backup[name])
+        self.backup = {}
+
+
 class EMA:
     """An exponential moving average of the model's floating-point weights (warm-up: the decay grows as
     min(decay, (1 + t) / (10 + t)) so early weights do not linger); evaluation swaps it in."""

@@ -232,3 +232,33 @@ def test_adamw_8bit_takes_the_same_parameter_groups(monkeypatch, tiny):
     plain = state.make_optimizer(model, TrainConfig(encoder_lr=1e-5, head_lr=1e-3))
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in seen["groups"]] == \
         [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups]
+
+
+def test_awp_moves_weight_matrices_within_eps_and_restores_them_exactly(tiny):
+    mcfg, tok, rows = tiny
+    model = build_model(mcfg, 2, 3)
+    ids, mask, meta = batch(rows, tok)
+    torch.nn.functional.cross_entropy(model(ids, mask, meta), torch.from_numpy(rows.y[:6])).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    awp = state.AWP(model, lr=1.0, eps=0.01)
+    assert awp.params and all(p.ndim >= 2 for _, p in awp.params)
+    awp.perturb()
+    assert sum(not torch.equal(p, before[n]) for n, p in awp.params) >= len(awp.params) // 2
+    for n, p in awp.params:
+        assert ((p - before[n]).abs() <= 0.01 * before[n].abs() + 1e-7).all(), n
+    untouched = {n for n, _ in model.named_parameters()} - {n for n, _ in awp.params}
+    assert untouched and all(torch.equal(dict(model.named_parameters())[n], before[n]) for n in untouched)
+    awp.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_fold_trained_with_awp_learns_otherwise(project):
+    from comp import folds, train
+
+    assert folds.main(["--config", str(project)]) == 0
+    for name, lr in (("plain", 0.0), ("awp", 1.0)):
+        args = ["--config", str(project), "--fold", "0", "--quiet", "--set", f"run.name={name}",
+                "--set", f"train.awp_lr={lr}", "--set", "train.awp_eps=0.01"]
+        assert train.main(args) == 0
+    oof = [np.load(project.parent / "folds" / n / "fold_0" / "oof_logits.npy") for n in ("plain", "awp")]
+    assert np.isfinite(oof[1]).all() and not np.allclose(oof[0], oof[1], atol=1e-4)
