@@ -203,11 +203,6 @@ class GbmRun:
 
     task = SINGLE
 
-    def feature_names(self) -> list[str]:
-        """The name of each feature column: word__… / char__… n-grams of the text, then the metadata's."""
-        text = [] if self.text is None else list(self.text.get_feature_names_out())
-        return text + self.meta.feature_names()
-
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))
 

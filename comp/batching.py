@@ -41,16 +41,15 @@ class Rows:
     @property
     def longest(self) -> int:
         """The longest window of any row (with one window per row: the longest row)."""
-        best = 0
-        for t in self.tokens:
-            bounds = np.concatenate([[-1], np.flatnonzero(t == WINDOW), [len(t)]])
-            best = max(best, int(np.diff(bounds).max()) - 1)
-        return best
+        if self.windows is None:
+            return int(self.lengths.max()) if len(self) else 0
+        return max(int(np.diff(np.concatenate([[-1], np.flatnonzero(t == WINDOW), [len(t)]])).max()) - 1
+                   for t in self.tokens)
 
-    @property
+    @functools.cached_property
     def windows(self) -> np.ndarray | None:
         """How many windows each row holds (model.chunks > 1: windows joined by WINDOW); None when every row is
-        one window."""
+        one window. Computed once: a Rows' tokens do not change."""
         counts = np.fromiter(((t == WINDOW).sum() + 1 for t in self.tokens), dtype=np.int64, count=len(self.tokens))
         return counts if len(counts) and counts.max() > 1 else None
 

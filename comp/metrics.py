@@ -110,11 +110,12 @@ def rounded_qwk(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def nearest_level(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """The index of the level nearest each value (levels sorted)."""
-    right = np.clip(np.searchsorted(levels, values), 1, max(len(levels) - 1, 1))
+    """The index of the level nearest each value (levels sorted; a tie goes to the lower level)."""
+    if len(levels) == 1:
+        return np.zeros(len(values), np.int64)
+    right = np.clip(np.searchsorted(levels, values), 1, len(levels) - 1)
     left = right - 1
-    return np.where(np.abs(values - levels[left]) <= np.abs(levels[right] - values), left, right) if len(levels) > 1 \
-        else np.zeros(len(values), np.int64)
+    return np.where(np.abs(values - levels[left]) <= np.abs(levels[right] - values), left, right)
 
 
 def rmse(y: np.ndarray, p: np.ndarray) -> float:
@@ -168,7 +169,6 @@ REGISTRY = {
     "pearson": Metric("max", (REGRESSION,), pearson),
     "r2": Metric("max", (REGRESSION,), r2),
 }
-NAMES = tuple(REGISTRY)
 DIRECTION = {name: m.direction for name, m in REGISTRY.items()}
 DEFAULT = {SINGLE: "macro_f1", MULTI: "roc_auc", REGRESSION: "rmse"}  # data.metric = "auto"
 # the columns of the CV tables, the competition's metric put first
@@ -204,27 +204,11 @@ def score(y: np.ndarray, logits: np.ndarray, task: str = SINGLE) -> dict[str, fl
     return score_predictions(y, activate(task, logits), task)
 
 
-def score_probabilities(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """score() of single-label class probabilities (a blend or a fold average)."""
-    return score_predictions(y, probs, SINGLE)
-
-
-def score_labels(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
-    """The label metrics of single-label predicted classes."""
-    cm = confusion(y, pred, n_classes)
-    return {name: fn(cm) for name, fn in LABEL_METRICS.items() if name != "f1" or n_classes == 2}
-
-
 def constant(task: str, y: np.ndarray, n_outputs: int) -> np.ndarray:
     """The best constant prediction for the training targets: the majority class, the label rates, the mean."""
     if task == SINGLE:
         return np.tile(np.eye(n_outputs)[np.bincount(y, minlength=n_outputs).argmax()], (len(y), 1))
     return np.tile(np.asarray(y, dtype=np.float64).reshape(len(y), -1).mean(0), (len(y), 1))
-
-
-def monitor_direction(name: str) -> str:
-    """Whether train.monitor's quantity is better low (val_loss, val_rmse, ...) or high."""
-    return "min" if name == "val_loss" else DIRECTION[name.removeprefix("val_")]
 
 
 def validation_row(scores: dict[str, float]) -> dict[str, float]:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from comp import fastpath
+from comp.baselines import linear_outputs
 from comp.config import ModelConfig
 from comp.errors import CompError
 from comp.metrics import MULTI, REGRESSION, SINGLE
@@ -232,20 +233,11 @@ def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_clas
     model.wide.bias.zero_()
     if model.wide_init != "fitted":
         return
-    if model.task == REGRESSION:
-        center, scale = target_moments(y)
-        ridge = Ridge(alpha=1.0).fit(meta, (y - center) / scale)
-        model.wide.weight.copy_(torch.as_tensor(ridge.coef_.reshape(n_classes, -1), dtype=torch.float32))
-        model.wide.bias.copy_(torch.as_tensor(np.reshape(ridge.intercept_, n_classes), dtype=torch.float32))
-    elif model.task == MULTI:
-        for j in range(n_classes):
-            if 0 < y[:, j].sum() < len(y):
-                lr = LogisticRegression(C=1.0, max_iter=1000, class_weight="balanced" if balanced else None,
-                                        random_state=seed).fit(meta, y[:, j])
-                model.wide.weight[j] = torch.as_tensor(lr.coef_[0], dtype=torch.float32)
-                model.wide.bias[j] = float(lr.intercept_[0])
-            else:
-                model.wide.bias[j] = 20.0 if y[0, j] else -20.0  # a label these rows always / never show
+    if model.task in (MULTI, REGRESSION):  # the linear run's fit of each label / standardized target
+        center, scale = target_moments(y) if model.task == REGRESSION else (0.0, 1.0)
+        coef, intercept = linear_outputs(model.task, meta, (y - center) / scale, "balanced" if balanced else None, seed)
+        model.wide.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        model.wide.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
     elif len(np.unique(y)) >= 2:
         _init_wide_classes(model, meta, y, n_classes, balanced, seed)
 

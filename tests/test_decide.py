@@ -46,8 +46,8 @@ def test_the_rule_raises_the_metric_by_weighting_the_shrunk_class_up():
     y, probs = _underpredicted()
     rule = decide.fit(y, probs, "macro_f1")
     w = rule["weights"]
-    before = metrics.score_labels(y, probs.argmax(1), 3)["macro_f1"]
-    after = metrics.score_labels(y, decide.labels_of(probs, rule), 3)["macro_f1"]
+    before = metrics.macro_f1(metrics.confusion(y, probs.argmax(1), 3))
+    after = metrics.macro_f1(metrics.confusion(y, decide.labels_of(probs, rule), 3))
     assert rule["kind"] == "weights" and w[0] == 1.0 and w[2] > 2.0 and after > before + 0.05
 
 
@@ -59,8 +59,8 @@ def test_qwk_cuts_the_expected_rating_where_the_metric_is_highest():
     logits = -0.5 * (np.arange(5)[None, :] - (2 + 0.5 * (y[:, None] - 2) + rng.normal(0, 0.4, (800, 1)))) ** 2
     probs = metrics.probabilities(logits)
     rule = decide.fit(y, probs, "qwk")
-    before = metrics.score_labels(y, probs.argmax(1), 5)["qwk"]
-    after = metrics.score_labels(y, decide.labels_of(probs, rule), 5)["qwk"]
+    before = metrics.qwk(metrics.confusion(y, probs.argmax(1), 5))
+    after = metrics.qwk(metrics.confusion(y, decide.labels_of(probs, rule), 5))
     assert rule["kind"] == "cuts" and list(rule["cuts"]) == sorted(rule["cuts"]) and after > before + 0.02
     assert rule["cuts"][0] > 0.5 and rule["cuts"][-1] < 3.5  # the outer cuts moved inwards
 

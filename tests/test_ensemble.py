@@ -31,7 +31,7 @@ def test_fitted_weights_are_on_the_simplex_and_prefer_the_better_run():
     assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
     assert w[1] > 0.9
     mixed = sum(wi * p for wi, p in zip(w, [noise, good, noise[::-1]], strict=True))
-    assert metrics.score_probabilities(y, mixed)["log_loss"] <= metrics.score_probabilities(y, good)["log_loss"] + 1e-9
+    assert metrics.score_predictions(y, mixed)["log_loss"] <= metrics.score_predictions(y, good)["log_loss"] + 1e-9
 
 
 def test_honest_cv_never_fits_a_folds_weights_on_its_own_rows():
@@ -58,7 +58,7 @@ def test_hill_climbing_finds_the_known_optimum_and_is_honest():
     noise = softmax(rng.normal(size=(300, 3)), axis=1)
     w = blend.hill_weights(y, [noise, a, b], "accuracy")
     assert w.tolist() == [0.0, 0.5, 0.5]
-    assert metrics.score_probabilities(y, 0.5 * a + 0.5 * b)["accuracy"] == 1.0
+    assert metrics.score_predictions(y, 0.5 * a + 0.5 * b)["accuracy"] == 1.0
     fold = np.arange(300) % 3
 
     def fitter(yy, pp):

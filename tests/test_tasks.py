@@ -113,7 +113,7 @@ def test_early_stopping_follows_the_metrics_direction():
         stopper = EarlyStopping(name, patience=1)
         better, worse = (0.5, 0.7) if direction == "min" else (0.7, 0.5)
         assert stopper.step(better, 1) and not stopper.step(worse, 2) and stopper.best_epoch == 1, name
-        assert metrics.monitor_direction(name) == direction
+        assert config.MONITORS[name] == direction
 
 
 def test_losses_of_each_task():
