@@ -82,6 +82,7 @@ class FoldsConfig:
     seed: int = 42
     path: str = "folds/folds.csv"
     group: str = ""  # a training column: rows sharing its value stay in one fold (StratifiedGroupKFold)
+    adversarial: bool = False  # also stratify on terciles of comp.adversarial's p_test
 
     def __post_init__(self):
         _require(self.n_splits >= 2, "folds.n_splits must be >= 2")
@@ -183,6 +184,8 @@ class TrainConfig:
     awp_lr: float = 0.0
     awp_eps: float = 0.001
     awp_start_epoch: int = 1
+    swa: str = "off"
+    swa_epochs: int = 3
     pseudo_run: str = ""
     pseudo_threshold: float = 0.9
 
@@ -212,6 +215,11 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
         _require(self.awp_lr >= 0 and self.awp_eps > 0, "train.awp_lr must be >= 0 (0 = no AWP) and train.awp_eps > 0")
         _require(self.awp_start_epoch >= 1, "train.awp_start_epoch must be >= 1")
+        _require(self.swa in ("off", "last", "soup"), "train.swa must be 'off', 'last' (average the last "
+                 "train.swa_epochs epochs) or 'soup' (greedy soup of the best train.swa_epochs epochs)")
+        _require(self.swa_epochs >= 2, "train.swa_epochs must be >= 2 (the epochs whose weights are averaged)")
+        _require(self.swa == "off" or self.swa_epochs <= self.epochs,
+                 "train.swa_epochs must be <= train.epochs: only epochs that run can be averaged")
         _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
 
 
@@ -280,8 +288,32 @@ class TuneConfig:
         return None if self.metric == "monitor" else self.metric
 
 
+@dataclass(frozen=True)
+class PretrainConfig:
+    """comp.pretrain: continued masked-LM training of model.name_or_path on the competition's texts."""
+
+    texts: str = ""                  # a table with data.text's columns; "" = the train and test tables
+    out: str = ""                    # the model folder written ("": pretrained/ beside folds.path)
+    epochs: int = 1
+    lr: float = 5e-5
+    batch_size: int = 32
+    mask_probability: float = 0.15
+    warmup_ratio: float = 0.06
+    eval_texts: int = 500            # held-out texts whose MLM accuracy is measured before and after
+    checkpoint_every: int = 200      # optimizer steps between resume checkpoints (0: only at epoch ends)
+    seed: int = 42
+
+    def __post_init__(self):
+        _require(self.epochs >= 1 and self.batch_size >= 1, "pretrain.epochs and pretrain.batch_size must be >= 1")
+        _require(self.lr > 0, "pretrain.lr must be > 0")
+        _require(0.0 < self.mask_probability < 1.0, "pretrain.mask_probability must be in (0, 1)")
+        _require(0.0 <= self.warmup_ratio < 1.0, "pretrain.warmup_ratio must be in [0, 1)")
+        _require(self.eval_texts >= 1, "pretrain.eval_texts must be >= 1")
+        _require(self.checkpoint_every >= 0, "pretrain.checkpoint_every must be >= 0 (0 = only at epoch ends)")
+
+
 SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig,
-            "tune": TuneConfig}
+            "tune": TuneConfig, "pretrain": PretrainConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submissions_dir", "reports_dir", "params"},
             "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of",
@@ -290,14 +322,14 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
 LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": []},
-         "folds": {"group": ""},
+         "folds": {"group": "", "adversarial": False},
          "model": {"truncation": "head", "head_tokens": 0, "chunks": 1, "stride": 0, "chunk_pooling": "mean",
                    "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
-                   "pseudo_run": "", "pseudo_threshold": 0.9}}
+                   "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9}}
 
 
 @dataclass(frozen=True)
@@ -310,6 +342,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     root: Path = Path(".")
     applied: tuple = ()  # (key, value) pairs taken from a best-params file
 
@@ -325,6 +358,11 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return self.folds_path.parent / "cache"
+
+    @property
+    def pretrained_dir(self) -> Path:
+        """Where comp.pretrain writes its model folder."""
+        return self.path(self.pretrain.out) if self.pretrain.out else self.folds_path.parent / "pretrained"
 
     @property
     def run_dir(self) -> Path:
@@ -347,6 +385,7 @@ class Config:
         in, as in the hash of folds trained before content was recorded."""
         d = self.to_dict()
         d.pop("tune")  # searching changes nothing a finished fold learned
+        d.pop("pretrain")  # a pretrained model reaches a fold through model.name_or_path's content
         if not paths:
             for section, key in LOCATIONS:
                 d[section].pop(key)
@@ -359,6 +398,8 @@ class Config:
                     d[section].pop(k, None)
         if not d["train"].get("pseudo_run"):
             d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
+        if d["train"].get("swa", "off") == "off":
+            d["train"].pop("swa_epochs", None)  # no averaging, no epoch count
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, section: str, **changes) -> Config:

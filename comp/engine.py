@@ -25,7 +25,8 @@ from comp.hardware import resolve_device, resolve_precision
 from comp.loop import Runtime, make_progress, predict, train_one_epoch
 from comp.model import TextMetaClassifier, init_wide
 from comp.objective import make_loss, row_weights, validation_loss
-from comp.state import EMA, Checkpoint, EarlyStopping, FitState, TrainState, make_optimizer, seed_everything
+from comp.state import (EMA, Checkpoint, EarlyStopping, FitState, Snapshots, TrainState, average_weights, improves,
+                        make_optimizer, seed_everything)
 
 
 @dataclass
@@ -45,15 +46,18 @@ class Fold:
 
 @dataclass
 class FoldResult:
-    """What fit_fold learned: the best weights and the logits they give."""
+    """What fit_fold learned: the best weights, the validation row and logits they give, and the test logits.
+    `swa`: what train.swa averaged, and whether the average replaced the best epoch's weights."""
 
     best_epoch: int
     history: list[dict]
+    best_row: dict
     val_logits: np.ndarray
     test_logits: np.ndarray | None
     state_dict: dict
     seconds: float
     resumed_from: dict | None = None
+    swa: dict | None = None
 
 
 def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Console, d: Dist = SINGLE) -> FoldResult:
@@ -81,9 +85,16 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
             state.fit = FitState(epoch=epoch + 1, epoch_rng=rng.bit_generator.state, history=state.fit.history,
                                  finished=state.stopper.should_stop or epoch >= cfg.train.epochs)
             save()
+        if state.best_state is None:
+            raise CompError(f"fold {fold.index}: validation {rt.tcfg.monitor} was not finite in any epoch (training "
+                            "diverged): lower train.encoder_lr / train.head_lr or use train.precision = \"fp32\"")
+        best_row = state.fit.history[state.stopper.best_epoch - 1]
+        swa = average_epochs(state, fold, rt, progress, best_row) if state.snapshots else None
+        if swa and swa["kept"]:
+            best_row = swa["row"]
         test_logits = finish(state, fold, rt, progress)
-    return FoldResult(state.stopper.best_epoch, state.fit.history, state.best_val, test_logits, state.best_state,
-                      time.perf_counter() - started, resumed_from)
+    return FoldResult(state.stopper.best_epoch, state.fit.history, best_row, state.best_val, test_logits,
+                      state.best_state, time.perf_counter() - started, resumed_from, swa)
 
 
 def runtime(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, d: Dist) -> Runtime:
@@ -120,8 +131,10 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == torch.float16)
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    state = TrainState(model, trained, optimizer, scheduler, scaler, ema, EarlyStopping(tcfg.monitor, tcfg.patience),
-                       FitState(epoch_rng=rng.bit_generator.state))
+    stopper = EarlyStopping(tcfg.monitor, tcfg.patience)
+    snapshots = Snapshots(tcfg.swa, tcfg.swa_epochs, stopper.mode) if tcfg.swa != "off" else None
+    state = TrainState(model, trained, optimizer, scheduler, scaler, ema, stopper,
+                       FitState(epoch_rng=rng.bit_generator.state), snapshots=snapshots)
     return state, rng
 
 
@@ -154,19 +167,49 @@ def restore(state: TrainState, fold: Fold, rt: Runtime, console: Console) -> dic
 def validate(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, row: dict,
              t0: float) -> tuple[dict, bool]:
     """Score the validation rows (with the EMA's weights when there is one), add the epoch's metrics row to
-    the history and keep the weights when they are the best so far."""
+    the history and keep the weights when they are the best so far (and among the epochs train.swa keeps)."""
     tcfg = rt.tcfg
     with state.ema.applied(state.model) if state.ema else contextlib.nullcontext():
-        val_logits = predict(state.model, fold.val, tcfg.eval_batch_size, rt.pad_id, rt.device, rt.amp, progress,
-                             f"fold {fold.index} validate", rt.d)
-        m = metrics.score(fold.val.y, val_logits, state.model.task)
-        row = {**row, "val_loss": validation_loss(tcfg, rt.loss_fn, fold.val, val_logits, m),
-               **metrics.validation_row(m), "seconds": round(time.perf_counter() - t0, 2)}
+        scores, val_logits = score_validation(state, fold, rt, progress)
+        row = {**row, **scores, "seconds": round(time.perf_counter() - t0, 2)}
         state.fit.history.append(row)
         improved = state.stopper.step(row[tcfg.monitor], row["epoch"])
         if improved:
             state.keep_best(val_logits)
+        if state.snapshots:
+            state.snapshots.add(state.model, row["epoch"], row[tcfg.monitor])
     return row, improved
+
+
+def score_validation(state: TrainState, fold: Fold, rt: Runtime, progress: Progress) -> tuple[dict, np.ndarray]:
+    """The validation loss and metrics of the model's current weights, and its validation logits."""
+    val_logits = predict(state.model, fold.val, rt.tcfg.eval_batch_size, rt.pad_id, rt.device, rt.amp, progress,
+                         f"fold {fold.index} validate", rt.d)
+    m = metrics.score(fold.val.y, val_logits, state.model.task)
+    return {"val_loss": validation_loss(rt.tcfg, rt.loss_fn, fold.val, val_logits, m), **metrics.validation_row(m)}, val_logits
+
+
+def average_epochs(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, best_row: dict) -> dict | None:
+    """train.swa: average the kept epochs' weights. 'last': all of them at once. 'soup' (greedy soup): from the
+    best epoch on, each next-best epoch joins when the average's validation value does not worsen. An average
+    replaces the best epoch's weights (and OOF logits) only when its monitored value is at least as good.
+    None when fewer than two epochs were kept (early stopping ended the fold sooner)."""
+    snaps, monitor, mode = state.snapshots, rt.tcfg.monitor, state.stopper.mode
+    if len(snaps.kept) < 2:
+        return None
+    ranked = snaps.ranked()
+    chosen, row, logits, weights = ranked[:1], best_row, None, None
+    for item in [snaps.kept] if snaps.mode == "last" else ranked[1:]:
+        candidate = item if snaps.mode == "last" else [*chosen, item]
+        average = average_weights([s["weights"] for s in candidate])
+        state.model.load_state_dict(average)
+        scores, val_logits = score_validation(state, fold, rt, progress)
+        if improves(scores[monitor], row[monitor], mode, ties=True):
+            chosen, row, logits, weights = candidate, scores, val_logits, average
+    if weights is not None:
+        state.best_state, state.best_val = weights, logits
+    epochs = sorted(s["epoch"] for s in chosen)
+    return {"mode": snaps.mode, "epochs": epochs, "kept": weights is not None, "row": {"epochs": epochs, **row}}
 
 
 def end_epoch(state: TrainState, fold: Fold, rt: Runtime, row: dict, improved: bool, console: Console) -> None:
@@ -180,10 +223,7 @@ def end_epoch(state: TrainState, fold: Fold, rt: Runtime, row: dict, improved: b
 
 
 def finish(state: TrainState, fold: Fold, rt: Runtime, progress: Progress) -> np.ndarray | None:
-    """Load the best epoch's weights and predict the test rows with them."""
-    if state.best_state is None:
-        raise CompError(f"fold {fold.index}: validation {rt.tcfg.monitor} was not finite in any epoch (training "
-                        "diverged): lower train.encoder_lr / train.head_lr or use train.precision = \"fp32\"")
+    """Load the best weights and predict the test rows with them."""
     state.model.load_state_dict(state.best_state)
     if fold.test is None:
         return None

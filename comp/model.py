@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from comp import fastpath
 from comp.baselines import linear_outputs
@@ -73,6 +73,16 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         if pretrained:
             return AutoModel.from_pretrained(path, config=config, **kwargs)
         return AutoModel.from_config(config, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
+
+
+def load_masked_lm(mcfg: ModelConfig, root: Path = Path(".")) -> nn.Module:
+    """The encoder with its masked-language-model head (comp.pretrain), in fp32; a head the checkpoint lacks
+    starts from the architecture's initialisation."""
+    path = resolve_model_path(mcfg.name_or_path, root)
+    try:
+        return AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
 

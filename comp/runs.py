@@ -161,7 +161,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
         console.print(f"fold {fold}: test rows with categories unseen in training (rare column, or zeros): "
                       + ", ".join(f"{c} {n}" for c, n in unseen.items() if n))
     record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": result.best_epoch,
-              "best": result.history[result.best_epoch - 1], "history": result.history,
+              "best": result.best_row, "history": result.history, "swa": result.swa,
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),

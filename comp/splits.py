@@ -16,6 +16,8 @@ from comp.config import Config
 from comp.errors import CompError
 from comp.tables import Competition, strata
 
+ADVERSARIAL_BINS = 3  # folds.adversarial stratifies on this many quantile bins of p_test
+
 
 def fingerprint(ids: np.ndarray, labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None,
                 assignment: np.ndarray | None = None) -> str:
@@ -45,17 +47,37 @@ def groups_of(cfg: Config, comp: Competition) -> np.ndarray | None:
     return values.astype(str).to_numpy()
 
 
+def adversarial_bins(cfg: Config, comp: Competition) -> np.ndarray | None:
+    """folds.adversarial: each training row's tercile of comp.adversarial's p_test ("looks like test"); None when
+    the split does not use it."""
+    if not cfg.folds.adversarial:
+        return None
+    path = cfg.folds_path.parent / "adversarial.csv"
+    if not path.is_file():
+        raise CompError(f"folds.adversarial = true needs {path}: run python -m comp.adversarial first")
+    table = pd.read_csv(path, dtype={cfg.data.id: str})
+    p_test = dict(zip(table[cfg.data.id], table["p_test"], strict=True))
+    missing = [i for i in comp.train_ids if i not in p_test]
+    if missing:
+        raise CompError(f"{path} has no p_test for {len(missing)} training row(s) (e.g. id {missing[0]}): rerun "
+                        "python -m comp.adversarial")
+    ranks = pd.Series([p_test[i] for i in comp.train_ids]).rank(method="first")
+    return pd.qcut(ranks, q=min(ADVERSARIAL_BINS, len(ranks)), labels=False).to_numpy()
+
+
 def split_rows(cfg: Config, comp: Competition) -> np.ndarray:
     """comp's own split for data.task: stratified on the class (single_label) or on quantile bins of the target
     (regression); multi_label by iterative stratification (each label's share kept in every fold), or with
-    folds.group, stratified on each row's rarest label."""
+    folds.group, stratified on each row's rarest label. folds.adversarial: jointly with p_test's terciles."""
     groups, task, n, seed = groups_of(cfg, comp), cfg.data.task, cfg.folds.n_splits, cfg.folds.seed
+    bins = adversarial_bins(cfg, comp)
     if task != metrics.MULTI:
-        return make_folds(row_labels(cfg, comp) if task == metrics.SINGLE else strata(task, comp.y), n, seed, groups)
+        labels = row_labels(cfg, comp) if task == metrics.SINGLE else strata(task, comp.y)
+        return make_folds(labels, n, seed, groups, also=bins)
     if groups is not None:
         rarest = np.where(comp.y.any(1), np.argmin(np.where(comp.y > 0, comp.y.sum(0), np.inf), axis=1), -1)
-        return make_folds(rarest, n, seed, groups, check=False)
-    return iterative_folds(comp.y, n, seed)
+        return make_folds(rarest, n, seed, groups, check=False, also=bins)
+    return iterative_folds(comp.y if bins is None else np.hstack([comp.y, np.eye(ADVERSARIAL_BINS)[bins]]), n, seed)
 
 
 def iterative_folds(y: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
@@ -95,10 +117,10 @@ def row_labels(cfg: Config, comp: Competition) -> np.ndarray:
 
 
 def make_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray | None = None,
-               check: bool = True) -> np.ndarray:
+               check: bool = True, also: np.ndarray | None = None) -> np.ndarray:
     """The fold number of each row: shuffled, seeded StratifiedKFold, or with groups StratifiedGroupKFold (every
     row of a group in one fold, the label shares kept as close as the groups allow). `check`: refuse a class
-    with fewer rows than folds."""
+    with fewer rows than folds. `also`: a second variable stratified on jointly with the labels."""
     classes, counts = np.unique(labels, return_counts=True)
     small = [(c, n) for c, n in zip(classes, counts, strict=True) if n < n_splits]
     if small and check:
@@ -106,6 +128,8 @@ def make_folds(labels: np.ndarray, n_splits: int, seed: int, groups: np.ndarray 
         raise CompError(f"class {c} has {n} row(s), fewer than folds.n_splits = {n_splits}; "
                         "lower folds.n_splits or merge / drop that class")
     fold = np.full(len(labels), -1, dtype=np.int64)
+    if also is not None:
+        labels = np.char.add(np.asarray(labels).astype(str), np.char.add("|", np.asarray(also).astype(str)))
     if groups is None:
         parts = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
     else:
@@ -125,7 +149,10 @@ def meta_path(cfg: Config) -> Path:
 
 
 def split_fingerprint(cfg: Config, comp: Competition, fold: np.ndarray, imported: bool) -> str:
-    return fingerprint(comp.train_ids, row_labels(cfg, comp), cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp),
+    labels, bins = row_labels(cfg, comp), None if imported else adversarial_bins(cfg, comp)
+    if bins is not None:
+        labels = np.char.add(labels.astype(str), np.char.add("|p_test tercile ", bins.astype(str)))
+    return fingerprint(comp.train_ids, labels, cfg.folds.n_splits, cfg.folds.seed, groups_of(cfg, comp),
                        fold if imported else None)
 
 
@@ -135,7 +162,7 @@ def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, impor
     with atomic_path(cfg.folds_path) as tmp:
         pd.DataFrame({"id": comp.train_ids, "fold": fold}).to_csv(tmp, index=False)
     write_json(meta_path(cfg), {"fingerprint": fp, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed,
-                                "group": cfg.folds.group, "imported": imported, "n_rows": len(fold),
+                                "group": cfg.folds.group, "adversarial": cfg.folds.adversarial, "imported": imported, "n_rows": len(fold),
                                 "csv_sha256": sha256(cfg.folds_path)})
 
 
@@ -180,10 +207,11 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
     meta = read_json(meta_file)
     if meta.get("csv_sha256") != sha256(path):
         raise CompError(f"{path} was changed after it was written: remake it with python -m comp.folds --force")
-    made = (meta.get("n_splits"), meta.get("seed"), meta.get("group", ""))
-    if made != (cfg.folds.n_splits, cfg.folds.seed, cfg.folds.group):
-        raise CompError(f"{path} was made with n_splits={made[0]}, seed={made[1]}, group={made[2]!r} but the config "
-                        f"says {cfg.folds.n_splits}, {cfg.folds.seed}, {cfg.folds.group!r}: remake it with "
+    made = (meta.get("n_splits"), meta.get("seed"), meta.get("group", ""), meta.get("adversarial", False))
+    wanted = (cfg.folds.n_splits, cfg.folds.seed, cfg.folds.group, cfg.folds.adversarial)
+    if made != wanted:
+        raise CompError(f"{path} was made with n_splits={made[0]}, seed={made[1]}, group={made[2]!r}, "
+                        f"adversarial={made[3]} but the config says {', '.join(map(repr, wanted))}: remake it with "
                         "python -m comp.folds --force")
     table = pd.read_csv(path, dtype={"id": str})
     by_id = dict(zip(table["id"], table["fold"], strict=True))
@@ -196,8 +224,8 @@ def load_folds(cfg: Config, comp: Competition) -> tuple[np.ndarray, str]:
     fold = np.array([by_id[i] for i in ids], dtype=np.int64)
     fp = split_fingerprint(cfg, comp, fold, bool(meta.get("imported")))
     if fp != meta.get("fingerprint"):
-        raise CompError(f"{path} no longer matches the training rows (labels{' or groups' if cfg.folds.group else ''} "
-                        "changed): "
+        raise CompError(f"{path} no longer matches the training rows (labels{' or groups' if cfg.folds.group else ''}"
+                        f"{' or adversarial.csv' if cfg.folds.adversarial else ''} changed): "
                         "remake it with python -m comp.folds --force")
     return fold, fp
 

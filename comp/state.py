@@ -1,6 +1,6 @@
 """Everything a fold's training changes and its resume checkpoint restores, as one object: the model, the
 optimizer and its LR schedule, the gradient scaler, the EMA of the weights, the early stopper, where the loop
-stands, the best weights so far, and the random generators' states."""
+stands, the best weights so far, the epochs' weights kept for averaging (train.swa), and the random generators' states."""
 
 from __future__ import annotations
 
@@ -140,6 +140,16 @@ class EMA:
         self.updates, self.shadow = d["updates"], d["shadow"]
 
 
+def improves(value: float, than: float | None, mode: str, ties: bool = False) -> bool:
+    """Whether a finite `value` of the monitored quantity beats `than` (None: nothing yet) in direction `mode`;
+    `ties`: an equal value counts too."""
+    if not math.isfinite(value):
+        return False
+    if than is None or (ties and value == than):
+        return True
+    return value < than if mode == "min" else value > than
+
+
 class EarlyStopping:
     """Tracks the monitored quantity; says when it improved and when patience ran out."""
 
@@ -152,8 +162,7 @@ class EarlyStopping:
     def step(self, value: float, epoch: int) -> bool:
         """Record one epoch's value; return True when it is the best so far. A NaN or infinite value is
         never the best (it counts as an epoch without improvement)."""
-        better = math.isfinite(value) and (self.best is None or (value < self.best if self.mode == "min"
-                                                                  else value > self.best))
+        better = improves(value, self.best, self.mode)
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         else:
@@ -169,6 +178,44 @@ class EarlyStopping:
 
     def load_state_dict(self, d: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = d["best"], d["best_epoch"], d["bad_epochs"]
+
+
+class Snapshots:
+    """train.swa: end-of-epoch weights kept on the CPU, with the epoch and its monitored value. 'last' keeps the
+    last `n` epochs; 'soup' the best `n` by the monitored value."""
+
+    def __init__(self, mode: str, n: int, direction: str):
+        self.mode, self.n, self.direction = mode, n, direction
+        self.kept: list[dict] = []
+
+    def add(self, model: nn.Module, epoch: int, value: float) -> None:
+        """The weights just validated (the EMA's while it is applied), at `epoch` with monitored `value`."""
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.kept.append({"epoch": epoch, "value": value, "weights": weights})
+        if self.mode == "soup":
+            self.kept = self.ranked()
+        self.kept = self.kept[-self.n:] if self.mode == "last" else self.kept[:self.n]
+
+    def ranked(self) -> list[dict]:
+        """The kept snapshots, best monitored value first (non-finite values last); ties: the later epoch."""
+        def key(s):
+            v = s["value"]
+            return (not math.isfinite(v), v if self.direction == "min" else -v, -s["epoch"])
+        return sorted(self.kept, key=key)
+
+    def state_dict(self) -> list[dict]:
+        return self.kept
+
+    def load_state_dict(self, kept: list[dict]) -> None:
+        self.kept = kept
+
+
+def average_weights(states: list[dict]) -> dict:
+    """The element-wise mean of state dicts' floating-point tensors (in fp32, cast back); other entries (integer
+    buffers) from the first."""
+    first = states[0]
+    return {k: (torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v)
+            for k, v in first.items()}
 
 
 @dataclass
@@ -198,6 +245,7 @@ class TrainState:
     fit: FitState
     best_state: dict | None = None
     best_val: np.ndarray | None = None
+    snapshots: Snapshots | None = None
 
     @classmethod
     def bare(cls, model: TextMetaClassifier, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
@@ -224,7 +272,8 @@ class TrainState:
 
     def to_blob(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "ema": self.ema.state_dict() if self.ema else None, "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "snapshots": self.snapshots.state_dict() if self.snapshots else None, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "fit": dataclasses.asdict(self.fit),
                 "stopper": self.stopper.state_dict(), "best_state": self.best_state,
                 "best_val": None if self.best_val is None else torch.from_numpy(self.best_val),
@@ -244,6 +293,8 @@ class TrainState:
         if self.ema and blob.get("ema"):
             self.ema.load_state_dict({"updates": blob["ema"]["updates"],
                                       "shadow": {k: v.to(device) for k, v in blob["ema"]["shadow"].items()}})
+        if self.snapshots and blob.get("snapshots"):
+            self.snapshots.load_state_dict(blob["snapshots"])
         random.setstate(_as_tuple(blob["rng"]["python"]))
         torch.set_rng_state(blob["rng"]["torch"])
         if blob["rng"]["cuda"] and torch.cuda.is_available():

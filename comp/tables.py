@@ -45,7 +45,8 @@ class Competition:
 def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a csv / tsv / jsonl / parquet table; every failure is one CompError naming the file."""
     if not path.is_file():
-        raise CompError(f"{role} file {path} not found: fix data.{role} in the config or create the file")
+        key = role if "." in role else f"data.{role}"
+        raise CompError(f"{role} file {path} not found: fix {key} in the config or create the file")
     if path.stat().st_size == 0:
         raise CompError(f"{role} file {path} is empty: it needs a header and at least one row")
     as_str = {c: str for c in (id_col, *str_cols) if c}
@@ -208,6 +209,13 @@ def load_table(cfg: Config, path: Path, role: str = "test") -> tuple[pd.DataFram
     _check_numeric(table, d.numeric, path)
     table = table.reset_index(drop=True)
     return table, _join_text(table, cfg, path)
+
+
+def load_texts(cfg: Config, path: Path, role: str) -> list[str]:
+    """A table of unlabeled texts (data.text's columns; others ignored), joined as the training texts are."""
+    table = read_table(path, role)
+    _require_columns(table, path, list(cfg.data.text_columns))
+    return _join_text(table.reset_index(drop=True), cfg, path)
 
 
 def _load_sample(cfg: Config, test: pd.DataFrame) -> pd.DataFrame:

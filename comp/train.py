@@ -97,8 +97,10 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
             record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d)
         else:
             record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
-        b = record["best"]
-        console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}, "
+        b, swa = record["best"], record.get("swa")
+        averaged = "" if not swa else (f" (train.swa: weights averaged over epochs {', '.join(map(str, swa['epochs']))})"
+                                       if swa["kept"] else " (train.swa: no average validated better)")
+        console.print(f"fold {k} done in {record['seconds']:.0f}s: best epoch {record['best_epoch']}{averaged}, "
                       f"{metrics.row_line(b)} -> {cfg.fold_dir(k)}")
         log = console.take_log()
         if d.is_main:

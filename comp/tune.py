@@ -148,7 +148,7 @@ class Objective:
 
                 _, result = fit_split(cfg, self.comp, (train_share(cfg, self.comp, tr, k), va), k, tokens,
                                       self.console, on_epoch=on_epoch)
-                values.append(result.history[result.best_epoch - 1][self.metric])
+                values.append(result.best_row[self.metric])
                 del result
         finally:
             gc.collect()  # release the trial's model, optimizer and tensors before the next one

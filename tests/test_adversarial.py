@@ -3,10 +3,12 @@ carry a marker (which heads the features that give them away); each training row
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from comp import adversarial, config
+from comp.errors import CompError
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 
@@ -51,3 +53,32 @@ def test_the_report_shows_it(tmp_path, tiny_model):
     assert adversarial.main(["--config", str(cfg_path)]) == 0 and report.main(args) == 0
     page = (tmp_path / "reports" / "tiny" / "index.html").read_text()
     assert "adversarial validation" in page and "zzqmarker" in page
+
+
+def test_folds_stratify_on_the_test_likeness_when_asked(tmp_path, tiny_model, capsys):
+    from comp import folds, splits, tables
+
+    t = make_tables(n_train=300, n_test=300, seed=3)
+    marked = t["train.csv"].index % 3 == 0  # a third of the training rows look like the test rows
+    t["train.csv"].loc[marked, "body"] += " zzqmarker"
+    t["test.csv"]["body"] += " zzqmarker"
+    path = write_project(tmp_path, tiny_model, t)
+    before = snapshot(tmp_path)
+    code = folds.main(["--config", str(path), "--set", "folds.adversarial=true"])
+    assert_user_error(code, capsys, "folds.adversarial", "python -m comp.adversarial")
+    assert snapshot(tmp_path) == before
+    adversarial.adversarial(config.load(path))
+    assert folds.main(["--config", str(path), "--set", "folds.adversarial=true", "--set", "folds.n_splits=6"]) == 0
+    cfg = config.load(path, ["folds.adversarial=true", "folds.n_splits=6"])
+    comp = tables.load_competition(cfg)
+    fold, _ = splits.load_folds(cfg, comp)
+    bins = splits.adversarial_bins(cfg, comp)
+    top = bins == bins.max()
+    assert top.sum() == 100 and marked[top].mean() > 0.9  # the test-like tercile is the marked rows
+    per_fold = np.bincount(fold[top], minlength=6)
+    assert per_fold.max() - per_fold.min() <= 3  # one row per class at most between folds
+    pd.DataFrame({"id": comp.train_ids, "p_test": 1 - bins / 3}).to_csv(tmp_path / "folds" / "adversarial.csv", index=False)
+    with pytest.raises(CompError, match="adversarial.csv changed"):
+        splits.load_folds(cfg, comp)
+    with pytest.raises(CompError, match="adversarial=True"):
+        splits.load_folds(config.load(path, ["folds.n_splits=6"]), comp)

@@ -70,14 +70,17 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     # keys added later enter the hash only away from their defaults (folds trained before them stay valid)
     assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=ce", "model.msd_samples=1"]).hash()
     for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
-        other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5", list: "['x', 'y']"}[type(default)]
-        if key == "train.pseudo_threshold":
-            continue  # only meaningful with a teacher
+        other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5", list: "['x', 'y']", bool: "true"}[type(default)]
+        if key in ("train.pseudo_threshold", "train.swa_epochs"):
+            continue  # only meaningful with a teacher, with weight averaging
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
                  "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
-                 "model.chunk_pooling": "max", "model.stride": "4"}.get(key, other)
+                 "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
+    assert base.hash() == config.load(write(tmp_path, ""), ["train.swa_epochs=2"]).hash()  # no averaging, no count
+    swa = ["train.swa=last", "train.epochs=5"]
+    assert config.load(write(tmp_path, ""), swa).hash() != config.load(write(tmp_path, ""), [*swa, "train.swa_epochs=5"]).hash()
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -74,15 +74,17 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     two = write_project(tmp_path / "two", tiny_model, tables)
     for cfg in (one, two):
         assert folds.main(["--config", str(cfg), "--quiet"]) == 0
-    # the same effective batch: 16 rows in one process, 8 on each of two
-    assert train.main(["--config", str(one), "--fold", "0", "--quiet", "--set", "train.batch_size=16"]) == 0
-    proc = _torchrun(two, 2, "--fold", "0", "--set", "train.batch_size=8")
+    # the same effective batch: 16 rows in one process, 8 on each of two; both end with a greedy soup of epochs
+    soup = ["--set", "train.swa=soup", "--set", "train.swa_epochs=2"]
+    assert train.main(["--config", str(one), "--fold", "0", "--quiet", "--set", "train.batch_size=16", *soup]) == 0
+    proc = _torchrun(two, 2, "--fold", "0", "--set", "train.batch_size=8", *soup)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("fold 0 done") == 1  # only rank 0 speaks
     a, b = one.parent / "folds" / "tiny" / "fold_0", two.parent / "folds" / "tiny" / "fold_0"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()) == sorted(outputs.FILES)
     ra, rb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
     assert (ra["processes"], rb["processes"]) == (1, 2)
+    assert ra["swa"]["mode"] == rb["swa"]["mode"] == "soup"
     assert ra["n_train"] == rb["n_train"] and ra["n_val"] == rb["n_val"]
     assert np.array_equal(np.load(a / "oof_ids.npy"), np.load(b / "oof_ids.npy"))
     assert np.array_equal(np.load(a / "test_ids.npy"), np.load(b / "test_ids.npy"))

@@ -262,3 +262,104 @@ def test_a_fold_trained_with_awp_learns_otherwise(project):
         assert train.main(args) == 0
     oof = [np.load(project.parent / "folds" / n / "fold_0" / "oof_logits.npy") for n in ("plain", "awp")]
     assert np.isfinite(oof[1]).all() and not np.allclose(oof[0], oof[1], atol=1e-4)
+
+
+def test_average_weights_is_the_mean_of_known_weights():
+    states = [{"w": torch.full((2, 2), v), "b": torch.tensor([v, -v]), "steps": torch.tensor([i], dtype=torch.long)}
+              for i, v in enumerate((1.0, 2.0, 6.0))]
+    avg = state.average_weights(states)
+    assert torch.equal(avg["w"], torch.full((2, 2), 3.0)) and torch.equal(avg["b"], torch.tensor([3.0, -3.0]))
+    assert torch.equal(avg["steps"], torch.tensor([0]))  # integer buffers are not averaged: the first one's
+    half = state.average_weights([{"w": torch.tensor([1.0], dtype=torch.bfloat16)}, {"w": torch.tensor([2.0], dtype=torch.bfloat16)}])
+    assert half["w"].dtype == torch.bfloat16 and half["w"].item() == 1.5
+
+
+def test_snapshots_keep_the_last_n_or_the_best_n():
+    model = torch.nn.Linear(1, 1)
+    values = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.6}
+    last, soup = state.Snapshots("last", 2, "min"), state.Snapshots("soup", 2, "min")
+    for epoch, value in values.items():
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        last.add(model, epoch, value)
+        soup.add(model, epoch, value)
+    assert [s["epoch"] for s in last.kept] == [3, 4]
+    assert [s["epoch"] for s in soup.ranked()] == [2, 4]  # the two lowest losses, best first
+    assert [s["weights"]["weight"].item() for s in soup.ranked()] == [2.0, 4.0]  # copies, not the live weights
+    maxed = state.Snapshots("soup", 2, "max")
+    for epoch, value in values.items():
+        maxed.add(model, epoch, value)
+    assert [s["epoch"] for s in maxed.ranked()] == [1, 3]
+
+
+def swa_fold(cfg, tok, rows, monkeypatch, mode, always=False):
+    """fit_fold with train.swa = mode over 3 epochs; returns the result and the weights of each epoch's end."""
+    seen = {}
+    add = state.Snapshots.add
+
+    def spy(self, model, epoch, value):
+        seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        add(self, model, epoch, value)
+
+    monkeypatch.setattr(state.Snapshots, "add", spy)
+    if always:  # every average validates at least as well: the averaging path is taken
+        monkeypatch.setattr(engine, "improves", lambda *a, **k: True)
+    c = cfg.replace("train", swa=mode, swa_epochs=3)
+    torch.manual_seed(0)
+    model = build_model(c.model, 2, 3, root=c.root)
+    res = engine.fit_fold(c, model, engine.Fold(0, rows, rows, None, tok.pad_token_id), Console(quiet=True))
+    return res, seen
+
+
+@pytest.mark.parametrize("mode", ["last", "soup"])
+def test_swa_keeps_the_mean_of_the_epochs_weights(tmp_path, tiny_model, tiny, monkeypatch, mode):
+    _, tok, rows = tiny
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=3", "train.patience=3", "train.batch_size=6"])
+    res, seen = swa_fold(cfg, tok, rows, monkeypatch, mode, always=True)
+    assert res.swa["kept"] and res.swa["epochs"] == [1, 2, 3] and res.best_row["epochs"] == [1, 2, 3]
+    expected = state.average_weights([seen[e] for e in (1, 2, 3)])
+    assert all(torch.allclose(res.state_dict[k].float(), v.float(), atol=1e-6) for k, v in expected.items())
+    model = build_model(cfg.model, 2, 3, root=cfg.root)
+    model.load_state_dict(res.state_dict)  # the OOF logits are the averaged weights' own
+    logits = engine.predict(model, rows, 7, tok.pad_token_id, torch.device("cpu"), None)
+    assert np.allclose(logits, res.val_logits, atol=1e-5)
+
+
+def test_swa_average_is_kept_only_when_validation_does_not_worsen(tmp_path, tiny_model, tiny, monkeypatch):
+    _, tok, rows = tiny
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=3", "train.patience=3", "train.batch_size=6"])
+    res, seen = swa_fold(cfg, tok, rows, monkeypatch, "soup")
+    best = res.history[res.best_epoch - 1]["val_loss"]
+    assert res.best_row["val_loss"] <= best
+    if not res.swa["kept"]:
+        assert res.swa["epochs"] == [res.best_epoch] and res.best_row["val_loss"] == best
+        assert all(torch.equal(res.state_dict[k], seen[res.best_epoch][k]) for k in res.state_dict)
+    else:
+        assert res.best_epoch in res.swa["epochs"] and len(res.swa["epochs"]) >= 2
+
+
+def test_swa_snapshots_are_in_the_checkpoint(tiny):
+    mcfg, _, _ = tiny
+    model = build_model(mcfg, 2, 3)
+    opt = state.make_optimizer(model, TrainConfig())
+    st = state.TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    st.snapshots = state.Snapshots("last", 2, "min")
+    st.snapshots.add(model, 1, 0.5)
+    blob = st.to_blob()
+    other = state.TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    other.snapshots = state.Snapshots("last", 2, "min")
+    other.load_blob(blob, torch.device("cpu"))
+    assert [s["epoch"] for s in other.snapshots.kept] == [1]
+    assert all(torch.equal(other.snapshots.kept[0]["weights"][k], v) for k, v in model.state_dict().items())
+
+
+def test_swa_keys_are_checked(project, capsys):
+    from comp import train
+
+    for setting, needle in (("train.swa=mean", "train.swa must be"), ("train.swa_epochs=1", "swa_epochs must be >= 2")):
+        before = snapshot(project.parent)
+        code = train.main(["--config", str(project), "--fold", "0", "--set", setting])
+        assert_user_error(code, capsys, needle)
+        assert snapshot(project.parent) == before
+    code = train.main(["--config", str(project), "--fold", "0", "--set", "train.swa=last", "--set", "train.swa_epochs=3"])
+    assert_user_error(code, capsys, "swa_epochs must be <= train.epochs")
