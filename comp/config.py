@@ -184,6 +184,7 @@ class TrainConfig:
     awp_lr: float = 0.0
     awp_eps: float = 0.001
     awp_start_epoch: int = 1
+    awp_params: str = "all"
     swa: str = "off"
     swa_epochs: int = 3
     pseudo_run: str = ""
@@ -215,6 +216,8 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = no EMA)")
         _require(self.awp_lr >= 0 and self.awp_eps > 0, "train.awp_lr must be >= 0 (0 = no AWP) and train.awp_eps > 0")
         _require(self.awp_start_epoch >= 1, "train.awp_start_epoch must be >= 1")
+        _require(self.awp_params in ("all", "encoder", "embeddings"),
+                 "train.awp_params must be 'all', 'encoder' or 'embeddings' (the weight matrices AWP perturbs)")
         _require(self.swa in ("off", "last", "soup"), "train.swa must be 'off', 'last' (average the last "
                  "train.swa_epochs epochs) or 'soup' (greedy soup of the best train.swa_epochs epochs)")
         _require(self.swa_epochs >= 2, "train.swa_epochs must be >= 2 (the epochs whose weights are averaged)")
@@ -329,7 +332,7 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
-                   "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9}}
+                   "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9}}
 
 
 @dataclass(frozen=True)

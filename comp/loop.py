@@ -78,7 +78,8 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
     y = torch.from_numpy(rows.y).to(rt.device)
     longest = rows.longest  # widths rounded up stay within the rows' own longest window
     running = RunningLoss(fit.loss_sum, fit.seen, rt)
-    awp = AWP(state.model, tcfg.awp_lr, tcfg.awp_eps) if tcfg.awp_lr > 0 and fit.epoch >= tcfg.awp_start_epoch else None
+    awp = (AWP(state.model, tcfg.awp_lr, tcfg.awp_eps, tcfg.awp_params)
+           if tcfg.awp_lr > 0 and fit.epoch >= tcfg.awp_start_epoch else None)
     for step in range(fit.step + 1, len(shares) + 1):
         index, scale = shares[step - 1]
         input_ids, mask, meta, *owner = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)

@@ -83,8 +83,14 @@ class AWP:
     within eps · |w| of where it was; the batch's loss is taken again there and its gradient added to the
     batch's; then the weights are put back exactly."""
 
-    def __init__(self, model: nn.Module, lr: float, eps: float):
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "weight" in n]
+    def __init__(self, model: TextMetaClassifier, lr: float, eps: float, which: str = "all"):
+        """`which` (train.awp_params): every weight matrix ("all"), the encoder's ("encoder"), or only the input
+        token embeddings ("embeddings")."""
+        embedding = model.encoder.get_input_embeddings().weight
+        chosen = {"all": lambda n, p: True, "encoder": lambda n, p: n.startswith("encoder."),
+                  "embeddings": lambda n, p: p is embedding}[which]
+        self.params = [(n, p) for n, p in model.named_parameters()
+                       if p.requires_grad and p.ndim >= 2 and "weight" in n and chosen(n, p)]
         self.lr, self.eps = lr, eps
         self.backup: dict[str, torch.Tensor] = {}
 

@@ -76,7 +76,8 @@ def test_hash_tracks_what_changes_learning(tmp_path):
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
                  "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
-                 "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last"}.get(key, other)
+                 "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last",
+                 "train.awp_params": "encoder"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
     assert base.hash() == config.load(write(tmp_path, ""), ["train.swa_epochs=2"]).hash()  # no averaging, no count
     swa = ["train.swa=last", "train.epochs=5"]

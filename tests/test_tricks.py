@@ -252,6 +252,16 @@ def test_awp_moves_weight_matrices_within_eps_and_restores_them_exactly(tiny):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_awp_params_choose_the_perturbed_matrices(tiny):
+    mcfg, _, _ = tiny
+    model = build_model(mcfg, 2, 3)
+    every = {n for n, _ in state.AWP(model, 1.0, 0.01).params}
+    encoder = {n for n, _ in state.AWP(model, 1.0, 0.01, "encoder").params}
+    embeddings = [p for _, p in state.AWP(model, 1.0, 0.01, "embeddings").params]
+    assert encoder < every and all(n.startswith("encoder.") for n in encoder) and "out.weight" in every - encoder
+    assert len(embeddings) == 1 and embeddings[0] is model.encoder.get_input_embeddings().weight
+
+
 def test_a_fold_trained_with_awp_learns_otherwise(project):
     from comp import folds, train
 
