@@ -25,8 +25,18 @@ from comp.hardware import resolve_device, resolve_precision
 from comp.loop import Runtime, make_progress, predict, train_one_epoch
 from comp.model import TextMetaClassifier, init_wide
 from comp.objective import make_loss, row_weights, validation_loss
-from comp.state import (EMA, Checkpoint, EarlyStopping, FitState, Snapshots, TrainState, average_weights, improves,
-                        make_optimizer, seed_everything)
+from comp.state import (
+    EMA,
+    Checkpoint,
+    EarlyStopping,
+    FitState,
+    Snapshots,
+    TrainState,
+    average_weights,
+    improves,
+    make_optimizer,
+    seed_everything,
+)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, impor
     with atomic_path(cfg.folds_path) as tmp:
         pd.DataFrame({"id": comp.train_ids, "fold": fold}).to_csv(tmp, index=False)
     write_json(meta_path(cfg), {"fingerprint": fp, "n_splits": cfg.folds.n_splits, "seed": cfg.folds.seed,
-                                "group": cfg.folds.group, "adversarial": cfg.folds.adversarial, "imported": imported, "n_rows": len(fold),
+                                "group": cfg.folds.group, "adversarial": cfg.folds.adversarial, "imported": imported,
+                                "n_rows": len(fold),
                                 "csv_sha256": sha256(cfg.folds_path)})
 
 

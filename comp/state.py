@@ -196,8 +196,7 @@ class Snapshots:
 
     def add(self, model: nn.Module, epoch: int, value: float) -> None:
         """The weights just validated (the EMA's while it is applied), at `epoch` with monitored `value`."""
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.kept.append({"epoch": epoch, "value": value, "weights": weights})
+        self.kept.append({"epoch": epoch, "value": value, "weights": cpu_copy(model)})
         if self.mode == "soup":
             self.kept = self.ranked()
         self.kept = self.kept[-self.n:] if self.mode == "last" else self.kept[:self.n]
@@ -214,6 +213,11 @@ class Snapshots:
 
     def load_state_dict(self, kept: list[dict]) -> None:
         self.kept = kept
+
+
+def cpu_copy(model: nn.Module) -> dict:
+    """A copy of the model's state dict in CPU memory."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def average_weights(states: list[dict]) -> dict:
@@ -273,7 +277,7 @@ class TrainState:
 
     def keep_best(self, val_logits: np.ndarray) -> None:
         """The weights just validated (the EMA's while it is applied) are the best so far."""
-        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self.best_state = cpu_copy(self.model)
         self.best_val = val_logits
 
     def to_blob(self) -> dict:

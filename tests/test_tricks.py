@@ -280,7 +280,8 @@ def test_average_weights_is_the_mean_of_known_weights():
     avg = state.average_weights(states)
     assert torch.equal(avg["w"], torch.full((2, 2), 3.0)) and torch.equal(avg["b"], torch.tensor([3.0, -3.0]))
     assert torch.equal(avg["steps"], torch.tensor([0]))  # integer buffers are not averaged: the first one's
-    half = state.average_weights([{"w": torch.tensor([1.0], dtype=torch.bfloat16)}, {"w": torch.tensor([2.0], dtype=torch.bfloat16)}])
+    bf16 = [{"w": torch.tensor([v], dtype=torch.bfloat16)} for v in (1.0, 2.0)]
+    half = state.average_weights(bf16)
     assert half["w"].dtype == torch.bfloat16 and half["w"].item() == 1.5
 
 
