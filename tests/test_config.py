@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from comp import config
@@ -88,3 +90,12 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = config.load(write(tmp_path, ""), ["train.epochs=5", "data.categorical=['a', 'b']"])
     again = config.load(write(tmp_path, config.to_toml(cfg)))
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_every_shipped_demo_config_is_valid():
+    root = Path(__file__).resolve().parents[1]
+    shipped = sorted(p for p in root.glob("*.toml") if p.name != "pyproject.toml")
+    assert {"comp.toml", "loans.toml", "movies.toml", "bbc.toml"} <= {p.name for p in shipped}
+    for path in shipped:
+        cfg = config.load(path)
+        assert cfg.data.train.startswith("data/") and cfg.folds_path.parent.is_relative_to(root / "folds"), path.name
