@@ -176,6 +176,14 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     return h.hexdigest()[:16]
 
 
+def hash_texts(h, texts: list[str]):
+    """`h` (a hashlib object) updated with every text, each ended by a NUL; returned for chaining."""
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h
+
+
 def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | Truncation,
                     cache_dir: Path | None, progress: Progress | None = None) -> tuple[list[np.ndarray], bool]:
     """tokenize(), through an on-disk cache keyed by tokenizer identity, the truncation and the texts;
@@ -183,10 +191,7 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit:
     limit = limit if isinstance(limit, Truncation) else Truncation(limit)
     if cache_dir is None:
         return tokenize(tokenizer, texts, limit, progress=progress), False
-    h = hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{limit.key()}|{len(texts)}|".encode())
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
+    h = hash_texts(hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{limit.key()}|{len(texts)}|".encode()), texts)
     path = cache_dir / f"tokens-{h.hexdigest()[:24]}.npz"
     if path.is_file():
         try:
@@ -261,6 +266,11 @@ def inference_batches(lengths: np.ndarray, batch_size: int, d: Dist = SINGLE,
     return batches + ([order[begin:]] if len(order) else [])
 
 
+def split_windows(tokens: np.ndarray) -> list[np.ndarray]:
+    """A row's token ids cut at the WINDOW markers: its windows (one, for a row read in one window)."""
+    return [w[w != WINDOW] for w in np.split(tokens, np.flatnonzero(tokens == WINDOW))]
+
+
 def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, multiple: int = 1,
             cap: int = 0) -> tuple[torch.Tensor, ...]:
     """Pad the chosen rows to their longest one, rounded up to `multiple` tokens but never past `cap`;
@@ -269,9 +279,9 @@ def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, mu
     seqs = [rows.tokens[i] for i in index]
     owner = None
     if any((s == WINDOW).any() for s in seqs):
-        parts = [np.split(s, np.flatnonzero(s == WINDOW)) for s in seqs]
+        parts = [split_windows(s) for s in seqs]
         owner = np.repeat(np.arange(len(seqs)), [len(p) for p in parts])
-        seqs = [w[w != WINDOW] for p in parts for w in p]
+        seqs = [w for p in parts for w in p]
     width = max(len(s) for s in seqs)
     if multiple > 1:
         width = max(width, min(-(-width // multiple) * multiple, cap))

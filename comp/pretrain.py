@@ -21,14 +21,22 @@ from rich.console import Console
 from transformers import DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
 
 from comp import cli
-from comp.artifacts import atomic_path, read_json, write_json
-from comp.batching import WINDOW, Truncation, cached_tokenize, inference_batches, tokenizer_identity, train_batches
+from comp.artifacts import read_json, write_json
+from comp.batching import (
+    Truncation,
+    cached_tokenize,
+    hash_texts,
+    inference_batches,
+    split_windows,
+    tokenizer_identity,
+    train_batches,
+)
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.hardware import resolve_device, resolve_precision
 from comp.loop import make_progress
 from comp.model import load_masked_lm, load_tokenizer
-from comp.state import seed_everything
+from comp.state import Checkpoint, seed_everything
 from comp.tables import load_competition, load_texts
 
 RECORD = "pretrain.json"
@@ -47,10 +55,7 @@ def sequences(cfg: Config, tokenizer, texts: list[str], console: Console) -> lis
     is a sequence of its own."""
     with make_progress(console) as progress:
         tokens, _ = cached_tokenize(tokenizer, texts, Truncation.of(cfg.model), cfg.cache_dir, progress)
-    out = []
-    for t in tokens:
-        out += [w for w in np.split(t, np.flatnonzero(t == WINDOW)) if len(w)] if (t == WINDOW).any() else [t]
-    return [w[w != WINDOW] for w in out]
+    return [w for t in tokens for w in split_windows(t) if len(w)]
 
 
 def fingerprint(cfg: Config, tokenizer, texts: list[str]) -> str:
@@ -59,9 +64,7 @@ def fingerprint(cfg: Config, tokenizer, texts: list[str]) -> str:
     settings = {k: v for k, v in cfg.to_dict()["pretrain"].items() if k != "out"}
     h = hashlib.sha256(json.dumps([cfg.model.name_or_path, tokenizer_identity(tokenizer), Truncation.of(cfg.model).key(),
                                    settings, cfg.train.weight_decay, cfg.train.grad_clip], sort_keys=True).encode())
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
-    return h.hexdigest()[:16]
+    return hash_texts(h, texts).hexdigest()[:16]
 
 
 def batch(tokens: list[np.ndarray], index: np.ndarray, collator, device: torch.device) -> dict:
@@ -159,25 +162,24 @@ def fit(cfg: Config, tokenizer, train: list[np.ndarray], held: list[np.ndarray],
     scheduler = get_linear_schedule_with_warmup(optimizer, int(pcfg.warmup_ratio * total), total)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=pcfg.mask_probability)
-    checkpoint = work / "last.pt"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint.is_file() else None
-    if saved is not None and saved.get("fingerprint") == key:
+    checkpoint = Checkpoint(work / "last.pt", {"fingerprint": key}, fix="delete it to start the pretraining over")
+    saved = checkpoint.load()  # None when absent or of another pretraining; a broken file is one line
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["rng"])
         done, before = saved["done"], saved["before"]
-        console.print(f"pretrain: resuming from {checkpoint} at step {done} of {total}")
+        console.print(f"pretrain: resuming from {checkpoint.path} at step {done} of {total}")
     else:
         done, before = 0, mlm_accuracy(model, held, tokenizer, cfg, device, amp)
     resumed_from = done or None
 
     def save(done: int) -> None:
-        with atomic_path(checkpoint) as tmp:
-            torch.save({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "done": done,
-                        "before": before, "rng": torch.get_rng_state()}, tmp)
+        checkpoint.save_blob({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "done": done,
+                              "before": before, "rng": torch.get_rng_state()})
 
     with make_progress(console) as progress:
         for epoch in range(done // per_epoch, pcfg.epochs):
@@ -196,7 +198,7 @@ def fit(cfg: Config, tokenizer, train: list[np.ndarray], held: list[np.ndarray],
     after = mlm_accuracy(model, held, tokenizer, cfg, device, amp)
     model.save_pretrained(work)
     tokenizer.save_pretrained(work)
-    checkpoint.unlink(missing_ok=True)
+    checkpoint.delete()
     return {"before": before, "after": after, "epochs": pcfg.epochs, "steps": total, "train_texts": len(train),
             "held_out_texts": len(held), "resumed_from_step": resumed_from, "device": str(device),
             "precision": str(amp).replace("torch.", "") if amp else "fp32"}

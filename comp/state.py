@@ -312,16 +312,22 @@ class TrainState:
 
 
 class Checkpoint:
-    """The fold's `last` checkpoint: a TrainState saved with what it belongs to (config, inputs, fold, split,
-    processes); a checkpoint of anything else is ignored."""
+    """A resume checkpoint saved with what it belongs to: a fold's `last` checkpoint (a TrainState; its identity
+    the config, inputs, fold, split and processes), or comp.pretrain's. A checkpoint of anything else is
+    ignored; an unreadable one is a CompError that ends with `fix`."""
 
-    def __init__(self, path: Path, identity: dict):
-        self.path, self.identity = path, identity
+    def __init__(self, path: Path, identity: dict, fix: str = "delete it to start the fold over, or pass --force"):
+        self.path, self.identity, self.fix = path, identity, fix
 
     def save(self, state: TrainState) -> None:
         """Write the checkpoint atomically."""
+        self.save_blob(state.to_blob())
+
+    def save_blob(self, blob: dict) -> None:
+        """Write `blob` (tensors, numbers, strings: what torch.load reads back with weights_only) and the identity
+        atomically."""
         with atomic_path(self.path) as tmp:
-            torch.save({"identity": self.identity, **state.to_blob()}, tmp)
+            torch.save({"identity": self.identity, **blob}, tmp)
 
     def load(self) -> dict | None:
         """The saved checkpoint, or None when there is none or it belongs to another config / split."""
@@ -330,8 +336,7 @@ class Checkpoint:
         try:
             blob = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any failure to read it means a broken file
-            raise CompError(f"checkpoint {self.path} is unreadable ({exc.__class__.__name__}): delete it to start "
-                            "the fold over, or pass --force") from None
+            raise CompError(f"checkpoint {self.path} is unreadable ({exc.__class__.__name__}): {self.fix}") from None
         if blob.get("identity") != self.identity:
             return None
         return blob

@@ -81,3 +81,25 @@ def test_pretrain_texts_table_and_bad_input(project, capsys):
     assert snapshot(project.parent) == before
     assert pretrain.main(["--config", str(project), *FAST, "--force"]) == 0
     assert json.loads((out(project) / "pretrain.json").read_text())["texts"] == 120
+
+
+def test_a_broken_pretrain_checkpoint_is_one_line(project, capsys):
+    partial = out(project).with_name("pretrained.partial")
+    partial.mkdir(parents=True)
+    (partial / "last.pt").write_bytes(b"\x80\x04garbage")
+    code = pretrain.main(["--config", str(project), *FAST])
+    assert_user_error(code, capsys, "last.pt", "unreadable", "delete it to start the pretraining over")
+    assert not out(project).exists()
+
+
+def test_a_chunked_text_pretrains_window_by_window(project):
+    from rich.console import Console
+
+    from comp import config
+    from comp.batching import WINDOW
+    from comp.model import load_tokenizer
+
+    cfg = config.load(project, ["model.max_length=12", "model.chunks=3", "model.stride=2"])
+    texts = ["north south east " * 12, "lovely"]
+    seqs = pretrain.sequences(cfg, load_tokenizer(cfg.model, cfg.root), texts, Console(quiet=True))
+    assert len(seqs) == 4 and all(len(s) <= 12 and not (s == WINDOW).any() for s in seqs)  # 3 windows + 1
