@@ -20,7 +20,10 @@ from comp.errors import CompError, run_cli
 from comp.outputs import (
     assemble_oof,
     average_probabilities,
+    is_complete,
     leaderboard,
+    outputs_stamp,
+    read_config,
     read_fold,
     submission_frame,
     test_logits_in_order,
@@ -99,11 +102,15 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
     return out, weights
 
 
-def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, tables: dict):
+def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
-    finished, on these folds, for these classes and these tables (identity.tables)."""
+    finished, on these folds, for these classes and these tables (identity.tables of the columns the run read:
+    a text-only run blends with a metadata-only one)."""
     member = cfg.replace("run", name=name)
-    outputs = [read_fold(member, k, folds_fp, check_config=False, now=tables) for k in range(cfg.folds.n_splits)]
+    outputs = []
+    for k in range(cfg.folds.n_splits):
+        own = read_config(member.fold_dir(k) / "config.toml", cfg.root) if is_complete(member, k) else cfg
+        outputs.append(read_fold(member, k, folds_fp, check_config=False, now=identity.tables(own, comp)))
     hashes = {o.record.get("config_hash") for o in outputs}
     if len(hashes) > 1:
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
@@ -144,8 +151,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"--stack needs data.task = \"single_label\" (this one is {task!r}): blend with --weights")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
-    tables = identity.tables(cfg, comp)  # each member has its own model: only the tables are shared
-    members = [load_member(cfg, n, folds_fp, comp, folds, tables) for n in names]
+    members = [load_member(cfg, n, folds_fp, comp, folds) for n in names]
     y = comp.y
     oofs, tests = [m[0] for m in members], [m[1] for m in members]
 
@@ -197,6 +203,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
               "fold_weights": [w.tolist() for w in fold_weights], "cv": cv, "equal_weights_cv": equal,
               "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
               "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
+              "member_outputs": {n: outputs_stamp(cfg.replace("run", name=n)) for n in names},
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(cfg.run_dir / "blend.json", record)
     with atomic_path(cfg.submission_path) as tmp:

@@ -319,8 +319,7 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
             "tune": TuneConfig, "pretrain": PretrainConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submissions_dir", "reports_dir", "params"},
-            "train": {"device", "eval_batch_size", "log_every", "checkpoint_every", "pad_to_multiple_of",
-                      "gradient_checkpointing"}}
+            "train": {"eval_batch_size", "log_every", "checkpoint_every", "gradient_checkpointing"}}
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
@@ -332,7 +331,8 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
-                   "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9}}
+                   "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9,
+                   "pad_to_multiple_of": 8, "device": "auto"}}
 
 
 @dataclass(frozen=True)
@@ -487,6 +487,9 @@ def _for_task(sections: dict) -> dict:
                  f"of {', '.join(fits)}")
     _require(not train.pseudo_run or task == metrics.SINGLE, "train.pseudo_run: pseudo-labels need data.task = "
              "\"single_label\"; leave train.pseudo_run empty")
+    _require(not train.pseudo_run or sections["model"].kind == "encoder", f"train.pseudo_run adds pseudo-labelled "
+             f"rows to encoder runs only; model.kind = {sections['model'].kind!r} would ignore them: leave "
+             "train.pseudo_run empty (and drop --pseudo)")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
              "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
     _require(not data.text_pair or (sections["model"].truncation == "head" and sections["model"].chunks == 1),

@@ -25,6 +25,12 @@ ROUNDS = 2
 
 
 THRESHOLDS = np.linspace(0.05, 0.95, 19)  # candidate thresholds of a label
+RULE = ("kind", "weights", "cuts", "thresholds", "levels", "metric")  # what applying a rule needs
+
+
+def portable(rule: dict) -> dict:
+    """The parts of a rule that decide labels (what a bundle carries), without its CV figures."""
+    return {k: rule[k] for k in RULE if k in rule}
 
 
 def labels_of(probs: np.ndarray, rule: dict) -> np.ndarray:

@@ -17,10 +17,11 @@ from transformers import AutoConfig
 from comp import __version__, bundle, cli
 from comp.artifacts import read_json, sha256
 from comp.config import Config, to_toml
+from comp.decide import portable
 from comp.errors import CompError, run_cli
 from comp.hardware import resolve_device
 from comp.model import load_tokenizer, resolve_model_path
-from comp.outputs import MODEL_FILES
+from comp.outputs import MODEL_FILES, outputs_stamp
 from comp.predict import Member, estimate, run_decision, run_folds
 
 
@@ -42,6 +43,11 @@ def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Me
     for name, digest in (stack or {}).get("sha256", {}).items():
         if sha256(folder / name) != digest:
             raise CompError(f"{folder / name} does not match blend.json (altered): make the blend again")
+    stamps = record.get("member_outputs") or {}
+    for name in record["runs"]:
+        if stamps.get(name) != outputs_stamp(cfg.replace("run", name=name)):
+            raise CompError(f"run {name!r} was retrained (or is unfinished) since blend {blend!r} was made: its weights, "
+                            f"stack or decision would not fit it; make the blend again with python -m comp.blend")
     weights = record["weights"] or [0.0] * len(record["runs"])
     members = [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
                for name, w in zip(record["runs"], weights, strict=True)]
@@ -97,7 +103,7 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
                 shutil.copyfile(stack / name, tmp / "stack" / name)
         speeds = measure_speed(cfg, members, console)
         manifest = {"combine": "stack" if stack else "weights", "rows_per_second": speeds,
-                    "decision": decision and {k: decision[k] for k in ("kind", decision["kind"], "metric")},
+                    "decision": decision and portable(decision),
                     "comp_version": __version__, "torch_version": torch.__version__,
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,

@@ -17,7 +17,7 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 from comp.artifacts import read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
-from comp.tables import MISSING
+from comp.tables import category, mostly_unseen
 
 FORMAT = 1
 BOUNDS = 1e-7  # scikit-learn's QuantileTransformer clips the normal's tails at these probabilities
@@ -28,7 +28,7 @@ def prepare_columns(df: pd.DataFrame, categorical: tuple[str, ...], numeric: tup
     as floats (missing: NaN)."""
     out = pd.DataFrame(index=df.index)
     for col in categorical:
-        out[col] = df[col].map(lambda v: MISSING if pd.isna(v) else str(v)).astype(object)
+        out[col] = df[col].map(category).astype(object)
     for col in numeric:
         out[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return out
@@ -138,6 +138,11 @@ class MetaEncoder:
         cols = prepare_columns(df, self.categorical, ())
         return {c["column"]: int((~cols[c["column"]].isin(set(c["values"]) | set(c["rare_values"]))).sum())
                 for c in self.state["categorical"]}
+
+    def check_seen(self, df: pd.DataFrame, where: str) -> None:
+        """Refuse rows most of whose values in a categorical column this encoder never saw (tables.mostly_unseen)."""
+        for c in (self.state or {}).get("categorical", []):
+            mostly_unseen(c["column"], set(c["values"]) | set(c["rare_values"]), df[c["column"]], where)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "categorical": list(self.categorical), "numeric": list(self.numeric),

@@ -3,12 +3,15 @@ test probabilities, and shape a submission. submit, blend, report and predict re
 
 from __future__ import annotations
 
+import hashlib
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from comp import identity, metrics
+from comp import config, identity, metrics
 from comp.artifacts import read_json, read_npy, sha256
 from comp.config import Config
 from comp.errors import CompError
@@ -32,6 +35,32 @@ def is_complete(cfg: Config, fold: int) -> bool:
     """A fold is finished when its metrics.json (written last) says so."""
     path = cfg.fold_dir(fold) / "metrics.json"
     return path.is_file() and read_json(path).get("status") == "complete"
+
+
+def outputs_stamp(cfg: Config) -> str | None:
+    """A digest of the OOF and test logits of every fold of cfg's run (the sha256 their records hold), which a
+    rule or weights fitted on them record: None while a fold is unfinished."""
+    sums = []
+    for k in range(cfg.folds.n_splits):
+        if not is_complete(cfg, k):
+            return None
+        recorded = read_json(cfg.fold_dir(k) / "metrics.json").get("sha256") or {}
+        sums += [recorded.get("oof_logits.npy"), recorded.get("test_logits.npy")]
+    return hashlib.sha256("|".join(map(str, sums)).encode()).hexdigest()[:16]
+
+
+def stale_teacher(cfg: Config, record: dict) -> str | None:
+    """Why a pseudo-label round's fold no longer matches its teacher (retrained or removed since), or None."""
+    pseudo = record.get("pseudo")
+    if not pseudo:
+        return None
+    teacher, fold = cfg.replace("run", name=pseudo["from"]), record.get("fold")
+    now = (read_json(teacher.fold_dir(fold) / "metrics.json").get("sha256") or {}).get("test_logits.npy") \
+        if is_complete(teacher, fold) else None
+    if now == pseudo.get("teacher_sha256"):
+        return None
+    return (f"the pseudo-label teacher run {pseudo['from']!r} was retrained or removed after fold {fold} of run "
+            f"{cfg.run.name!r} learned from it: retrain this run with python -m comp.train --all --force")
 
 
 def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +99,18 @@ def config_matches(cfg: Config, record: dict) -> bool:
     return record.get("config_hash") == cfg.hash(paths="content" not in record)
 
 
+def read_config(path: Path, root: Path, record: dict | None = None) -> Config:
+    """A resolved config a fold was trained with (its config.toml), checked against the hash its record holds."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise CompError(f"{path} is missing or unreadable: retrain that fold with --force") from None
+    trained = config.from_dict(raw, root=root, source=str(path))
+    if record is not None and not config_matches(trained, record):
+        raise CompError(f"{path} does not match the config its fold recorded (altered?): retrain it with --force")
+    return trained
+
+
 def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, now: dict | None = None) -> FoldOutputs:
     """Read a finished fold's outputs, refusing one that is missing or belongs to another split, (unless
     check_config is off) another config, or other inputs than `now` (identity.content: tables, model)."""
@@ -86,6 +127,9 @@ def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, 
                         f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
                         f"use the same config (and --params) as for training, or retrain with "
                         f"python -m comp.train --fold {fold} --force")
+    teacher = stale_teacher(cfg, record)
+    if teacher:
+        raise CompError(teacher)
     change = identity.changed(record.get("content"), now or {})
     if change:
         raise CompError(f"{change} changed after fold {fold} of run {cfg.run.name!r} was trained: point the config "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import bundle, cli, config, identity, loop
+from comp import bundle, cli, identity, loop
 from comp.artifacts import atomic_path, read_json, write_npy
 from comp.baselines import load_classical
 from comp.batching import Rows, Truncation, tokenize
@@ -25,7 +24,14 @@ from comp.errors import CompError, run_cli
 from comp.features import MetaEncoder
 from comp.hardware import resolve_device, resolve_precision
 from comp.model import build_model, load_tokenizer
-from comp.outputs import average_probabilities, config_matches, is_complete, submission_frame, verify_fold
+from comp.outputs import (
+    average_probabilities,
+    is_complete,
+    outputs_stamp,
+    read_config,
+    submission_frame,
+    verify_fold,
+)
 from comp.stacking import Stacker
 from comp.tables import Competition, _load_sample, load_table
 
@@ -46,18 +52,6 @@ class Member:
     name: str
     weight: float
     folds: list[FoldModel]
-
-
-def read_config(path: Path, root: Path, record: dict | None = None) -> Config:
-    """A resolved config a fold was trained with (its config.toml), checked against the hash its record holds."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        raise CompError(f"{path} is missing or unreadable: retrain that fold with --force") from None
-    trained = config.from_dict(raw, root=root, source=str(path))
-    if record is not None and not config_matches(trained, record):
-        raise CompError(f"{path} does not match the config its fold recorded (altered?): retrain it with --force")
-    return trained
 
 
 def run_folds(cfg: Config) -> list[FoldModel]:
@@ -99,7 +93,13 @@ def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, dict | Non
 def run_decision(cfg: Config) -> dict | None:
     """The decision rule the run's last submit used (--decide), if it used one."""
     path = cfg.run_dir / "decision.json"
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    rule = read_json(path)
+    if rule.get("outputs") is None or rule["outputs"] != outputs_stamp(cfg):
+        raise CompError(f"{path} was fitted on folds of run {cfg.run.name!r} that were retrained since: rerun python -m "
+                        "comp.submit --decide (or without --decide, which removes it)")
+    return rule
 
 
 def fold_predictor(fm: FoldModel, device_name: str | None):
@@ -117,6 +117,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
     model.to(device)
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
+        encoder.check_seen(table, "the table to predict")
         rows = Rows(tokenize(tokenizer, texts, Truncation.of(cfg.model)), encoder.transform(table))
         with loop.make_progress(console) as progress:
             return loop.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,

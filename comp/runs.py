@@ -21,6 +21,7 @@ from comp.distributed import SINGLE, Dist
 from comp.engine import Fold, FoldResult, fit_fold
 from comp.errors import CompError
 from comp.features import MetaEncoder
+from comp.hardware import resolve_device, resolve_precision
 from comp.loop import make_progress
 from comp.model import build_model, load_tokenizer
 from comp.outputs import checked_files, is_complete, split, verify_fold
@@ -135,7 +136,13 @@ def checkpoint_identity(cfg: Config, comp: Competition, fold: int, folds_fp: str
     """What a resume checkpoint must match: the config, the inputs' content, the fold, the split and the number
     of processes (another world size draws another batch list, so its epoch starts over)."""
     return {"config_hash": cfg.hash(), "content": identity.content(cfg, comp), "fold": fold,
-            "folds_fingerprint": folds_fp, "processes": d.world}
+            "folds_fingerprint": folds_fp, "processes": d.world, "precision": precision_name(cfg)}
+
+
+def precision_name(cfg: Config) -> str:
+    """What train.precision resolves to on this machine for train.device ("auto" differs between machines)."""
+    dtype = resolve_precision(cfg.train, resolve_device(cfg.train))
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int, tokens: Tokens,
@@ -165,7 +172,8 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
-              "processes": d.world, "pseudo": pseudo.record if pseudo else None, "unseen_categories": unseen,
+              "processes": d.world, "precision": precision_name(cfg), "pseudo": pseudo.record if pseudo else None,
+              "unseen_categories": unseen,
               "task": cfg.data.task, "oof": metrics.score(comp.y[va], result.val_logits, cfg.data.task),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
     if not d.is_main:

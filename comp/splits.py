@@ -65,19 +65,23 @@ def adversarial_bins(cfg: Config, comp: Competition) -> np.ndarray | None:
     return pd.qcut(ranks, q=min(ADVERSARIAL_BINS, len(ranks)), labels=False).to_numpy()
 
 
-def split_rows(cfg: Config, comp: Competition) -> np.ndarray:
+def split_rows(cfg: Config, comp: Competition, rows: np.ndarray | None = None, seed: int | None = None) -> np.ndarray:
     """comp's own split for data.task: stratified on the class (single_label) or on quantile bins of the target
     (regression); multi_label by iterative stratification (each label's share kept in every fold), or with
-    folds.group, stratified on each row's rarest label. folds.adversarial: jointly with p_test's terciles."""
-    groups, task, n, seed = groups_of(cfg, comp), cfg.data.task, cfg.folds.n_splits, cfg.folds.seed
-    bins = adversarial_bins(cfg, comp)
+    folds.group, stratified on each row's rarest label. folds.adversarial: jointly with p_test's terciles.
+    `rows`: split only these training rows, again into folds.n_splits parts (tuning's inner split), with `seed`."""
+    everything = rows is None
+    rows = np.arange(len(comp.y)) if everything else rows
+    task, n, seed = cfg.data.task, cfg.folds.n_splits, cfg.folds.seed if seed is None else seed
+    groups, bins = groups_of(cfg, comp), adversarial_bins(cfg, comp)
+    groups, bins, y = (None if x is None else x[rows] for x in (groups, bins, comp.y))
     if task != metrics.MULTI:
-        labels = row_labels(cfg, comp) if task == metrics.SINGLE else strata(task, comp.y)
-        return make_folds(labels, n, seed, groups, also=bins)
+        labels = row_labels(cfg, comp)[rows] if task == metrics.SINGLE else strata(task, y)
+        return make_folds(labels, n, seed, groups, check=everything, also=bins)
     if groups is not None:
-        rarest = np.where(comp.y.any(1), np.argmin(np.where(comp.y > 0, comp.y.sum(0), np.inf), axis=1), -1)
+        rarest = np.where(y.any(1), np.argmin(np.where(y > 0, y.sum(0), np.inf), axis=1), -1)
         return make_folds(rarest, n, seed, groups, check=False, also=bins)
-    return iterative_folds(comp.y if bins is None else np.hstack([comp.y, np.eye(ADVERSARIAL_BINS)[bins]]), n, seed)
+    return iterative_folds(y if bins is None else np.hstack([y, np.eye(ADVERSARIAL_BINS)[bins]]), n, seed)
 
 
 def iterative_folds(y: np.ndarray, n_splits: int, seed: int) -> np.ndarray:

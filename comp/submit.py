@@ -13,7 +13,14 @@ from comp import cli, decide, metrics, report
 from comp.artifacts import atomic_path, write_json
 from comp.config import Config
 from comp.errors import run_cli
-from comp.outputs import average_probabilities, leaderboard, load_run, submission_frame, test_logits_in_order
+from comp.outputs import (
+    average_probabilities,
+    leaderboard,
+    load_run,
+    outputs_stamp,
+    submission_frame,
+    test_logits_in_order,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +75,7 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
         console.print(f"leaderboard {metrics.line(lb, metric, task)}  ({cfg.path(cfg.data.solution)})")
     if rule and lb:
         console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
-    record_decision(cfg, rule)
+    record_decision(cfg, rule and {**rule, "outputs": outputs_stamp(cfg)})
     with atomic_path(cfg.submission_path) as tmp:
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows)")

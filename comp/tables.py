@@ -69,7 +69,7 @@ def read_table(path: Path, role: str, id_col: str | None = None, str_cols: tuple
         raise CompError(f"{role} file {path} has no rows")
     for col in as_str:
         if col in df.columns:
-            df[col] = df[col].map(lambda v: v if isinstance(v, str) or _isna(v) else _spell(v))
+            df[col] = df[col].map(lambda v: v if isinstance(v, str) or _isna(v) else spell(v))
     return df
 
 
@@ -106,6 +106,8 @@ def load_competition(cfg: Config, with_test: bool = True) -> Competition:
             raise CompError(f"{len(shared)} id(s) appear in both train and test (e.g. {_few(shared)}); "
                             f"ids in column {d.id!r} must be unique across the two tables")
         _check_numeric(test, d.numeric, cfg.path(d.test))
+        for col in d.categorical:
+            mostly_unseen(col, set(train[col].map(category)), test[col], f"test file {cfg.path(d.test)}")
         test = test.reset_index(drop=True)
         test_text = _join_text(test, cfg, cfg.path(d.test))
         if d.sample_submission:
@@ -301,10 +303,35 @@ def _sorted_classes(values) -> list[str]:
         return sorted(values)
 
 
-def _spell(v) -> str:
-    if isinstance(v, float) and v.is_integer():
+def spell(v) -> str:
+    """A cell as comp reads an id or a category: text as it is, an integral number without its decimal point
+    (1, 1.0 and numpy's 1 all read "1", so a column pandas read as float in one table, for a missing value,
+    matches the other table's ints), other values as Python writes them."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
         return str(int(v))
     return str(v)
+
+
+def category(v) -> str:
+    """A categorical cell's value: spell(v), or MISSING (a value of its own)."""
+    return MISSING if pd.isna(v) else spell(v)
+
+
+MOSTLY_UNSEEN = 0.5  # a categorical column whose test values are mostly unseen in training is refused
+
+
+def mostly_unseen(column: str, known: set[str], values: pd.Series, where: str) -> None:
+    """Refuse a categorical column most of whose (non-missing) values in `where` were never seen in training:
+    each such row encodes as unseen, which no CV shows."""
+    present = values[values.notna()].map(spell)
+    unseen = present[~present.isin(known)]
+    if len(unseen) >= 5 and len(unseen) > MOSTLY_UNSEEN * len(present):
+        raise CompError(f"categorical column {column!r}: {len(unseen)} of {len(present)} values in {where} were never "
+                        f"seen in training (e.g. {_few(unseen.unique())}; training has e.g. "
+                        f"{_few(sorted(known - {MISSING}))}): spell them alike in both tables, or drop the column "
+                        "from data.categorical")
 
 
 def _isna(v) -> bool:

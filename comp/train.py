@@ -10,7 +10,7 @@ import torch
 from comp import cli, distributed, identity, metrics
 from comp.artifacts import write_text
 from comp.errors import CompError, run_cli
-from comp.outputs import config_matches, is_complete, verify_fold
+from comp.outputs import config_matches, is_complete, stale_teacher, verify_fold
 from comp.parallel import make_slots, run_folds
 from comp.runs import tokenize_tables, train_classical_fold, train_fold
 from comp.splits import load_folds
@@ -73,6 +73,9 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
                 or identity.changed(record.get("content"), now)):
             raise CompError(f"fold {k} of run {cfg.run.name!r} is already trained with another config, split or "
                             f"input (tables, model): pass --force to retrain it, or set another run.name to keep both")
+        teacher = stale_teacher(cfg, record)
+        if teacher:
+            raise CompError(teacher)
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
     d.barrier()  # every rank has decided what to train before rank 0 starts replacing files

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
 import sys
 import time
@@ -20,13 +22,13 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from comp import cli
+from comp import cli, identity
 from comp.artifacts import atomic_path, write_text
 from comp.config import MONITORS, Config, dump_toml, from_dict
 from comp.errors import CompError, run_cli
 from comp.outputs import split
 from comp.runs import fit_split, tokenize_tables
-from comp.splits import load_folds
+from comp.splits import load_folds, split_rows
 from comp.state import optimizer_class
 from comp.tables import Competition, load_competition, strata
 
@@ -107,6 +109,27 @@ def make_pruner(cfg: Config, n_folds: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=t.pruner_startup_trials, n_warmup_steps=t.pruner_warmup_epochs)
 
 
+def inner_split(cfg: Config, comp: Competition, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a trial trains and validates on for `fold`: that fold's training part, split again as comp.folds
+    splits the table (inner part 0 validates). The fold's own validation rows, whose CV comp.submit reports
+    after training with the tuned values, never choose them."""
+    tr, _ = split(folds, fold)
+    inner = split_rows(cfg, comp, tr, seed=cfg.folds.seed + 1 + fold)
+    return tr[inner != 0], tr[inner == 0]
+
+
+def study_key(cfg: Config, comp: Competition, folds_fp: str, fold_ids: list[int]) -> str:
+    """What a study's trials depend on besides the searched values: the base config (the searched keys at their
+    lower ends), the tables' and model's content, the split, the tuned folds, the metric, the trial's share
+    of rows and the space."""
+    lows = {key: spec["choices"][0] if spec["type"] == "categorical" else spec["low"]
+            for key, spec in cfg.tune.space.items()}
+    what = {"config": with_params(cfg, lows).hash(), "content": identity.content(cfg, comp), "folds": folds_fp,
+            "tuned": fold_ids, "metric": metric_of(cfg), "train_fraction": cfg.tune.train_fraction,
+            "space": cfg.tune.space, "validation": "inner"}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_share(cfg: Config, comp: Competition, tr: np.ndarray, fold: int) -> np.ndarray:
     """tune.train_fraction < 1: a seeded stratified share of a fold's training rows (all of them at 1)."""
     if cfg.tune.train_fraction >= 1.0:
@@ -133,7 +156,7 @@ class Objective:
         values, epochs_run = [], 0
         try:
             for i, k in enumerate(self.fold_ids):
-                tr, va = split(self.folds, k)
+                tr, va = inner_split(cfg, self.comp, self.folds, k)
 
                 def on_epoch(row: dict, offset: int = i * cfg.train.epochs, fold: int = k) -> None:
                     nonlocal epochs_run
@@ -166,7 +189,7 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
         raise CompError(f"comp.tune searches an encoder run's learning rates and dropout; model.kind = "
                         f"{cfg.model.kind!r} has none: train it directly with python -m comp.train --all")
     comp = load_competition(cfg)
-    folds, _ = load_folds(cfg, comp)
+    folds, folds_fp = load_folds(cfg, comp)
     fold_ids = tune_folds(cfg)
     if cfg.train.pseudo_run:
         raise CompError("comp.tune does not add pseudo-labelled rows: tune without train.pseudo_run, then train "
@@ -185,6 +208,11 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
                                     pruner=make_pruner(cfg, len(fold_ids)), load_if_exists=True)
     except ValueError as exc:
         raise CompError(f"study {name!r} in {url} cannot be continued: {exc}; pick another tune.study_name") from None
+    key = study_key(cfg, comp, folds_fp, fold_ids)
+    if study.trials and study.user_attrs.get("base") != key:
+        raise CompError(f"study {name!r} in {url} holds trials of another base config, tables, split or search "
+                        "space: pass --study NEW (or set tune.study_name) for a fresh study, or restore what it ran on")
+    study.set_user_attr("base", key)
     study.set_user_attr("metric", metric_of(cfg))
     target = n_trials or cfg.tune.n_trials
     done = sum(t.state in FINISHED for t in study.trials)

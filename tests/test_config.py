@@ -65,7 +65,7 @@ def test_missing_config_file(tmp_path):
 
 def test_hash_tracks_what_changes_learning(tmp_path):
     base = config.load(write(tmp_path, ""))
-    assert base.hash() == config.load(write(tmp_path, ""), ["train.device=cpu"]).hash()
+    assert base.hash() == config.load(write(tmp_path, ""), ["train.eval_batch_size=7"]).hash()
     assert base.hash() == config.load(write(tmp_path, ""), ["data.solution='x.csv'"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["train.encoder_lr=1e-5"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=mean"]).hash()
@@ -79,7 +79,7 @@ def test_hash_tracks_what_changes_learning(tmp_path):
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
                  "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
                  "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last",
-                 "train.awp_params": "encoder"}.get(key, other)
+                 "train.awp_params": "encoder", "train.device": "cpu"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
     assert base.hash() == config.load(write(tmp_path, ""), ["train.swa_epochs=2"]).hash()  # no averaging, no count
     swa = ["train.swa=last", "train.epochs=5"]
