@@ -19,10 +19,10 @@ from sklearn.model_selection import StratifiedKFold
 
 from comp import cli, metrics
 from comp.artifacts import atomic_path, write_json
-from comp.baselines import LinearRun
+from comp.classical.baselines import LinearRun
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.tables import load_competition
+from comp.tables.read import load_competition
 
 N_SPLITS, TOP = 5, 15
 

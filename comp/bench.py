@@ -20,17 +20,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from comp import __version__, cli, metrics
 from comp.artifacts import write_json
-from comp.batching import Rows, Truncation, tokenize, train_batches
 from comp.config import Config
-from comp.distributed import SINGLE, shard_batches
 from comp.errors import CompError, run_cli
-from comp.features import MetaEncoder
-from comp.hardware import resolve_device, resolve_precision
-from comp.loop import Runtime, make_progress, predict, train_one_epoch
-from comp.model import build_model, encoder_config, load_encoder, load_tokenizer, resolve_model_path
-from comp.runs import Tokens, fit_split
-from comp.state import TrainState, make_optimizer, seed_everything
-from comp.tables import load_competition
+from comp.nn.batching import Rows, Truncation, tokenize, train_batches
+from comp.nn.distributed import SINGLE, shard_batches
+from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
+from comp.nn.model import build_model, encoder_config, load_encoder, load_tokenizer
+from comp.nn.state import TrainState, make_optimizer, seed_everything
+from comp.outputs.runs import Tokens, fit_split
+from comp.tables.features import MetaEncoder
+from comp.tables.identity import resolve_model_path
+from comp.tables.read import load_competition
 
 # --- measurement helpers ---------------------------------------------------------------------------
 

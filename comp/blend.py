@@ -12,12 +12,14 @@ from rich.console import Console
 from rich.table import Table
 from scipy.optimize import minimize
 
-from comp import cli, decide, identity, metrics, report, stacking
+from comp import cli, metrics, report
 from comp.artifacts import atomic_path, sha256, write_json
-from comp.baselines import class_weight
+from comp.classical import stacking
+from comp.classical.baselines import class_weight
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.outputs import (
+from comp.outputs import decide
+from comp.outputs.collect import (
     assemble_oof,
     average_probabilities,
     is_complete,
@@ -28,8 +30,9 @@ from comp.outputs import (
     submission_frame,
     test_logits_in_order,
 )
-from comp.splits import load_folds
-from comp.tables import load_competition
+from comp.tables import identity
+from comp.tables.read import load_competition
+from comp.tables.splits import load_folds
 
 WEIGHTS = ("fit", "hill", "equal")  # --weights: how a blend weighs its runs
 

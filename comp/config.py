@@ -384,7 +384,7 @@ class Config:
 
     def hash(self, paths: bool = False) -> str:
         """A short hash of every setting that changes what a fold learns. The locations of the tables and the
-        model stay out (folds record those files' content instead, see comp.identity); `paths` puts them back
+        model stay out (folds record those files' content instead, see comp.tables.identity); `paths` puts them back
         in, as in the hash of folds trained before content was recorded."""
         d = self.to_dict()
         d.pop("tune")  # searching changes nothing a finished fold learned

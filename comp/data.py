@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from comp import cli, demos
+from comp import cli
 from comp.errors import run_cli
-from comp.tables import load_competition
+from comp.tables import demos
+from comp.tables.read import load_competition
 
 
 def main(argv: list[str] | None = None) -> int:

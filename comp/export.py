@@ -14,15 +14,17 @@ import torch
 import transformers
 from transformers import AutoConfig
 
-from comp import __version__, bundle, cli
+from comp import __version__, cli
 from comp.artifacts import read_json, sha256
 from comp.config import Config, to_toml
-from comp.decide import portable
 from comp.errors import CompError, run_cli
-from comp.hardware import resolve_device
-from comp.model import load_tokenizer, resolve_model_path
-from comp.outputs import MODEL_FILES, outputs_stamp
+from comp.nn.hardware import resolve_device
+from comp.nn.model import load_tokenizer
+from comp.outputs import bundle
+from comp.outputs.collect import MODEL_FILES, outputs_stamp
+from comp.outputs.decide import portable
 from comp.predict import Member, estimate, run_decision, run_folds
+from comp.tables.identity import resolve_model_path
 
 
 def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, dict | None]:

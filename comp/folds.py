@@ -13,8 +13,8 @@ from comp import cli, metrics
 from comp.artifacts import read_json
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.splits import groups_of, import_folds, meta_path, split_fingerprint, split_rows, trained_runs, write_folds
-from comp.tables import Competition, load_competition
+from comp.tables.read import Competition, load_competition
+from comp.tables.splits import groups_of, import_folds, meta_path, split_fingerprint, split_rows, trained_runs, write_folds
 
 
 def main(argv: list[str] | None = None) -> int:

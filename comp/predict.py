@@ -14,17 +14,18 @@ import numpy as np
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import bundle, cli, identity, loop
+from comp import cli
 from comp.artifacts import atomic_path, read_json, write_npy
-from comp.baselines import load_classical
-from comp.batching import Rows, Truncation, tokenize
+from comp.classical.baselines import load_classical
+from comp.classical.stacking import Stacker
 from comp.config import Config
-from comp.decide import decided
 from comp.errors import CompError, run_cli
-from comp.features import MetaEncoder
-from comp.hardware import resolve_device, resolve_precision
-from comp.model import build_model, load_tokenizer
-from comp.outputs import (
+from comp.nn import loop
+from comp.nn.batching import Rows, Truncation, tokenize
+from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.model import build_model, load_tokenizer
+from comp.outputs import bundle
+from comp.outputs.collect import (
     average_probabilities,
     is_complete,
     outputs_stamp,
@@ -32,8 +33,10 @@ from comp.outputs import (
     submission_frame,
     verify_fold,
 )
-from comp.stacking import Stacker
-from comp.tables import Competition, _load_sample, load_table
+from comp.outputs.decide import decided
+from comp.tables import identity
+from comp.tables.features import MetaEncoder
+from comp.tables.read import Competition, _load_sample, load_table
 
 
 @dataclass

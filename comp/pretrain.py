@@ -22,7 +22,9 @@ from transformers import DataCollatorForLanguageModeling, get_linear_schedule_wi
 
 from comp import cli
 from comp.artifacts import read_json, write_json
-from comp.batching import (
+from comp.config import Config
+from comp.errors import CompError, run_cli
+from comp.nn.batching import (
     Truncation,
     cached_tokenize,
     hash_texts,
@@ -31,13 +33,11 @@ from comp.batching import (
     tokenizer_identity,
     train_batches,
 )
-from comp.config import Config
-from comp.errors import CompError, run_cli
-from comp.hardware import resolve_device, resolve_precision
-from comp.loop import make_progress
-from comp.model import load_masked_lm, load_tokenizer
-from comp.state import Checkpoint, seed_everything
-from comp.tables import load_competition, load_texts
+from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.loop import make_progress
+from comp.nn.model import load_masked_lm, load_tokenizer
+from comp.nn.state import Checkpoint, seed_everything
+from comp.tables.read import load_competition, load_texts
 
 RECORD = "pretrain.json"
 

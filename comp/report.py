@@ -19,7 +19,7 @@ from comp import adversarial, cli, metrics
 from comp.artifacts import atomic_path, read_json, write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.outputs import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
+from comp.outputs.collect import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
 
 RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "task", "metric", "cv", "lb", "scores",
                "submission"]

@@ -9,11 +9,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from comp import cli, decide, metrics, report
+from comp import cli, metrics, report
 from comp.artifacts import atomic_path, write_json
 from comp.config import Config
 from comp.errors import run_cli
-from comp.outputs import (
+from comp.outputs import decide
+from comp.outputs.collect import (
     average_probabilities,
     leaderboard,
     load_run,

@@ -7,15 +7,17 @@ import sys
 
 import torch
 
-from comp import cli, distributed, identity, metrics
+from comp import cli, metrics
 from comp.artifacts import write_text
 from comp.errors import CompError, run_cli
-from comp.outputs import config_matches, is_complete, stale_teacher, verify_fold
-from comp.parallel import make_slots, run_folds
-from comp.runs import tokenize_tables, train_classical_fold, train_fold
-from comp.splits import load_folds
-from comp.state import optimizer_class
-from comp.tables import load_competition
+from comp.nn import distributed
+from comp.nn.parallel import make_slots, run_folds
+from comp.nn.state import optimizer_class
+from comp.outputs.collect import config_matches, is_complete, stale_teacher, verify_fold
+from comp.outputs.runs import tokenize_tables, train_classical_fold, train_fold
+from comp.tables import identity
+from comp.tables.read import load_competition
+from comp.tables.splits import load_folds
 
 
 def main(argv: list[str] | None = None) -> int:

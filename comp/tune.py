@@ -22,15 +22,16 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from comp import cli, identity
+from comp import cli
 from comp.artifacts import atomic_path, write_text
 from comp.config import MONITORS, Config, dump_toml, from_dict
 from comp.errors import CompError, run_cli
-from comp.outputs import split
-from comp.runs import fit_split, tokenize_tables
-from comp.splits import load_folds, split_rows
-from comp.state import optimizer_class
-from comp.tables import Competition, load_competition, strata
+from comp.nn.state import optimizer_class
+from comp.outputs.collect import split
+from comp.outputs.runs import fit_split, tokenize_tables
+from comp.tables import identity
+from comp.tables.read import Competition, load_competition, strata
+from comp.tables.splits import load_folds, split_rows
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Optuna 4.9 renamed the callback that re-queues the trials of a dead worker.

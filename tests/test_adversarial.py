@@ -56,7 +56,9 @@ def test_the_report_shows_it(tmp_path, tiny_model):
 
 
 def test_folds_stratify_on_the_test_likeness_when_asked(tmp_path, tiny_model, capsys):
-    from comp import folds, splits, tables
+    from comp import folds
+    from comp.tables import read as tables
+    from comp.tables import splits
 
     t = make_tables(n_train=300, n_test=300, seed=3)
     marked = t["train.csv"].index % 3 == 0  # a third of the training rows look like the test rows

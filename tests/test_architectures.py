@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers as T
 
-from comp import batching, folds, model, predict, state, submit, train
+from comp import folds, predict, submit, train
 from comp.config import ModelConfig
 from comp.errors import CompError
-from comp.tables import PAIR
+from comp.nn import batching, model, state
+from comp.tables.read import PAIR
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 SMALL = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

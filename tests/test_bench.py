@@ -41,8 +41,8 @@ def test_seed_quality_padding_to_the_pair_changes_no_output(tmp_path, tiny_model
     import torch
 
     from comp.config import ModelConfig
-    from comp.features import MetaEncoder
-    from comp.model import load_encoder, load_tokenizer
+    from comp.nn.model import load_encoder, load_tokenizer
+    from comp.tables.features import MetaEncoder
 
     tables = make_tables(n_train=10, n_test=2)
     frame = tables["train.csv"].reset_index(drop=True)

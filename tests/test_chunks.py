@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from comp import batching, folds, predict, submit, train
-from comp.batching import WINDOW, Rows, Truncation
+from comp import folds, predict, submit, train
 from comp.config import ModelConfig
-from comp.model import build_model, load_tokenizer
+from comp.nn import batching
+from comp.nn.batching import WINDOW, Rows, Truncation
+from comp.nn.model import build_model, load_tokenizer
 from tests.conftest import assert_user_error, snapshot, write_project
 
 LONG = " ".join(["the dress fits and the fabric color was very plain"] * 6)

@@ -4,7 +4,9 @@ import zipfile
 import numpy as np
 import pandas as pd
 
-from comp import config, demos, tables
+from comp import config
+from comp.tables import demos
+from comp.tables import read as tables
 from tests.conftest import make_tables, write_project
 
 

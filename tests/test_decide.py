@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, log_loss
 
-from comp import decide, export, metrics, predict, submit
+from comp import export, metrics, predict, submit
+from comp.outputs import decide
 from tests.conftest import assert_user_error, own_copy, snapshot, trained_project
 
 

@@ -11,13 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comp import config, folds, outputs, runs, splits, train
-from comp.batching import cached_tokenize, train_batches
-from comp.distributed import Dist, shard_batches
-from comp.features import MetaEncoder
-from comp.loop import predict
-from comp.model import build_model, load_tokenizer
-from comp.tables import load_competition
+from comp import config, folds, train
+from comp.nn.batching import cached_tokenize, train_batches
+from comp.nn.distributed import Dist, shard_batches
+from comp.nn.loop import predict
+from comp.nn.model import build_model, load_tokenizer
+from comp.outputs import collect as outputs
+from comp.outputs import runs
+from comp.tables import splits
+from comp.tables.features import MetaEncoder
+from comp.tables.read import load_competition
 from tests.conftest import make_tables, write_project
 
 
@@ -53,7 +56,7 @@ def test_shard_scaling_is_exact_for_weighted_losses(loss):
     average over ranks and the sum over an accumulation group is the weighted mean over all the group's rows,
     whatever mix of classes each rank drew."""
     from comp.config import TrainConfig
-    from comp.objective import make_loss, row_weights
+    from comp.nn.objective import make_loss, row_weights
 
     rng = np.random.default_rng(0)
     y = np.array([0] * 14 + [1] * 4 + [2] * 2)

@@ -3,12 +3,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from comp import batching, engine, hardware, loop, objective, state
-from comp.batching import Rows
 from comp.config import ModelConfig, TrainConfig
-from comp.distributed import SINGLE, shard_batches
-from comp.model import build_model, load_tokenizer
-from comp.state import EarlyStopping
+from comp.nn import batching, engine, hardware, loop, objective, state
+from comp.nn.batching import Rows
+from comp.nn.distributed import SINGLE, shard_batches
+from comp.nn.model import build_model, load_tokenizer
+from comp.nn.state import EarlyStopping
 
 
 def test_train_batches_cover_every_row_once_and_bucket_by_length():
@@ -263,9 +263,10 @@ def test_a_nan_epoch_never_becomes_the_best():
 
 
 def test_the_resume_checkpoint_belongs_to_one_world_size(tmp_path, project):
-    from comp import config, tables
-    from comp.distributed import Dist
-    from comp.runs import checkpoint_identity
+    from comp import config
+    from comp.nn.distributed import Dist
+    from comp.outputs.runs import checkpoint_identity
+    from comp.tables import read as tables
 
     cfg = config.load(project)
     comp = tables.load_competition(cfg)
@@ -311,7 +312,7 @@ def test_early_stopping_can_follow_qwk(tmp_path, tiny_model):
 
 
 def test_tail_and_head_tail_keep_the_ends_of_a_long_text_between_its_specials(tiny, tmp_path):
-    from comp.batching import Truncation
+    from comp.nn.batching import Truncation
 
     _, tok, _ = tiny
     text = [" ".join(["awful broken refund worst ugly lovely great fine plain okay"] * 3)]

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import blend, config, metrics, outputs, runs, splits, submit, train
-from comp.tables import load_competition
+from comp import blend, config, metrics, submit, train
+from comp.outputs import collect as outputs
+from comp.outputs import runs
+from comp.tables import splits
+from comp.tables.read import load_competition
 from tests.conftest import assert_user_error, snapshot, trained_project
 
 

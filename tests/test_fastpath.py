@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from comp import batching, fastpath, state
 from comp.config import ModelConfig, TrainConfig
-from comp.model import build_model, load_encoder, load_tokenizer
+from comp.nn import batching, fastpath, state
+from comp.nn.model import build_model, load_encoder, load_tokenizer
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3])

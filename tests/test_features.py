@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from comp.features import MetaEncoder
+from comp.tables.features import MetaEncoder
 
 
 def frame():

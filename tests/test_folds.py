@@ -2,8 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from comp import config, folds, splits, tables
+from comp import config, folds
 from comp.errors import CompError
+from comp.tables import read as tables
+from comp.tables import splits
 
 
 def test_stratified_every_row_once_and_seeded():

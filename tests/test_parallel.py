@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from comp import folds, outputs, train
+from comp import folds, train
+from comp.outputs import collect as outputs
 from tests.conftest import make_tables, write_project
 
 

@@ -7,8 +7,12 @@ import pandas as pd
 import pytest
 from scipy.special import softmax
 
-from comp import config, folds, outputs, runs, splits, submit, tables, train
-from comp.features import MetaEncoder
+from comp import config, folds, submit, train
+from comp.outputs import collect as outputs
+from comp.outputs import runs
+from comp.tables import read as tables
+from comp.tables import splits
+from comp.tables.features import MetaEncoder
 from tests.conftest import assert_user_error, snapshot, trained_project
 
 

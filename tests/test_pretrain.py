@@ -96,8 +96,8 @@ def test_a_chunked_text_pretrains_window_by_window(project):
     from rich.console import Console
 
     from comp import config
-    from comp.batching import WINDOW
-    from comp.model import load_tokenizer
+    from comp.nn.batching import WINDOW
+    from comp.nn.model import load_tokenizer
 
     cfg = config.load(project, ["model.max_length=12", "model.chunks=3", "model.stride=2"])
     texts = ["north south east " * 12, "lovely"]

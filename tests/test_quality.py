@@ -10,9 +10,11 @@ import torch
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
-from comp import blend, config, folds, outputs, stacking, submit, train
-from comp.features import MetaEncoder
-from comp.model import build_model, init_wide
+from comp import blend, config, folds, submit, train
+from comp.classical import stacking
+from comp.nn.model import build_model, init_wide
+from comp.outputs import collect as outputs
+from comp.tables.features import MetaEncoder
 from tests.conftest import assert_user_error, snapshot, write_project
 
 

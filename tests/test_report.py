@@ -6,7 +6,8 @@ import struct
 import pandas as pd
 import pytest
 
-from comp import config, outputs, report, submit, train
+from comp import config, report, submit, train
+from comp.outputs import collect as outputs
 from tests.conftest import own_copy, trained_project
 
 

@@ -19,10 +19,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from comp import blend, config, decide, export, folds, metrics, predict, splits, submit, tables, train
+from comp import blend, config, export, folds, metrics, predict, submit, train
 from comp.config import TrainConfig
-from comp.objective import make_loss
-from comp.state import EarlyStopping
+from comp.nn.objective import make_loss
+from comp.nn.state import EarlyStopping
+from comp.outputs import decide
+from comp.tables import read as tables
+from comp.tables import splits
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 TAGS = {1: "bad", 2: "", 3: "good"}
@@ -224,7 +227,7 @@ def test_tags_in_one_answer_column_and_a_tag_list_format(tmp_path, tiny_model):
     assert np.array_equal(comp.y, before)
     comp.sample = pd.DataFrame({"id": comp.test_ids, "label": ""})
     probs = np.tile([[0.9, 0.1, 0.6]], (len(comp.test_ids), 1))
-    from comp.outputs import submission_frame
+    from comp.outputs.collect import submission_frame
     assert set(submission_frame(cfg, comp, probs)["label"]) == {"bad north"}
 
 

@@ -8,10 +8,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from comp import batching, config, engine, objective, state
-from comp.batching import Rows
+from comp import config
 from comp.config import ModelConfig, TrainConfig
-from comp.model import GATE_BETA, build_model, load_tokenizer
+from comp.nn import batching, engine, objective, state
+from comp.nn.batching import Rows
+from comp.nn.model import GATE_BETA, build_model, load_tokenizer
 from tests.conftest import assert_user_error, snapshot, write_project
 
 

@@ -7,12 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from comp import blend, config, export, folds, predict, runs, submit, train, tune
+from comp import blend, config, export, folds, predict, submit, train, tune
 from comp.errors import CompError
-from comp.features import MetaEncoder
-from comp.outputs import split
-from comp.splits import load_folds
-from comp.tables import load_competition
+from comp.outputs import runs
+from comp.outputs.collect import split
+from comp.tables.features import MetaEncoder
+from comp.tables.read import load_competition
+from comp.tables.splits import load_folds
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 LINEAR = ["--set", "model.kind=linear"]

@@ -15,7 +15,9 @@ import torch
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from comp import config, folds, splits, tables, train, tune
+from comp import config, folds, train, tune
+from comp.tables import read as tables
+from comp.tables import splits
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """One fold's training: set up the training state, restore a resume checkpoint, run epochs with early
-stopping, then predict the test rows with the best weights. Batching lives in comp.batching, the loop in
-comp.loop, the state that a checkpoint saves in comp.state, the loss in comp.objective."""
+stopping, then predict the test rows with the best weights. Batching lives in comp.nn.batching, the loop in
+comp.nn.loop, the state that a checkpoint saves in comp.nn.state, the loss in comp.nn.objective."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from comp import metrics
-from comp.batching import Rows, epoch_batches, planned_steps
 from comp.config import Config, TrainConfig
-from comp.distributed import SINGLE, Dist
 from comp.errors import CompError
-from comp.hardware import resolve_device, resolve_precision
-from comp.loop import Runtime, make_progress, predict, train_one_epoch
-from comp.model import TextMetaClassifier, init_wide
-from comp.objective import make_loss, row_weights, validation_loss
-from comp.state import (
+from comp.nn.batching import Rows, epoch_batches, planned_steps
+from comp.nn.distributed import SINGLE, Dist
+from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
+from comp.nn.model import TextMetaClassifier, init_wide
+from comp.nn.objective import make_loss, row_weights, validation_loss
+from comp.nn.state import (
     EMA,
     Checkpoint,
     EarlyStopping,

@@ -18,7 +18,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 from comp.artifacts import atomic_path, read_json, write_json
-from comp.baselines import fitted_logistic
+from comp.classical.baselines import fitted_logistic
 
 LEVEL2 = ("logistic", "gbm")
 

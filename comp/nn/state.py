@@ -19,7 +19,7 @@ from torch import nn
 from comp.artifacts import atomic_path
 from comp.config import MONITORS, TrainConfig
 from comp.errors import CompError
-from comp.model import TextMetaClassifier, encoder_layers
+from comp.nn.model import TextMetaClassifier, encoder_layers
 
 
 def seed_everything(seed: int) -> None:

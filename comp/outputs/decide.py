@@ -16,8 +16,8 @@ import numpy as np
 from comp import metrics
 from comp.config import Config
 from comp.errors import CompError
-from comp.outputs import leaderboard, takes_probabilities
-from comp.tables import Competition
+from comp.outputs.collect import leaderboard, takes_probabilities
+from comp.tables.read import Competition
 
 GRID = np.exp(np.linspace(-1.5, 1.5, 31))  # a class's weight relative to the first class's (which stays 1)
 STEPS = 21                                 # candidate positions of a cut between its neighbours

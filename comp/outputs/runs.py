@@ -12,21 +12,22 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from comp import __version__, identity, metrics
+from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
-from comp.baselines import fit_classical
-from comp.batching import Rows, Truncation, cached_tokenize
+from comp.classical.baselines import fit_classical
 from comp.config import Config, to_toml
-from comp.distributed import SINGLE, Dist
-from comp.engine import Fold, FoldResult, fit_fold
 from comp.errors import CompError
-from comp.features import MetaEncoder
-from comp.hardware import resolve_device, resolve_precision
-from comp.loop import make_progress
-from comp.model import build_model, load_tokenizer
-from comp.outputs import checked_files, is_complete, split, verify_fold
-from comp.state import Checkpoint, seed_everything
-from comp.tables import Competition
+from comp.nn.batching import Rows, Truncation, cached_tokenize
+from comp.nn.distributed import SINGLE, Dist
+from comp.nn.engine import Fold, FoldResult, fit_fold
+from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.loop import make_progress
+from comp.nn.model import build_model, load_tokenizer
+from comp.nn.state import Checkpoint, seed_everything
+from comp.outputs.collect import checked_files, is_complete, split, verify_fold
+from comp.tables import identity
+from comp.tables.features import MetaEncoder
+from comp.tables.read import Competition
 
 
 @dataclass

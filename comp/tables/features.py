@@ -17,7 +17,7 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 from comp.artifacts import read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
-from comp.tables import category, mostly_unseen
+from comp.tables.read import category, mostly_unseen
 
 FORMAT = 1
 BOUNDS = 1e-7  # scikit-learn's QuantileTransformer clips the normal's tails at these probabilities

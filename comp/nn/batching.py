@@ -19,8 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from comp.artifacts import atomic_path
 from comp.config import TrainConfig
-from comp.distributed import SINGLE, Dist, shard_batches, shard_rows
-from comp.tables import PAIR
+from comp.nn.distributed import SINGLE, Dist, shard_batches, shard_rows
+from comp.tables.read import PAIR
 
 
 @dataclass

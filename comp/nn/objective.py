@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comp.batching import Rows
 from comp.config import TrainConfig
-from comp.model import target_moments
+from comp.nn.batching import Rows
+from comp.nn.model import target_moments
 
 
 class FocalLoss(nn.Module):

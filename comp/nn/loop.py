@@ -11,12 +11,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from comp.batching import Rows, collate, inference_batches, release_free_memory
 from comp.config import TrainConfig
-from comp.distributed import SINGLE, Dist
 from comp.errors import CompError
-from comp.model import TextMetaClassifier
-from comp.state import AWP, TrainState
+from comp.nn.batching import Rows, collate, inference_batches, release_free_memory
+from comp.nn.distributed import SINGLE, Dist
+from comp.nn.model import TextMetaClassifier
+from comp.nn.state import AWP, TrainState
 
 
 def make_progress(console: Console) -> Progress:
