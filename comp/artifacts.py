@@ -44,6 +44,25 @@ def write_json(path: str | Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def seal(obj: dict) -> str:
+    """The sha256 of a record's own content (every key but "check")."""
+    body = {k: v for k, v in obj.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_sealed_json(path: str | Path, obj: dict) -> None:
+    """Write a record with the sha256 of its own content, which read_sealed_json checks."""
+    write_json(path, {**obj, "check": seal(obj)})
+
+
+def read_sealed_json(path: str | Path, fix: str) -> dict:
+    """A record written by write_sealed_json, refused in one line when its content no longer matches its seal."""
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("check") != seal(record):
+        raise CompError(f"{path} does not match the checksum it was written with (altered): {fix}")
+    return record
+
+
 def read_json(path: str | Path) -> dict:
     """Read a JSON artifact comp wrote; a broken one is a CompError."""
     try:

@@ -13,7 +13,7 @@ from rich.table import Table
 from scipy.optimize import minimize
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, sha256, write_json
+from comp.artifacts import atomic_path, sha256, write_sealed_json
 from comp.classical import stacking
 from comp.classical.baselines import class_weight
 from comp.config import Config
@@ -208,7 +208,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
               "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
               "member_outputs": {n: outputs_stamp(cfg.replace("run", name=n)) for n in names},
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(cfg.run_dir / "blend.json", record)
+    write_sealed_json(cfg.run_dir / "blend.json", record)
     with atomic_path(cfg.submission_path) as tmp:
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows) and {cfg.run_dir / 'blend.json'}")

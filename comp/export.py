@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from comp import __version__, cli
-from comp.artifacts import read_json, sha256
+from comp.artifacts import read_json, read_sealed_json, sha256
 from comp.config import Config, to_toml
 from comp.errors import CompError, run_cli
 from comp.nn.hardware import resolve_device
@@ -23,7 +24,7 @@ from comp.nn.model import load_tokenizer
 from comp.outputs import bundle
 from comp.outputs.collect import MODEL_FILES, outputs_stamp
 from comp.outputs.decide import portable
-from comp.predict import Member, estimate, run_decision, run_folds
+from comp.predict import FoldModel, Member, estimate, run_decision, run_folds
 from comp.tables.identity import resolve_model_path
 
 
@@ -37,7 +38,7 @@ def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Me
     if not (folder / "blend.json").is_file():
         raise CompError(f"blend {blend!r} has no {folder / 'blend.json'}: make it first with "
                         f"python -m comp.blend --runs ... --name {blend}")
-    record = read_json(folder / "blend.json")
+    record = read_sealed_json(folder / "blend.json", "make the blend again with python -m comp.blend")
     stack = record.get("stack")
     if stack is not None and "sha256" not in stack:
         raise CompError(f"blend {blend!r} is a {stack.get('level2')} stack, which bundles cannot carry without a "
@@ -56,8 +57,32 @@ def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Me
     return members, folder if stack else None, record.get("decision")
 
 
-def copy_member(m: Member, root: Path) -> None:
-    """A run's fold model files and resolved configs, and once its encoder's config and tokenizer."""
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def trained_dtype(fm: FoldModel) -> torch.dtype | None:
+    """The half dtype a fold's encoder ran in while it trained (what its metrics.json recorded, else an explicit
+    train.precision), or None: fp32, or not known."""
+    recorded = read_json(fm.path / "metrics.json").get("precision")
+    return HALF.get(recorded if recorded is not None else fm.cfg.train.precision)
+
+
+def copy_weights(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
+    """A fold's weights into the bundle: the encoder's floating tensors in `dtype` (the precision its matmuls
+    saw in training; loading casts them back into the model's fp32 parameters), the head and wide path as they
+    are; a plain copy when dtype is None."""
+    if dtype is None:
+        shutil.copyfile(src, dst)
+        return
+    weights = {k: v.to(dtype) if k.startswith("encoder.") and v.is_floating_point() else v
+               for k, v in load_file(str(src)).items()}
+    save_file(weights, str(dst))
+
+
+def copy_member(m: Member, root: Path) -> str:
+    """A run's fold model files and resolved configs, and once its encoder's config and tokenizer; returns the
+    dtype its encoder weights are stored in."""
+    stored = set()
     for k, fm in enumerate(m.folds):
         kind = fm.cfg.model.kind
         if kind not in bundle.EXPORTABLE:
@@ -65,14 +90,20 @@ def copy_member(m: Member, root: Path) -> None:
                             f"runs of kind {' or '.join(bundle.EXPORTABLE)}")
         out = root / "runs" / m.name / f"fold_{k}"
         out.mkdir(parents=True)
+        dtype = trained_dtype(fm) if kind == "encoder" else None
+        stored.add(str(dtype or torch.float32).removeprefix("torch."))
         for name in MODEL_FILES[kind]:
-            shutil.copyfile(fm.path / name, out / name)
+            if name == "model.safetensors":
+                copy_weights(fm.path / name, out / name, dtype)
+            else:
+                shutil.copyfile(fm.path / name, out / name)
         (out / "config.toml").write_text(to_toml(fm.cfg), encoding="utf-8")
     first = m.folds[0].cfg
     if first.model.kind == "encoder":
         encoders = root / "encoders" / m.name
         load_tokenizer(first.model, first.root).save_pretrained(encoders)
         AutoConfig.from_pretrained(resolve_model_path(first.model.name_or_path, first.root)).save_pretrained(encoders)
+    return "/".join(sorted(stored))
 
 
 def measure_speed(cfg: Config, members: list[Member], console) -> dict | None:
@@ -97,8 +128,7 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        for m in members:
-            copy_member(m, tmp)
+        stored = {m.name: copy_member(m, tmp) for m in members}
         if stack is not None:
             (tmp / "stack").mkdir()
             for name in ("stack.json", "stack.safetensors"):
@@ -110,7 +140,8 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,
                     "members": [{"name": m.name, "weight": m.weight, "folds": len(m.folds),
-                                 "kind": m.folds[0].cfg.model.kind} for m in members],
+                                 "kind": m.folds[0].cfg.model.kind, "encoder_weights": stored[m.name]}
+                                for m in members],
                     "cv": {m.name: [read_json(fm.path / "metrics.json").get("oof") for fm in m.folds] for m in members}}
         bundle.write_manifest(tmp, manifest)
         tmp.rename(out)

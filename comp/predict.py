@@ -15,7 +15,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from comp import cli
-from comp.artifacts import atomic_path, read_json, write_npy
+from comp.artifacts import atomic_path, read_sealed_json, write_npy
 from comp.classical.baselines import load_classical
 from comp.classical.stacking import Stacker
 from comp.config import Config
@@ -98,15 +98,17 @@ def run_decision(cfg: Config) -> dict | None:
     path = cfg.run_dir / "decision.json"
     if not path.is_file():
         return None
-    rule = read_json(path)
+    rule = read_sealed_json(path, "rerun python -m comp.submit --decide")
     if rule.get("outputs") is None or rule["outputs"] != outputs_stamp(cfg):
         raise CompError(f"{path} was fitted on folds of run {cfg.run.name!r} that were retrained since: rerun python -m "
                         "comp.submit --decide (or without --decide, which removes it)")
     return rule
 
 
-def fold_predictor(fm: FoldModel, device_name: str | None):
-    """One fold's model, loaded: a function from (table, texts, console) to its logits for those rows."""
+def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None = None):
+    """One fold's model, loaded: a function from (table, texts, console) to its logits for those rows. `tokens`:
+    the texts' token ids by tokenizer and truncation, shared by the folds of a prediction (a run's folds share
+    both, so its table is tokenized once)."""
     cfg = fm.cfg if device_name is None else fm.cfg.replace("train", device=device_name)
     if cfg.model.kind != "encoder":
         model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
@@ -121,7 +123,11 @@ def fold_predictor(fm: FoldModel, device_name: str | None):
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
         encoder.check_seen(table, "the table to predict")
-        rows = Rows(tokenize(tokenizer, texts, Truncation.of(cfg.model)), encoder.transform(table))
+        key = (cfg.model.name_or_path, Truncation.of(cfg.model))
+        cache = {} if tokens is None else tokens
+        if key not in cache:
+            cache[key] = tokenize(tokenizer, texts, Truncation.of(cfg.model))
+        rows = Rows(cache[key], encoder.transform(table))
         with loop.make_progress(console) as progress:
             return loop.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
                                   resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
@@ -142,12 +148,12 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
         raise CompError("the folds to predict with were trained with different classes or tasks: retrain them with "
                         "--force")
     table, texts = load_table(cfg, test)
-    logits, per_run = {}, []
+    logits, per_run, tokens = {}, [], {}
     for m in members:
         logits[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
-            logits[m.name].append(fold_predictor(fm, device)(table, texts, console))
+            logits[m.name].append(fold_predictor(fm, device, tokens)(table, texts, console))
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
         per_run.append(average_probabilities(logits[m.name], cfg.data.task))
     if stacker is not None:

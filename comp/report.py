@@ -19,7 +19,14 @@ from comp import adversarial, cli, metrics
 from comp.artifacts import atomic_path, read_json, write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
-from comp.outputs.collect import FoldOutputs, average_probabilities, leaderboard, load_run, test_logits_in_order
+from comp.outputs.collect import (
+    FoldOutputs,
+    average_probabilities,
+    fold_scores,
+    leaderboard,
+    load_run,
+    test_logits_in_order,
+)
 
 RUN_COLUMNS = ["time", "run", "model", "config_hash", "folds_fingerprint", "task", "metric", "cv", "lb", "scores",
                "submission"]
@@ -179,7 +186,7 @@ def plot_confidence(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
 
 # --- the page ----------------------------------------------------------------------------------------
 
-def write_report(cfg: Config, outputs: list[FoldOutputs], folds: np.ndarray, y: np.ndarray, oof: np.ndarray,
+def write_report(cfg: Config, outputs: list[FoldOutputs], per_fold: list[dict], y: np.ndarray, oof: np.ndarray,
                  classes: list[str], cv: dict, lb: dict | None) -> Path:
     """PNGs and index.html for a run under reports/<run>/; returns the page's path. The confusion matrix, the
     per-class and the confidence plots are single_label's; the other tasks get a table per label / target."""
@@ -208,8 +215,8 @@ def write_report(cfg: Config, outputs: list[FoldOutputs], folds: np.ndarray, y: 
             shutil.copyfile(src, out / f"tune_{suffix}.png")
             images.append(f"tune_{suffix}.png")
     shown = metrics.columns(task, metric)
-    fold_rows = [[o.fold, o.record["best_epoch"], *(metrics.score(y[folds == o.fold], o.oof_logits, task)[k]
-                                                    for k in shown)] for o in outputs]
+    fold_rows = [[o.fold, o.record["best_epoch"], *(scores[k] for k in shown)]
+                 for o, scores in zip(outputs, per_fold, strict=True)]
     folds_df = pd.DataFrame(fold_rows, columns=["fold", "best epoch", *shown])
     summary = pd.DataFrame([{"": "CV (all OOF)", **cv}] + ([{"": "leaderboard", **lb}] if lb else []))
     page = _html(cfg, summary, folds_df, per_class, counts, classes, images, _adversarial_section(cfg))
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         lb = None
         if cfg.data.solution:
             lb = leaderboard(cfg, comp, average_probabilities(test_logits_in_order(comp, outputs), cfg.data.task))
-        page = write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
+        page = write_report(cfg, outputs, fold_scores(cfg, comp, folds, outputs), comp.y, oof, comp.classes, cv, lb)
         console.print(f"wrote {page} and its plots in {time.perf_counter() - started:.1f}s")
         return 0
 

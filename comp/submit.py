@@ -10,12 +10,13 @@ from rich.console import Console
 from rich.table import Table
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, write_json
+from comp.artifacts import atomic_path, write_sealed_json
 from comp.config import Config
 from comp.errors import run_cli
 from comp.outputs import decide
 from comp.outputs.collect import (
     average_probabilities,
+    fold_scores,
     leaderboard,
     load_run,
     outputs_stamp,
@@ -57,7 +58,7 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
         probs, rule = decide.for_submission(cfg, comp, folds, metrics.activate(task, oof), probs, console)
     frame = submission_frame(cfg, comp, probs)
 
-    per_fold = [metrics.score(comp.y[folds == o.fold], o.oof_logits, task) for o in outputs]
+    per_fold = fold_scores(cfg, comp, folds, outputs)
     cv = metrics.score(comp.y, oof, task)
     baseline = metrics.score_predictions(comp.y, metrics.constant(task, comp.y, len(comp.classes)), task)[metric]
 
@@ -81,7 +82,7 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
         frame.to_csv(tmp, index=False)
     console.print(f"wrote {cfg.submission_path} ({len(frame)} rows)")
     report.append_run(cfg, cv, lb, folds_fp)
-    page = report.write_report(cfg, outputs, folds, comp.y, oof, comp.classes, cv, lb)
+    page = report.write_report(cfg, outputs, per_fold, comp.y, oof, comp.classes, cv, lb)
     console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
     return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline": baseline, "decision": rule,
             "path": str(cfg.submission_path)}
@@ -93,7 +94,7 @@ def record_decision(cfg: Config, rule: dict | None) -> None:
     if rule is None:
         path.unlink(missing_ok=True)
     else:
-        write_json(path, rule)
+        write_sealed_json(path, rule)
 
 
 if __name__ == "__main__":

@@ -218,3 +218,58 @@ def test_a_head_tail_run_predicts_what_it_trained_with(tmp_path, tiny_model):
     for k in range(3):
         written = np.load(cfg.parent / "folds" / "tiny" / f"fold_{k}" / "test_logits.npy")
         assert np.allclose(np.load(tmp_path / "logits" / "tiny" / f"fold_{k}.npy"), written, atol=1e-5)
+
+
+def test_a_run_trained_in_bf16_is_bundled_with_bf16_encoder_weights_and_predicts_within_tolerance(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    run = ("--set", "train.precision=bf16")
+    cfg, bundle_dir = exported(tmp_path, tiny_model, run)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["members"][0]["encoder_weights"] == "bfloat16"
+    weights = load_file(str(bundle_dir / "runs" / "tiny" / "fold_0" / "model.safetensors"))
+    trained = load_file(str(cfg.parent / "folds" / "tiny" / "fold_0" / "model.safetensors"))
+    assert {str(v.dtype) for k, v in weights.items() if k.startswith("encoder.")} == {"torch.bfloat16"}
+    assert all(v.dtype == trained[k].dtype for k, v in weights.items() if not k.startswith("encoder."))
+    args = ["--test", str(cfg.parent / "data" / "test.csv"), "--quiet"]
+    assert predict.main(["--bundle", str(bundle_dir), *args, "--out", str(tmp_path / "b.csv"),
+                         "--save-logits", str(tmp_path / "b")]) == 0
+    assert predict.main(["--config", str(cfg), *run, *args, "--out", str(tmp_path / "r.csv"),
+                         "--save-logits", str(tmp_path / "r")]) == 0
+    for k in range(3):
+        b, r = (np.load(tmp_path / d / "tiny" / f"fold_{k}.npy") for d in ("b", "r"))
+        p, q = (np.exp(x) / np.exp(x).sum(1, keepdims=True) for x in (b, r))
+        assert np.abs(p - q).max() < 0.02
+
+
+def test_predict_tokenizes_the_table_once_per_run(trained, tmp_path, monkeypatch):
+    calls = []
+    real = predict.tokenize
+    monkeypatch.setattr(predict, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli(trained, predict.main, "--test", str(trained.parent / "data" / "test.csv"),
+               "--out", str(tmp_path / "p.csv")) == 0
+    assert len(calls) == 1  # three folds, one tokenization
+
+
+@pytest.mark.parametrize("name", ["decision.json", "blend.json"])
+def test_an_altered_decision_or_blend_record_is_refused(trained, tmp_path, capsys, name):
+    from comp import blend
+
+    cfg = own_copy(trained, tmp_path)
+    if name == "decision.json":
+        assert cli(cfg, submit.main, "--decide") == 0
+        path, command = cfg.parent / "folds" / "tiny" / name, ["--test", str(cfg.parent / "data" / "test.csv"),
+                                                                 "--out", str(tmp_path / "p.csv")]
+        main = predict.main
+    else:
+        assert cli(cfg, blend.main, "--runs", "tiny,lin", "--name", "both") == 0
+        path, command, main = cfg.parent / "folds" / "both" / name, ["--blend", "both", "--out", str(tmp_path / "b")], \
+            export.main
+    record = json.loads(path.read_text())
+    assert record["check"]
+    key = "weights"
+    record[key] = [w * 0.5 for w in record[key]]
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert_user_error(main(["--config", str(cfg), *command]), capsys, name, "altered")
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "b").exists()

@@ -5,28 +5,21 @@ config.json and tokenizer files)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from comp.artifacts import sha256, write_json
+from comp.artifacts import seal, sha256, write_sealed_json
 from comp.errors import CompError
 
 FORMAT = 1
 EXPORTABLE = ("encoder", "linear")
 
 
-def _check(manifest: dict) -> str:
-    """The hash of the manifest's own content (every key but "check")."""
-    body = {k: v for k, v in manifest.items() if k != "check"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def write_manifest(root: Path, manifest: dict) -> None:
     """List the sha256 of every file under root, seal the manifest with its own hash, write it last."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
     manifest = {**manifest, "format": FORMAT, "files": {p.relative_to(root).as_posix(): sha256(p) for p in files}}
-    write_json(root / "manifest.json", {**manifest, "check": _check(manifest)})
+    write_sealed_json(root / "manifest.json", manifest)
 
 
 def read_manifest(root: Path) -> dict:
@@ -41,7 +34,7 @@ def read_manifest(root: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CompError(f"{path}: bundle format {manifest.get('format') if isinstance(manifest, dict) else None!r} "
                         f"is not the one this comp reads ({FORMAT}): export it again with this version of comp")
-    if manifest.get("check") != _check(manifest):
+    if manifest.get("check") != seal(manifest):
         raise CompError(f"{path} does not match its own checksum (altered): export the bundle again")
     for name, digest in manifest["files"].items():
         file = root / name

@@ -164,6 +164,11 @@ def load_run(cfg: Config) -> tuple[Competition, np.ndarray, str, list[FoldOutput
     return comp, folds, folds_fp, outputs, assemble_oof(comp, folds, outputs)
 
 
+def fold_scores(cfg: Config, comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> list[dict]:
+    """Each fold's scores on its own validation rows."""
+    return [metrics.score(comp.y[folds == o.fold], o.oof_logits, cfg.data.task) for o in outputs]
+
+
 def average_probabilities(fold_logits: list[np.ndarray], task: str = metrics.SINGLE) -> np.ndarray:
     """Test predictions: the mean over folds of each fold's probabilities (softmax, sigmoid; not those of the
     mean logits) or values."""

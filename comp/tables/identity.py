@@ -90,9 +90,13 @@ def model_digest(cfg: Config) -> str | None:
 
 
 def tables(cfg: Config, comp) -> dict:
-    """The training rows' (with labels) and the test rows' fingerprints."""
-    return {"train": table_digest(comp.train, used_columns(cfg, True)),
-            "test": table_digest(comp.test, used_columns(cfg, False))}
+    """The training rows' (with labels) and the test rows' fingerprints, computed once per loaded competition
+    and set of columns."""
+    train, test = used_columns(cfg, True), used_columns(cfg, False)
+    key = (tuple(train), tuple(test))
+    if key not in comp.digests:
+        comp.digests[key] = {"train": table_digest(comp.train, train), "test": table_digest(comp.test, test)}
+    return dict(comp.digests[key])
 
 
 def content(cfg: Config, comp) -> dict:

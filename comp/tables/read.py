@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ class Competition:
     train_text: list[str]
     test_text: list[str]
     id_col: str
+    digests: dict = field(default_factory=dict, repr=False)  # identity.tables' fingerprints, by columns
 
     @property
     def train_ids(self) -> np.ndarray:
