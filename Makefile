@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 
 data: install $(DATA)
 
-# data/demo holds the reviews demo; data/loans, data/movies and data/bbc the demos of those names
+# data/demo holds the reviews demo; data/loans, data/movies, data/bbc and data/zh the demos of those names
 data/%/train.csv:
 	$(PY) -m comp.data --demo $(if $(filter demo,$*),reviews,$*) --cache data/cache
 

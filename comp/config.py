@@ -15,7 +15,7 @@ from comp import metrics
 from comp.errors import CompError
 
 MODEL_KINDS = ("encoder", "linear", "gbm")
-LOSSES = ("ce", "balanced_ce", "focal", "mse")  # mse: regression's (its default); the others: classification's
+LOSSES = ("auto", "ce", "balanced_ce", "focal", "mse")  # auto: metrics.default_loss; mse: regression's
 # what train.monitor may name: the training objective on the validation rows, a metric of them, or "metric"
 # (data.metric's, resolved when the config is read)
 MONITORS = {"val_loss": "min", **{f"val_{name}": direction for name, direction in metrics.DIRECTION.items()
@@ -102,6 +102,38 @@ class RunConfig:
         _require(bool(ok), f"run.name {self.name!r} must be letters, digits, '-', '_' or '.'")
 
 
+ANALYZERS = ("auto", "word+char_wb", "char")
+
+
+@dataclass(frozen=True)
+class TfidfConfig:
+    """[model.tfidf]: the linear run's text features and logistic regression (and the gbm run's text input)."""
+
+    analyzer: str = "auto"            # auto: "char" for texts without word spaces (CJK, Thai), else "word+char_wb"
+    word_ngrams: tuple[int, ...] = (1, 2)
+    char_ngrams: tuple[int, ...] | str = "auto"  # auto: 2-5 within words (word+char_wb), 1-2 over the text (char)
+    max_features: int = 200_000       # per vectorizer, the most frequent terms
+    min_df: int = 2                   # rows a term must appear in
+    C: float | str = "auto"           # auto: chosen per fold by an inner CV on its training rows (single_label)
+
+    def __post_init__(self):
+        _require(self.analyzer in ANALYZERS, f"model.tfidf.analyzer must be one of {', '.join(ANALYZERS)}")
+        for name in ("word_ngrams", "char_ngrams"):
+            value = getattr(self, name)
+            _require(value == "auto" if isinstance(value, str) else
+                     (len(value) == 2 and 1 <= value[0] <= value[1]),
+                     f"model.tfidf.{name} must be [low, high] with 1 <= low <= high" + (
+                         " or \"auto\"" if name == "char_ngrams" else ""))
+        _require(self.max_features >= 1 and self.min_df >= 1, "model.tfidf.max_features and min_df must be >= 1")
+        _require(self.C == "auto" if isinstance(self.C, str) else self.C > 0,
+                 "model.tfidf.C must be > 0 or \"auto\" (an inner CV per fold)")
+
+
+# What the linear run did before [model.tfidf]: its folds hash without the section at these values.
+TFIDF_BEFORE = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams": [2, 5], "max_features": 200_000,
+                "min_df": 2, "C": 1.0}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model kind; for an encoder run the encoder, its pooling, the metadata encoding and the head."""
@@ -124,6 +156,7 @@ class ModelConfig:
     min_category_rows: int = 5
     numeric_transform: str = "quantile"
     wide: str = "fitted"
+    tfidf: TfidfConfig = field(default_factory=TfidfConfig)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind {self.kind!r} is unknown: use one of {', '.join(MODEL_KINDS)}")
@@ -177,7 +210,7 @@ class TrainConfig:
     max_tokens_per_batch: int = 0
     pad_to_multiple_of: int = 8
     layer_decay: float = 1.0
-    loss: str = "ce"
+    loss: str = "auto"
     optimizer: str = "adamw"
     focal_gamma: float = 2.0
     ema_decay: float = 0.0
@@ -386,6 +419,21 @@ class Config:
         """A short hash of every setting that changes what a fold learns. The locations of the tables and the
         model stay out (folds record those files' content instead, see comp.tables.identity); `paths` puts them back
         in, as in the hash of folds trained before content was recorded."""
+        return hashlib.sha256(json.dumps(self.hashed(paths), sort_keys=True).encode()).hexdigest()[:16]
+
+    def difference(self, other: Config) -> str | None:
+        """The first hashed setting in which two configs differ, in words (None when none does)."""
+        mine, theirs = self.hashed(), other.hashed()
+        for section in sorted(set(mine) | set(theirs)):
+            a, b = mine.get(section, {}), theirs.get(section, {})
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"{section}.{key} = {_toml_value(a.get(key, LATER.get(section, {}).get(key)))} here, " \
+                           f"{_toml_value(b.get(key, LATER.get(section, {}).get(key)))} there"
+        return None
+
+    def hashed(self, paths: bool = False) -> dict:
+        """The settings the hash covers (see hash)."""
         d = self.to_dict()
         d.pop("tune")  # searching changes nothing a finished fold learned
         d.pop("pretrain")  # a pretrained model reaches a fold through model.name_or_path's content
@@ -401,9 +449,11 @@ class Config:
                     d[section].pop(k, None)
         if not d["train"].get("pseudo_run"):
             d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
+        if d["model"].get("kind", "encoder") == "encoder" or d["model"].get("tfidf") == TFIDF_BEFORE:
+            d["model"].pop("tfidf", None)  # only classical runs read it
         if d["train"].get("swa", "off") == "off":
             d["train"].pop("swa_epochs", None)  # no averaging, no epoch count
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
 
     def replace(self, section: str, **changes) -> Config:
         """A copy with some keys of one section changed (validated again)."""
@@ -452,7 +502,13 @@ def _set(raw: dict, section: str, key: str, value, source: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise CompError(f"config section [{section}] in {source} must be a table")
-    raw[section][key] = value
+    table = raw[section]
+    *parents, name = key.split(".")  # model.tfidf.C: a key of a nested table
+    for parent in parents:
+        table = table.setdefault(parent, {})
+        if not isinstance(table, dict):
+            raise CompError(f"config key {section}.{parent} in {source} must be a table")
+    table[name] = value
 
 
 def from_dict(raw: dict, root: Path = Path("."), source: str = "config") -> Config:
@@ -477,7 +533,8 @@ def _for_task(sections: dict) -> dict:
     tune.metric may name (monitor = "metric" becomes data.metric's val_ name), the runs a task supports."""
     data, train, tune = sections["data"], sections["train"], sections["tune"]
     task, regression = data.task, data.task == metrics.REGRESSION
-    loss = "mse" if regression and train.loss == "ce" else train.loss
+    loss = metrics.default_loss(task, data.metric) if train.loss == "auto" else train.loss
+    loss = "mse" if regression and loss == "ce" else loss
     _require((loss == "mse") == regression, f"train.loss = {train.loss!r} does not fit data.task = {task!r}: use "
              + ("mse" if regression else "ce, balanced_ce or focal"))
     monitor = f"val_{data.metric}" if train.monitor == "metric" else train.monitor
@@ -525,6 +582,12 @@ def _check_type(key: str, value, hint):
             except CompError:
                 pass
         return _check_type(key, value, inner[-1])
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise _type_error(key, value, "a table")
+        return _build(hint, key, value, "config")
     if hint is dict:
         if not isinstance(value, dict):
             raise _type_error(key, value, "a table")

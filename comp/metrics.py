@@ -182,6 +182,24 @@ def names(task: str, n_outputs: int | None = None) -> list[str]:
             if task in m.tasks and not (m.binary_only and n_outputs is not None and n_outputs != 2)]
 
 
+def default_loss(task: str, metric: str) -> str:
+    """What train.loss = "auto" trains with: class weights where the metric rewards every class alike (macro-F1,
+    of one class per row or of labels), plain cross-entropy where it scores probabilities or counts rows
+    (accuracy, log loss, AUC, QWK, binary F1), the squared error for regression."""
+    if task == REGRESSION:
+        return "mse"
+    return "balanced_ce" if metric == "macro_f1" else "ce"
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """The one class-weight rule of train.loss = "balanced_ce", for every kind of run (scikit-learn's "balanced"
+    is the same): n / (k · count) of each class over these rows, k the classes they hold, so that the rows'
+    weights average 1; 0 for a class they lack."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    k = max(int((counts > 0).sum()), 1)
+    return np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
+
+
 def default(task: str, n_targets: int) -> str:
     return "mcrmse" if task == REGRESSION and n_targets > 1 else DEFAULT[task]
 

@@ -70,7 +70,7 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     assert base.hash() != config.load(write(tmp_path, ""), ["train.encoder_lr=1e-5"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=mean"]).hash()
     # keys added later enter the hash only away from their defaults (folds trained before them stay valid)
-    assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=ce", "model.msd_samples=1"]).hash()
+    assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=auto", "model.msd_samples=1"]).hash()
     for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
         other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5", list: "['x', 'y']", bool: "true"}[type(default)]
         if key in ("train.pseudo_threshold", "train.swa_epochs"):
@@ -99,3 +99,30 @@ def test_every_shipped_demo_config_is_valid():
     for path in shipped:
         cfg = config.load(path)
         assert cfg.data.train.startswith("data/") and cfg.folds_path.parent.is_relative_to(root / "folds"), path.name
+
+
+def test_auto_loss_follows_the_metric_and_hashes_as_what_it_resolved_to(tmp_path):
+    path = write(tmp_path, "")
+    resolved = {("single_label", "macro_f1"): "balanced_ce", ("single_label", "accuracy"): "ce",
+                ("single_label", "log_loss"): "ce", ("single_label", "roc_auc"): "ce", ("single_label", "qwk"): "ce",
+                ("multi_label", "macro_f1"): "balanced_ce", ("multi_label", "roc_auc"): "ce",
+                ("regression", "rmse"): "mse"}
+    for (task, metric), loss in resolved.items():
+        cfg = config.load(path, [f"data.task={task}", f"data.metric={metric}"])
+        assert cfg.train.loss == loss, (task, metric)
+        assert cfg.hash() == config.load(path, [f"data.task={task}", f"data.metric={metric}", f"train.loss={loss}"]).hash()
+        assert f'loss = "{loss}"' in config.to_toml(cfg)  # a fold's config.toml keeps what auto resolved to
+
+
+def test_tfidf_settings_validate_and_enter_only_a_classical_runs_hash(tmp_path):
+    path = write(tmp_path, "")
+    linear = config.load(path, ["model.kind=linear"])
+    assert linear.model.tfidf.C == "auto" and linear.model.tfidf.analyzer == "auto"
+    assert config.load(path, ["model.kind=linear", "model.tfidf.C=4"]).hash() != linear.hash()
+    assert config.load(path, ["model.tfidf.C=4"]).hash() == config.load(path).hash()  # an encoder run ignores it
+    for bad, needle in (("model.tfidf.C=0", "model.tfidf.C"), ("model.tfidf.analyzer=words", "analyzer"),
+                        ("model.tfidf.char_ngrams=[3, 1]", "char_ngrams"), ("model.tfidf.nope=1", "model.tfidf.nope")):
+        with pytest.raises(CompError, match=needle):
+            config.load(path, ["model.kind=linear", bad])
+    text = config.to_toml(config.load(path, ["model.kind=linear", "model.tfidf.C=4"]))
+    assert "tfidf = {" in text and "C = 4.0" in text

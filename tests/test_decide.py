@@ -100,7 +100,7 @@ def test_submit_decide_writes_the_rule_and_predict_and_bundles_apply_it(trained,
 @pytest.mark.parametrize("case", ["probability metric", "probability submission"])
 def test_decide_where_it_cannot_apply_is_one_line_and_writes_nothing(trained, tmp_path, capsys, case):
     cfg = own_copy(trained, tmp_path)
-    extra = ["--set", "data.metric=log_loss"]
+    extra = ["--set", "data.metric=log_loss", "--set", "train.loss=balanced_ce"]
     if case == "probability submission":
         sample = pd.read_csv(cfg.parent / "data" / "sample_submission.csv")[["id"]].assign(**{c: 0.1 for c in ("1", "2", "3")})
         sample.to_csv(cfg.parent / "data" / "probs.csv", index=False)
@@ -109,3 +109,10 @@ def test_decide_where_it_cannot_apply_is_one_line_and_writes_nothing(trained, tm
     code = submit.main(["--config", str(cfg), "--decide", *extra])
     assert_user_error(code, capsys, "--decide")
     assert snapshot(cfg.parent) == before
+
+
+def test_scoring_by_another_metric_names_the_loss_auto_resolved_to(trained, capsys):
+    code = submit.main(["--config", str(trained), "--set", "data.metric=accuracy"])
+    assert_user_error(code, capsys, 'train.loss = "ce" here, "balanced_ce" there', "follows data.metric")
+    assert submit.main(["--config", str(trained), "--quiet", "--set", "data.metric=accuracy",
+                        "--set", "train.loss=balanced_ce"]) == 0

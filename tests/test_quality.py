@@ -53,7 +53,7 @@ def test_classical_runs_blend_and_stack_with_an_encoder_run(classical, capsys):
     assert cli(cfg, blend.main, "--runs", "tiny,linear,gbm", "--name", "stacked", "--stack") == 0
     record = json.loads((cfg.parent / "folds" / "stacked" / "blend.json").read_text())
     stack = record["stack"]
-    assert (stack["level2"], stack["class_weight"]) == ("logistic", None)
+    assert (stack["level2"], stack["class_weight"]) == ("logistic", "balanced")  # loss auto: macro-F1 weighs classes
     assert set(stack["sha256"]) == {"stack.json", "stack.safetensors"}
     assert record["cv"]["accuracy"] > 0.6
     sub = pd.read_csv(cfg.parent / "submissions" / "stacked.csv")

@@ -310,8 +310,10 @@ def test_decide_writes_labels_for_multi_label_and_needs_qwk_for_regression(train
     if task == "regression":
         assert_user_error(submit.main(["--config", cfg_path, "--decide"]), capsys, "QWK cut points", "data.metric")
         return
-    cfg = config.load(cfg_path, ["data.metric=macro_f1"])
-    assert submit.main(["--config", cfg_path, "--set", "data.metric=macro_f1", "--decide"]) == 0
+    # scored by another metric than it trained for: the loss it trained with (auto, for roc_auc: ce) is named
+    other = ["data.metric=macro_f1", "train.loss=ce"]
+    cfg = config.load(cfg_path, other)
+    assert submit.main(["--config", cfg_path, *(a for o in other for a in ("--set", o)), "--decide"]) == 0
     frame = pd.read_csv(cfg.submission_path)
     assert set(np.unique(frame.drop(columns="id").to_numpy())) <= {0.0, 1.0}
     assert json.loads((cfg.run_dir / "decision.json").read_text())["kind"] == "thresholds"

@@ -6,6 +6,7 @@ tasks: label logits or values)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import joblib
@@ -18,9 +19,11 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import FeatureUnion
 from sklearn.preprocessing import OrdinalEncoder
 
+from comp import metrics
 from comp.artifacts import atomic_path, read_json, write_json
 from comp.config import Config
 from comp.errors import CompError
@@ -35,15 +38,67 @@ def class_weight(cfg: Config) -> str | None:
     return "balanced" if cfg.train.loss == "balanced_ce" else None
 
 
-TFIDF = {"word": {"ngram_range": (1, 2)}, "char": {"analyzer": "char_wb", "ngram_range": (2, 5)}}
+C_GRID = (0.25, 1.0, 4.0, 16.0)  # tfidf.C = "auto": the candidates of the inner CV
+INNER_FOLDS = 3
+UNSPACED = 0.3  # texts whose characters are at least this share CJK, kana or Thai are read without word spaces
+# Han, kana, Thai: scripts that write words without spaces between them (Hangul has spaces: not here)
+NO_SPACES = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
-def tfidf(vocabularies: dict[str, list[str]] | None = None) -> FeatureUnion:
-    """Word 1-2-grams and char 2-5-grams (within words), sublinear term frequency; with `vocabularies`, the
-    vectorizers of a fitted run (their idf_ still to be set)."""
-    return FeatureUnion([(name, TfidfVectorizer(**kw, min_df=2, max_features=200_000, sublinear_tf=True,
+def unspaced_share(texts: list[str], sample: int = 2000) -> float:
+    """The share of (non-space) characters of these texts, up to `sample` of them, in scripts without word spaces."""
+    text = "".join(texts[:sample])
+    letters = sum(not ch.isspace() for ch in text)
+    return len(NO_SPACES.findall(text)) / letters if letters else 0.0
+
+
+def tfidf_spec(cfg: Config, texts: list[str]) -> dict:
+    """[model.tfidf] with its "auto" analyzer and n-grams resolved for these (a fold's training) texts."""
+    t = cfg.model.tfidf
+    analyzer = t.analyzer
+    if analyzer == "auto":
+        analyzer = "char" if unspaced_share(texts) >= UNSPACED else "word+char_wb"
+    char = t.char_ngrams if t.char_ngrams != "auto" else (1, 2) if analyzer == "char" else (2, 5)
+    return {"analyzer": analyzer, "word_ngrams": list(t.word_ngrams), "char_ngrams": list(char),
+            "max_features": t.max_features, "min_df": t.min_df}
+
+
+OLD_SPEC = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams": [2, 5], "max_features": 200_000,
+            "min_df": 2}  # what linear runs saved before [model.tfidf]
+
+
+def tfidf(spec: dict, vocabularies: dict[str, list[str]] | None = None) -> FeatureUnion:
+    """The spec's vectorizers, sublinear term frequency: word n-grams and char n-grams within words
+    ("word+char_wb"), or char n-grams over the whole text ("char": texts without word spaces); with
+    `vocabularies`, the vectorizers of a fitted run (their idf_ still to be set)."""
+    kinds = {"char": {"analyzer": "char", "ngram_range": tuple(spec["char_ngrams"])}}
+    if spec["analyzer"] == "word+char_wb":
+        kinds = {"word": {"ngram_range": tuple(spec["word_ngrams"])},
+                 "char": {"analyzer": "char_wb", "ngram_range": tuple(spec["char_ngrams"])}}
+    return FeatureUnion([(name, TfidfVectorizer(**kw, min_df=spec["min_df"], max_features=spec["max_features"],
+                                                sublinear_tf=True,
                                                 vocabulary=None if vocabularies is None else vocabularies[name]))
-                         for name, kw in TFIDF.items()])
+                         for name, kw in kinds.items()])
+
+
+def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, metric: str, seed: int) -> float:
+    """tfidf.C = "auto": the C of C_GRID whose logistic regression scores data.metric best in an INNER_FOLDS-fold
+    CV over these rows only (a fold's training rows: its validation rows never choose)."""
+    counts = np.bincount(y)
+    if counts[counts > 0].min() < INNER_FOLDS:
+        return 1.0
+    direction = 1.0 if metrics.DIRECTION[metric] == "max" else -1.0
+    parts = list(StratifiedKFold(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y))
+    best, chosen = -np.inf, 1.0
+    for c in C_GRID:
+        probs = np.zeros((len(y), int(y.max()) + 1))
+        for tr, va in parts:
+            clf = LogisticRegression(C=c, max_iter=2000, class_weight=weight, random_state=seed).fit(x[tr], y[tr])
+            probs[np.ix_(va, clf.classes_)] = clf.predict_proba(x[va])
+        value = direction * metrics.score_predictions(y, probs, SINGLE)[metric]
+        if value > best + 1e-12:
+            best, chosen = value, c
+    return chosen
 
 
 def has_text(texts: list[str]) -> bool:
@@ -83,6 +138,7 @@ class LinearRun:
         self.meta = MetaEncoder.from_config(cfg)
         self.text: FeatureUnion | None = None
         self.task, self.seed, self.weight = cfg.data.task, seed, class_weight(cfg)
+        self.cfg, self.spec, self.c = cfg, OLD_SPEC, 1.0
         self.clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=self.weight, random_state=seed)
         self.coef = self.intercept = None
 
@@ -94,9 +150,10 @@ class LinearRun:
 
     def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> LinearRun:
         self.meta.fit(df)
+        self.spec = tfidf_spec(self.cfg, texts)
         if has_text(texts):
             try:
-                self.text = tfidf().fit(texts)
+                self.text = tfidf(self.spec).fit(texts)
             except ValueError:  # no term kept (min_df): the text adds nothing
                 self.text = None
         x = self._features(df, texts)
@@ -104,7 +161,9 @@ class LinearRun:
             raise CompError("model.kind = 'linear' needs text or metadata: data.text is empty on every row and "
                             "data.categorical / data.numeric name no column")
         if self.task == SINGLE:
-            self.clf.fit(x, y)
+            c = self.cfg.model.tfidf.C
+            self.c = inner_cv_c(x, y, self.weight, self.cfg.data.metric, self.seed) if c == "auto" else float(c)
+            self.clf.set_params(C=self.c).fit(x, y)
         else:
             self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
         return self
@@ -132,6 +191,7 @@ class LinearRun:
         with atomic_path(out / "linear.safetensors") as tmp:
             save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(tmp))
         write_json(out / "linear.json", {"format": 1, "meta": self.meta.to_dict(), "vocabularies": vocabularies,
+                                         "tfidf": {**self.spec, "C": self.c},
                                          "task": self.task, "classes": self.clf.classes_.tolist() if single else None})
 
     @classmethod
@@ -142,7 +202,7 @@ class LinearRun:
         run.meta = MetaEncoder.from_dict(spec["meta"])
         run.text = None
         if spec["vocabularies"] is not None:
-            run.text = tfidf(spec["vocabularies"])
+            run.text = tfidf(spec.get("tfidf", OLD_SPEC), spec["vocabularies"])
             for name, vectorizer in run.text.transformer_list:
                 vectorizer.idf_ = arrays[f"idf_{name}"]
         run.task = spec.get("task", SINGLE)
@@ -162,7 +222,7 @@ class GbmRun:
                                       encoded_missing_value=np.nan, max_categories=250)
         self.text: FeatureUnion | None = None
         self.svd: TruncatedSVD | None = None
-        self.seed, self.weight = seed, class_weight(cfg)
+        self.seed, self.weight, self.cfg = seed, class_weight(cfg), cfg
         self.clf: HistGradientBoostingClassifier | None = None
 
     def _features(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
@@ -182,7 +242,7 @@ class GbmRun:
         n_svd = 0
         if has_text(texts):
             try:
-                matrix = (text := tfidf()).fit_transform(texts)
+                matrix = (text := tfidf(tfidf_spec(self.cfg, texts))).fit_transform(texts)
                 n_svd = min(SVD_COMPONENTS, matrix.shape[1] - 1, len(texts) - 1)
             except ValueError:
                 n_svd = 0

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comp import metrics
 from comp.config import TrainConfig
 from comp.nn.batching import Rows
 from comp.nn.model import target_moments
@@ -57,12 +58,11 @@ class StandardizedMSE(nn.Module):
 
 
 def class_weights(tcfg: TrainConfig, y: np.ndarray, n_classes: int) -> np.ndarray | None:
-    """balanced_ce's weight of each class, n / (k · count) over the fold's training rows (0 for a class it
-    lacks); None for unweighted losses and for the tasks without classes."""
+    """balanced_ce's weight of each class over the fold's training rows (metrics.balanced_weights); None for
+    unweighted losses and for the tasks without classes."""
     if tcfg.loss != "balanced_ce" or y.ndim != 1:
         return None
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
+    return metrics.balanced_weights(y, n_classes)
 
 
 def row_weights(tcfg: TrainConfig, y: np.ndarray, n_classes: int) -> np.ndarray | None:

@@ -112,6 +112,16 @@ def read_config(path: Path, root: Path, record: dict | None = None) -> Config:
     return trained
 
 
+def trained_difference(cfg: Config, path: Path) -> str:
+    """How cfg differs from the config a fold was trained with (its config.toml), in words."""
+    try:
+        change = cfg.difference(read_config(path, cfg.root))
+    except CompError:
+        change = None
+    hint = " (train.loss = \"auto\" follows data.metric)" if change and change.startswith("train.loss") else ""
+    return f"{change}{hint}" if change else f"see {path}"
+
+
 def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, now: dict | None = None) -> FoldOutputs:
     """Read a finished fold's outputs, refusing one that is missing or belongs to another split, (unless
     check_config is off) another config, or other inputs than `now` (identity.content: tables, model)."""
@@ -125,9 +135,8 @@ def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, 
                         f"retrain it with python -m comp.train --fold {fold} --force")
     if check_config and not config_matches(cfg, record):
         raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
-                        f"(hash {record.get('config_hash')}, now {cfg.hash()}; see {out / 'config.toml'}): "
-                        f"use the same config (and --params) as for training, or retrain with "
-                        f"python -m comp.train --fold {fold} --force")
+                        f"({trained_difference(cfg, out / 'config.toml')}): use the same config (and --params) as for "
+                        f"training, or retrain with python -m comp.train --fold {fold} --force")
     teacher = stale_teacher(cfg, record)
     if teacher:
         raise CompError(teacher)

