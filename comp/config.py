@@ -134,6 +134,15 @@ TFIDF_BEFORE = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams"
                 "min_df": 2, "C": 1.0}
 
 
+def as_recorded(raw: dict) -> dict:
+    """A fold's config.toml (which holds every key comp had when it trained) read as what that fold ran: a key it
+    lacks predates it, so where the key's default changed what comp does, the fold ran the old behaviour."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "tfidf" not in model:
+        raw = {**raw, "model": {**model, "tfidf": TFIDF_BEFORE}}
+    return raw
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The model kind; for an encoder run the encoder, its pooling, the metadata encoding and the head."""

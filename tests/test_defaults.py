@@ -90,3 +90,19 @@ def test_a_linear_run_saved_before_tfidf_settings_loads_as_it_was_trained(tmp_pa
 def test_auto_loss_reaches_the_classical_runs(tmp_path, tiny_model, metric):
     cfg = config.load(write_project(tmp_path, tiny_model), ["model.kind=linear", f"data.metric={metric}"])
     assert baselines.class_weight(cfg) == ("balanced" if metric == "macro_f1" else None)
+
+
+def test_a_linear_fold_trained_before_tfidf_settings_still_predicts(tmp_path, tiny_model):
+    from comp import predict, train
+
+    path = write_project(tmp_path, tiny_model)
+    assert folds.main(["--config", str(path), "--quiet"]) == 0
+    before = ["--set", "model.kind=linear", "--set", "model.tfidf.analyzer=word+char_wb",
+              "--set", "model.tfidf.char_ngrams=[2, 5]", "--set", "model.tfidf.C=1"]  # the old behaviour
+    assert train.main(["--config", str(path), "--all", "--quiet", *before]) == 0
+    for k in range(3):  # what comp wrote before [model.tfidf] existed: no tfidf key in the fold's config.toml
+        toml = tmp_path / "folds" / "tiny" / f"fold_{k}" / "config.toml"
+        toml.write_text("\n".join(line for line in toml.read_text().splitlines() if not line.startswith("tfidf")))
+    code = predict.main(["--config", str(path), "--quiet", *before, "--test", str(tmp_path / "data" / "test.csv"),
+                         "--out", str(tmp_path / "p.csv")])
+    assert code == 0

@@ -106,7 +106,7 @@ def read_config(path: Path, root: Path, record: dict | None = None) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise CompError(f"{path} is missing or unreadable: retrain that fold with --force") from None
-    trained = config.from_dict(raw, root=root, source=str(path))
+    trained = config.from_dict(config.as_recorded(raw), root=root, source=str(path))
     if record is not None and not config_matches(trained, record):
         raise CompError(f"{path} does not match the config its fold recorded (altered?): retrain it with --force")
     return trained
