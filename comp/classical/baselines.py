@@ -83,19 +83,23 @@ def tfidf(spec: dict, vocabularies: dict[str, list[str]] | None = None) -> Featu
 
 def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, metric: str, seed: int) -> float:
     """tfidf.C = "auto": the C of C_GRID whose logistic regression scores data.metric best in an INNER_FOLDS-fold
-    CV over these rows only (a fold's training rows: its validation rows never choose)."""
+    CV over these rows only (a fold's training rows: its validation rows never choose). Each inner fold fits
+    the Cs in ascending order, each fit starting from the last one's coefficients, to a looser tolerance than
+    the final fit: the whole search costs about two plain fits."""
     counts = np.bincount(y)
     if counts[counts > 0].min() < INNER_FOLDS:
         return 1.0
     direction = 1.0 if metrics.DIRECTION[metric] == "max" else -1.0
     parts = list(StratifiedKFold(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y))
+    probs = np.zeros((len(C_GRID), len(y), int(y.max()) + 1))
+    for tr, va in parts:
+        clf = LogisticRegression(max_iter=2000, class_weight=weight, random_state=seed, warm_start=True, tol=1e-3)
+        for i, c in enumerate(sorted(C_GRID)):
+            clf.set_params(C=c).fit(x[tr], y[tr])
+            probs[i][np.ix_(va, clf.classes_)] = clf.predict_proba(x[va])
     best, chosen = -np.inf, 1.0
-    for c in C_GRID:
-        probs = np.zeros((len(y), int(y.max()) + 1))
-        for tr, va in parts:
-            clf = LogisticRegression(C=c, max_iter=2000, class_weight=weight, random_state=seed).fit(x[tr], y[tr])
-            probs[np.ix_(va, clf.classes_)] = clf.predict_proba(x[va])
-        value = direction * metrics.score_predictions(y, probs, SINGLE)[metric]
+    for i, c in enumerate(sorted(C_GRID)):
+        value = direction * metrics.score_predictions(y, probs[i], SINGLE)[metric]
         if value > best + 1e-12:
             best, chosen = value, c
     return chosen
