@@ -112,7 +112,14 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     cfg = fm.cfg if device_name is None else fm.cfg.replace("train", device=device_name)
     if cfg.model.kind != "encoder":
         model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
-        return lambda table, texts, console: model.logits(table, texts)
+        meta = getattr(model.model, "meta", None)  # a linear run's metadata encoder (gbm: its own ordinal codes)
+
+        def classical_logits(table, texts: list[str], console: Console) -> np.ndarray:
+            if meta is not None:
+                meta.check_seen(table, "the table to predict")
+            return model.logits(table, texts)
+
+        return classical_logits
     device = resolve_device(cfg.train)
     encoder = MetaEncoder.load(fm.path / "encoders.json")
     tokenizer = load_tokenizer(cfg.model, cfg.root)

@@ -219,3 +219,15 @@ def test_padding_device_and_the_resolved_precision_are_part_of_a_folds_identity(
         identities.append(runs.checkpoint_identity(auto, comp, 0, fp))
     assert identities[0]["precision"] == "fp32" and identities[1]["precision"] == "bfloat16"
     assert identities[0] != identities[1]
+
+
+def test_predict_refuses_a_table_whose_categories_are_mostly_unseen(split_project, tmp_path, capsys):
+    cfg = split_project
+    linear_run(cfg, "tiny")
+    table = pd.read_csv(cfg.parent / "data" / "test.csv")
+    table["shop"] = [f"elsewhere{i}" for i in range(len(table))]
+    table.to_csv(tmp_path / "other.csv", index=False)
+    code = predict.main(["--config", str(cfg), *LINEAR, "--test", str(tmp_path / "other.csv"),
+                         "--out", str(tmp_path / "p.csv")])
+    assert_user_error(code, capsys, "categorical column 'shop'", "the table to predict")
+    assert not (tmp_path / "p.csv").exists()
