@@ -58,6 +58,8 @@ def write_sealed_json(path: str | Path, obj: dict) -> None:
 def read_sealed_json(path: str | Path, fix: str) -> dict:
     """A record written by write_sealed_json, refused in one line when its content no longer matches its seal."""
     record = read_json(path)
+    if isinstance(record, dict) and "check" not in record:
+        raise CompError(f"{path} was written by an older comp, without a checksum: {fix}")
     if not isinstance(record, dict) or record.get("check") != seal(record):
         raise CompError(f"{path} does not match the checksum it was written with (altered): {fix}")
     return record
