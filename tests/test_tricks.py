@@ -155,7 +155,7 @@ def test_gated_fusion_lets_metadata_shift_the_text_vector(tiny):
 def test_ema_and_tricks_run_through_fit_fold(tmp_path, tiny_model, tiny):
     """Each key reaches the loop: with it the fold's validation logits differ from the plain run's."""
     _, tok, rows = tiny
-    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=1", "train.batch_size=6"])
+    cfg = config.load(write_project(tmp_path, tiny_model), ["train.epochs=1", "train.batch_size=6", "train.loss=ce"])
     results = {}
     for name, overrides in {"plain": {}, "ema": {"train": {"ema_decay": 0.9}},
                             "layer_decay": {"train": {"layer_decay": 0.3}}, "focal": {"train": {"loss": "focal"}},
