@@ -25,7 +25,7 @@ from sklearn.preprocessing import OrdinalEncoder
 
 from comp import metrics
 from comp.artifacts import atomic_path, read_json, write_json
-from comp.config import Config
+from comp.config import TFIDF_BEFORE, Config
 from comp.errors import CompError
 from comp.metrics import REGRESSION, SINGLE
 from comp.tables.features import MetaEncoder, prepare_columns
@@ -38,7 +38,7 @@ def class_weight(cfg: Config) -> str | None:
     return "balanced" if cfg.train.loss == "balanced_ce" else None
 
 
-C_GRID = (0.25, 1.0, 4.0, 16.0)  # tfidf.C = "auto": the candidates of the inner CV
+C_GRID = (0.25, 1.0, 4.0, 16.0)  # tfidf.C = "auto": the candidates of the inner CV, ascending
 INNER_FOLDS = 3
 UNSPACED = 0.3  # texts whose characters are at least this share CJK, kana or Thai are read without word spaces
 # Han, kana, Thai: scripts that write words without spaces between them (Hangul has spaces: not here)
@@ -63,8 +63,7 @@ def tfidf_spec(cfg: Config, texts: list[str]) -> dict:
             "max_features": t.max_features, "min_df": t.min_df}
 
 
-OLD_SPEC = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams": [2, 5], "max_features": 200_000,
-            "min_df": 2}  # what linear runs saved before [model.tfidf]
+OLD_SPEC = {k: v for k, v in TFIDF_BEFORE.items() if k != "C"}  # what linear runs saved before [model.tfidf]
 
 
 def tfidf(spec: dict, vocabularies: dict[str, list[str]] | None = None) -> FeatureUnion:
@@ -95,15 +94,10 @@ def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: in
     probs = np.zeros((len(C_GRID), len(y), int(y.max()) + 1))
     for tr, va in parts:
         clf = LogisticRegression(max_iter=2000, class_weight=weight, random_state=seed, warm_start=True, tol=1e-3)
-        for i, c in enumerate(sorted(C_GRID)):
+        for i, c in enumerate(C_GRID):  # ascending
             clf.set_params(C=c).fit(x[tr], y[tr])
             probs[i][np.ix_(va, clf.classes_)] = clf.predict_proba(x[va])
-    best, chosen = -np.inf, 1.0
-    for i, c in enumerate(sorted(C_GRID)):
-        value = -metrics.log_loss(y, probs[i])
-        if value > best + 1e-12:
-            best, chosen = value, c
-    return chosen
+    return C_GRID[int(np.argmin([metrics.log_loss(y, p) for p in probs]))]
 
 
 def has_text(texts: list[str]) -> bool:

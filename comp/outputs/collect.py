@@ -38,16 +38,21 @@ def is_complete(cfg: Config, fold: int) -> bool:
     return path.is_file() and read_json(path).get("status") == "complete"
 
 
+def recorded_sums(cfg: Config, fold: int) -> dict | None:
+    """The sha256 of each file a finished fold recorded (None while the fold is unfinished)."""
+    if not is_complete(cfg, fold):
+        return None
+    return read_json(cfg.fold_dir(fold) / "metrics.json").get("sha256") or {}
+
+
 def outputs_stamp(cfg: Config) -> str | None:
     """A digest of the OOF and test logits of every fold of cfg's run (the sha256 their records hold), which a
     rule or weights fitted on them record: None while a fold is unfinished."""
-    sums = []
-    for k in range(cfg.folds.n_splits):
-        if not is_complete(cfg, k):
-            return None
-        recorded = read_json(cfg.fold_dir(k) / "metrics.json").get("sha256") or {}
-        sums += [recorded.get("oof_logits.npy"), recorded.get("test_logits.npy")]
-    return hashlib.sha256("|".join(map(str, sums)).encode()).hexdigest()[:16]
+    folds = [recorded_sums(cfg, k) for k in range(cfg.folds.n_splits)]
+    if any(sums is None for sums in folds):
+        return None
+    digests = [sums.get(name) for sums in folds for name in ("oof_logits.npy", "test_logits.npy")]
+    return hashlib.sha256("|".join(map(str, digests)).encode()).hexdigest()[:16]
 
 
 def stale_teacher(cfg: Config, record: dict) -> str | None:
@@ -55,10 +60,9 @@ def stale_teacher(cfg: Config, record: dict) -> str | None:
     pseudo = record.get("pseudo")
     if not pseudo:
         return None
-    teacher, fold = cfg.replace("run", name=pseudo["from"]), record.get("fold")
-    now = (read_json(teacher.fold_dir(fold) / "metrics.json").get("sha256") or {}).get("test_logits.npy") \
-        if is_complete(teacher, fold) else None
-    if now == pseudo.get("teacher_sha256"):
+    fold = record.get("fold")
+    sums = recorded_sums(cfg.replace("run", name=pseudo["from"]), fold)
+    if sums is not None and sums.get("test_logits.npy") == pseudo.get("teacher_sha256"):
         return None
     return (f"the pseudo-label teacher run {pseudo['from']!r} was retrained or removed after fold {fold} of run "
             f"{cfg.run.name!r} learned from it: retrain this run with python -m comp.train --all --force")
