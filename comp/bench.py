@@ -20,17 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from comp import __version__, cli, metrics
 from comp.artifacts import write_json
-from comp.config import Config
+from comp.config import Config, resolve_model_path
 from comp.errors import CompError, run_cli
 from comp.nn.batching import Rows, Truncation, tokenize, train_batches
 from comp.nn.distributed import SINGLE, shard_batches
 from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
-from comp.nn.model import build_model, encoder_config, load_encoder, load_tokenizer
+from comp.nn.model import build_model, encoder_config, load_encoder, load_tokenizer, pad_id
 from comp.nn.state import TrainState, make_optimizer, seed_everything
 from comp.outputs.runs import Tokens, fit_split
 from comp.tables.features import MetaEncoder
-from comp.tables.identity import resolve_model_path
 from comp.tables.read import load_competition
 
 # --- measurement helpers ---------------------------------------------------------------------------
@@ -283,7 +282,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     model = build_model(cfg.model, enc.width, n_classes, root=cfg.root).to(device)
     opt = make_optimizer(model, cfg.train)
     state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    rt = Runtime(cfg.train, device, amp, tokenizer.pad_token_id, nn.CrossEntropyLoss())
+    rt = Runtime(cfg.train, device, amp, pad_id(tokenizer), nn.CrossEntropyLoss())
 
     def shares(batches):
         return shard_batches(batches, SINGLE, cfg.train.grad_accum_steps)
@@ -371,7 +370,7 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
         t0 = time.perf_counter()
         qcfg = cfg.replace("train", epochs=epochs, patience=patience, monitor="val_loss", checkpoint_every=0,
                            seed=cfg.train.seed + seed)
-        _, res = fit_split(qcfg, comp, (tr, va), 0, Tokens(tokens, None, tokenizer.pad_token_id), Console(quiet=True))
+        _, res = fit_split(qcfg, comp, (tr, va), 0, Tokens(tokens, None, pad_id(tokenizer)), Console(quiet=True))
         runs["comp"].append((metrics.score(comp.y[va], res.val_logits)["macro_f1"], len(res.history),
                              time.perf_counter() - t0))
         del res
@@ -419,10 +418,10 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
     out: dict = {"rows": len(texts), "useful_tokens": useful, "batch_size": 128,
                  "precision": str(amp).replace("torch.", "") if amp else "fp32"}
     model = build_model(cfg.model, enc.width, len(comp.classes), root=cfg.root).to(device).eval()
-    predict(model, Rows(tokens[:8], rows.meta[:8]), 128, tokenizer.pad_token_id, device, amp)  # warm-up
+    predict(model, Rows(tokens[:8], rows.meta[:8]), 128, pad_id(tokenizer), device, amp)  # warm-up
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        predict(model, rows, 128, tokenizer.pad_token_id, device, amp)
+        predict(model, rows, 128, pad_id(tokenizer), device, amp)
         _sync(device)
         seconds = time.perf_counter() - t0
     out["comp"] = _speed(len(texts), useful, seconds, mem)

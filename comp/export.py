@@ -4,6 +4,7 @@ or stacked by a logistic level-2 model) for offline prediction:
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -17,15 +18,14 @@ from transformers import AutoConfig
 
 from comp import __version__, cli
 from comp.artifacts import read_json, read_sealed_json, sha256
-from comp.config import Config, to_toml
+from comp.config import Config, resolve_model_path, to_toml
 from comp.errors import CompError, run_cli
 from comp.nn.hardware import resolve_device
-from comp.nn.model import load_tokenizer
+from comp.nn.model import load_encoder, load_tokenizer
 from comp.outputs import bundle
 from comp.outputs.collect import MODEL_FILES, outputs_stamp
 from comp.outputs.decide import portable
 from comp.predict import FoldModel, Member, estimate, run_decision, run_folds
-from comp.tables.identity import resolve_model_path
 
 
 def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, dict | None]:
@@ -80,8 +80,9 @@ def copy_weights(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
 
 
 def copy_member(m: Member, root: Path) -> str:
-    """A run's fold model files and resolved configs, and once its encoder's config and tokenizer; returns the
-    dtype its encoder weights are stored in."""
+    """A run's fold model files and resolved configs, and once its encoder's config and tokenizer (and, for a
+    LoRA run, whose folds hold only adapters and head, its base weights); returns the dtype its encoder weights
+    are stored in."""
     stored = set()
     for k, fm in enumerate(m.folds):
         kind = fm.cfg.model.kind
@@ -102,7 +103,13 @@ def copy_member(m: Member, root: Path) -> str:
     if first.model.kind == "encoder":
         encoders = root / "encoders" / m.name
         load_tokenizer(first.model, first.root).save_pretrained(encoders)
-        AutoConfig.from_pretrained(resolve_model_path(first.model.name_or_path, first.root)).save_pretrained(encoders)
+        if first.model.lora.r:  # the base once, in the half dtype it trained under (loading casts it back)
+            base = load_encoder(dataclasses.replace(first.model, quantize="off"), root=first.root)
+            base.to(trained_dtype(m.folds[0]) or torch.float32).save_pretrained(encoders)
+        else:
+            AutoConfig.from_pretrained(resolve_model_path(first.model.name_or_path, first.root),
+                                       **({"gguf_file": first.model.gguf_file} if first.model.gguf_file else {})
+                                       ).save_pretrained(encoders)
     return "/".join(sorted(stored))
 
 

@@ -23,7 +23,7 @@ from comp.errors import CompError, run_cli
 from comp.nn import loop
 from comp.nn.batching import Rows, Truncation, tokenize
 from comp.nn.hardware import resolve_device, resolve_precision
-from comp.nn.model import build_model, load_tokenizer
+from comp.nn.model import build_model, load_tokenizer, pad_id
 from comp.outputs import bundle
 from comp.outputs.collect import (
     average_probabilities,
@@ -87,7 +87,7 @@ def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, dict | Non
             path = root / "runs" / m["name"] / f"fold_{k}"
             trained = read_config(path / "config.toml", root)
             if trained.model.kind == "encoder":
-                trained = trained.replace("model", name_or_path=str(root / "encoders" / m["name"]))
+                trained = trained.replace("model", name_or_path=str(root / "encoders" / m["name"]), gguf_file="")
             folds.append(FoldModel(trained, path, manifest["classes"]))
         members.append(Member(m["name"], m["weight"], folds))
     return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None, manifest.get("decision")
@@ -105,10 +105,11 @@ def run_decision(cfg: Config) -> dict | None:
     return rule
 
 
-def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None = None):
+def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None = None, bases: dict | None = None):
     """One fold's model, loaded: a function from (table, texts, console) to its logits for those rows. `tokens`:
     the texts' token ids by tokenizer and truncation, shared by the folds of a prediction (a run's folds share
-    both, so its table is tokenized once)."""
+    both, so its table is tokenized once). `bases`: LoRA folds' models by their [model] settings, shared the
+    same way, so the base model is loaded once and each fold only loads its adapters and head into it."""
     cfg = fm.cfg if device_name is None else fm.cfg.replace("train", device=device_name)
     if cfg.model.kind != "encoder":
         model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
@@ -123,10 +124,16 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     device = resolve_device(cfg.train)
     encoder = MetaEncoder.load(fm.path / "encoders.json")
     tokenizer = load_tokenizer(cfg.model, cfg.root)
-    model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=False, root=cfg.root, task=cfg.data.task,
-                        pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None)
+    lora = cfg.model.lora.r > 0  # its folds hold only what trained: the base comes from model.name_or_path
+    key = (cfg.model, cfg.root, cfg.data.task, cfg.data.text_pair, str(device), encoder.width, len(fm.classes))
+    model = (bases or {}).get(key) if lora else None
+    if model is None:
+        model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=lora, root=cfg.root,
+                            task=cfg.data.task, pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None)
+        model.to(device)
+        if lora and bases is not None:
+            bases[key] = model
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
-    model.to(device)
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
         encoder.check_seen(table, "the table to predict")
@@ -136,7 +143,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
             cache[key] = tokenize(tokenizer, texts, Truncation.of(cfg.model))
         rows = Rows(cache[key], encoder.transform(table))
         with loop.make_progress(console) as progress:
-            return loop.predict(model, rows, cfg.train.eval_batch_size, tokenizer.pad_token_id, device,
+            return loop.predict(model, rows, cfg.train.eval_batch_size, pad_id(tokenizer), device,
                                   resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
 
     return logits
@@ -155,12 +162,12 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
         raise CompError("the folds to predict with were trained with different classes or tasks: retrain them with "
                         "--force")
     table, texts = load_table(cfg, test)
-    logits, per_run, tokens = {}, [], {}
+    logits, per_run, tokens, bases = {}, [], {}, {}
     for m in members:
         logits[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
-            logits[m.name].append(fold_predictor(fm, device, tokens)(table, texts, console))
+            logits[m.name].append(fold_predictor(fm, device, tokens, bases)(table, texts, console))
             console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
         per_run.append(average_probabilities(logits[m.name], cfg.data.task))
     if stacker is not None:

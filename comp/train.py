@@ -11,6 +11,8 @@ from comp import cli, metrics
 from comp.artifacts import write_text
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
+from comp.nn.hardware import resolve_device
+from comp.nn.model import check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
 from comp.outputs.collect import config_matches, is_complete, stale_teacher, verify_fold
@@ -51,6 +53,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     cfg = cli.load_config(args)
     if cfg.model.kind == "encoder":
         optimizer_class(cfg.train)  # an optimizer that cannot load is refused before anything is written
+        check_quantize(cfg.model, resolve_device(cfg.train))  # so is k-bit on a CPU
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")

@@ -73,15 +73,18 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=auto", "model.msd_samples=1"]).hash()
     for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
         other = {str: "'x'", float: "0.5", int: "2", type(None): "0.5", list: "['x', 'y']", bool: "true"}[type(default)]
-        if key in ("train.pseudo_threshold", "train.swa_epochs"):
-            continue  # only meaningful with a teacher, with weight averaging
+        if key in ("train.pseudo_threshold", "train.swa_epochs", "model.quantize"):
+            continue  # only meaningful with a teacher, with weight averaging, with adapters (below)
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
                  "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
                  "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last",
-                 "train.awp_params": "encoder", "train.device": "cpu"}.get(key, other)
+                 "train.awp_params": "encoder", "train.device": "cpu", "data.template": "'{text}!'"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
     assert base.hash() == config.load(write(tmp_path, ""), ["train.swa_epochs=2"]).hash()  # no averaging, no count
+    assert base.hash() == config.load(write(tmp_path, ""), ["model.lora.alpha=4"]).hash()  # no adapters (r = 0)
+    lora = config.load(write(tmp_path, ""), ["model.lora.r=4"]).hash()
+    assert lora != base.hash() and lora != config.load(write(tmp_path, ""), ["model.lora.r=4", "model.quantize=4bit"]).hash()
     swa = ["train.swa=last", "train.epochs=5"]
     assert config.load(write(tmp_path, ""), swa).hash() != config.load(write(tmp_path, ""), [*swa, "train.swa_epochs=5"]).hash()
 

