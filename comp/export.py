@@ -26,6 +26,7 @@ from comp.outputs import bundle
 from comp.outputs.collect import MODEL_FILES, outputs_stamp
 from comp.outputs.decide import portable
 from comp.predict import FoldModel, Member, estimate, run_decision, run_folds
+from comp.tables import identity
 
 
 def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, dict | None]:
@@ -79,7 +80,7 @@ def copy_weights(src: Path, dst: Path, dtype: torch.dtype | None) -> None:
     save_file(weights, str(dst))
 
 
-def copy_member(m: Member, root: Path) -> str:
+def copy_member(m: Member, root: Path, base: Path | None = None) -> str:
     """A run's fold model files and resolved configs, and once its encoder's config and tokenizer (and, for a
     LoRA run, whose folds hold only adapters and head, its base weights); returns the dtype its encoder weights
     are stored in."""
@@ -103,7 +104,9 @@ def copy_member(m: Member, root: Path) -> str:
     if first.model.kind == "encoder":
         encoders = root / "encoders" / m.name
         load_tokenizer(first.model, first.root).save_pretrained(encoders)
-        if first.model.lora.r:  # the base once, in the half dtype it trained under (loading casts it back)
+        if first.model.lora.r and base is not None:  # named, not carried: only its config beside the tokenizer
+            AutoConfig.from_pretrained(base).save_pretrained(encoders)
+        elif first.model.lora.r:  # the base once, in the half dtype it trained under (loading casts it back)
             base = load_encoder(dataclasses.replace(first.model, quantize="off"), root=first.root)
             base.to(trained_dtype(m.folds[0]) or torch.float32).save_pretrained(encoders)
         else:
@@ -126,16 +129,19 @@ def measure_speed(cfg: Config, members: list[Member], console) -> dict | None:
     return {"device": device, "runs": speeds}
 
 
-def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = None, console=None) -> dict:
-    """Write the bundle into a temporary folder beside `out`, then move it into place."""
+def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = None, console=None,
+           base: Path | None = None) -> dict:
+    """Write the bundle into a temporary folder beside `out`, then move it into place. `base`: LoRA members name
+    this folder (their base model, checked by digest) instead of carrying its weights."""
     console = console or cli.console()
     if out.exists():
         raise CompError(f"{out} already exists: remove it or pick another --out")
     members, stack, decision = members_of(cfg, run, blend)
+    bases = {m.name: base_digest(m, base) for m in members} if base is not None else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        stored = {m.name: copy_member(m, tmp) for m in members}
+        stored = {m.name: copy_member(m, tmp, base if m.name in bases else None) for m in members}
         if stack is not None:
             (tmp / "stack").mkdir()
             for name in ("stack.json", "stack.safetensors"):
@@ -147,7 +153,8 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
                     "transformers_version": transformers.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "classes": members[0].folds[0].classes,
                     "members": [{"name": m.name, "weight": m.weight, "folds": len(m.folds),
-                                 "kind": m.folds[0].cfg.model.kind, "encoder_weights": stored[m.name]}
+                                 "kind": m.folds[0].cfg.model.kind, "encoder_weights": stored[m.name],
+                                 **({"base": {"digest": bases[m.name]}} if m.name in bases else {})}
                                 for m in members],
                     "cv": {m.name: [read_json(fm.path / "metrics.json").get("oof") for fm in m.folds] for m in members}}
         bundle.write_manifest(tmp, manifest)
@@ -162,6 +169,19 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     return {"path": str(out), "bytes": size}
 
 
+def base_digest(m: Member, base: Path) -> str:
+    """--base: the digest of the folder a LoRA member names instead of carrying, which must be the model it
+    trained on."""
+    first = m.folds[0].cfg
+    if not first.model.lora.r:
+        raise CompError(f"--base names the base model of LoRA runs; run {m.name!r} trained its whole encoder, "
+                        "whose weights are its folds': drop --base")
+    if not base.is_dir() or identity.folder_digest(base) != identity.model_digest(first):
+        raise CompError(f"--base {base} is not the model run {m.name!r} trained on ({first.model.name_or_path}): "
+                        "pass that model's folder")
+    return identity.folder_digest(base)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export a finished run or blend as a self-contained bundle for offline prediction."""
     parser = cli.parser("comp.export", main.__doc__)
@@ -169,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", help="the finished run to export (default: run.name of the config)")
     which.add_argument("--blend", help="a blend made by comp.blend (its runs and weights)")
     parser.add_argument("--out", required=True, help="the bundle folder to create")
+    parser.add_argument("--base", metavar="DIR", help="LoRA runs: name this base model folder (already uploaded) "
+                        "instead of carrying its weights; predict then takes it as --base")
     args = parser.parse_args(argv)
 
     def body() -> int:
         console = cli.console(args.quiet)
-        export(cli.load_config(args, console), Path(args.out), args.run, args.blend, console)
+        export(cli.load_config(args, console), Path(args.out), args.run, args.blend, console,
+               Path(args.base) if args.base else None)
         return 0
 
     return run_cli(body)

@@ -76,21 +76,36 @@ def run_folds(cfg: Config) -> list[FoldModel]:
     return folds
 
 
-def bundle_members(root: Path) -> tuple[list[Member], Stacker | None, dict | None]:
-    """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders, and
-    its level-2 model when the bundle is a stack, and its decision rule when it has one."""
+def bundle_members(root: Path, base: Path | None = None) -> tuple[list[Member], Stacker | None, dict | None]:
+    """The runs of a bundle (checked file by file), their folds' models pointed at the bundle's encoders (or, for
+    a bundle exported with --base, at `base`, checked against the recorded digest), and its level-2 model when
+    the bundle is a stack, and its decision rule when it has one."""
     manifest = bundle.read_manifest(root)
     members = []
     for m in manifest["members"]:
+        encoders = external_base(m, base) if m.get("base") else root / "encoders" / m["name"]
         folds = []
         for k in range(m["folds"]):
             path = root / "runs" / m["name"] / f"fold_{k}"
             trained = read_config(path / "config.toml", root)
             if trained.model.kind == "encoder":
-                trained = trained.replace("model", name_or_path=str(root / "encoders" / m["name"]), gguf_file="")
+                trained = trained.replace("model", name_or_path=str(encoders), gguf_file="")
             folds.append(FoldModel(trained, path, manifest["classes"]))
         members.append(Member(m["name"], m["weight"], folds))
     return members, Stacker.load(root / "stack") if manifest.get("combine") == "stack" else None, manifest.get("decision")
+
+
+def external_base(member: dict, base: Path | None) -> Path:
+    """The base model folder a LoRA member exported with --base names: --base here, with the same digest."""
+    recorded = member["base"]["digest"]
+    if base is None:
+        raise CompError(f"run {member['name']!r} of this bundle was exported without its base model (digest "
+                        f"{recorded}): pass --base with the folder of that model")
+    if not base.is_dir() or identity.folder_digest(base) != recorded:
+        raise CompError(f"--base {base} is not the base model run {member['name']!r} trained on (its digest "
+                        f"{identity.folder_digest(base) if base.is_dir() else 'missing'} is not {recorded}): pass "
+                        "the folder of the model the run trained on")
+    return base
 
 
 def run_decision(cfg: Config) -> dict | None:
@@ -234,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", help="a sample submission whose columns and id order the output takes")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's train.device)")
     parser.add_argument("--save-logits", metavar="DIR", help="also write each fold's logits (<run>/fold_<k>.npy, ids.npy)")
+    parser.add_argument("--base", metavar="DIR", help="the base model folder of a bundle exported with --base")
     args = parser.parse_args(argv)
     return run_cli(lambda: _main(args))
 
@@ -242,7 +258,7 @@ def _main(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     stacker = None
     if args.bundle:
-        members, stacker, decision = bundle_members(Path(args.bundle))
+        members, stacker, decision = bundle_members(Path(args.bundle), Path(args.base) if args.base else None)
     else:
         if args.run:
             args.set = [*args.set, f"run.name={args.run}"]

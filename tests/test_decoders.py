@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from comp import config, export, folds, predict, submit, train
 from comp.config import LoraConfig, ModelConfig
@@ -118,13 +118,46 @@ def test_a_lora_run_saves_checkpoints_and_predicts_only_what_trains(qwen, tmp_pa
                for k in load_file(str(bundle / "runs" / "tiny" / "fold_1" / "model.safetensors")))
     shutil.rmtree(qwen.parent / "gone", ignore_errors=True)
     moved = qwen.parent / "gone"
-    qwen.rename(moved)  # the bundle needs no model folder
+    qwen.rename(moved)  # the bundle needs no model folder, and no hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     try:
         assert predict.main(["--bundle", str(bundle), "--quiet", "--test", str(data / "test.csv"),
                              "--out", str(tmp_path / "b.csv"), "--sample", str(data / "sample_submission.csv")]) == 0
     finally:
         moved.rename(qwen)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "b.csv"), expected)
+
+
+@pytest.fixture(scope="module")
+def lora_run(qwen, tmp_path_factory):
+    """The tiny Qwen2 project with a finished, submitted LoRA run."""
+    cfg = write_project(tmp_path_factory.mktemp("lora"), qwen)
+    assert folds.main(["--config", str(cfg), *LORA]) == 0
+    assert train.main(["--config", str(cfg), "--all", *LORA]) == 0 and submit.main(["--config", str(cfg), *LORA]) == 0
+    return cfg
+
+
+def test_a_bundle_exported_with_base_names_the_base_and_predicts_with_it(lora_run, qwen, tmp_path, capsys):
+    cfg, data = lora_run, lora_run.parent / "data"
+    bundle = tmp_path / "bundle"
+    assert export.main(["--config", str(cfg), *LORA, "--out", str(bundle), "--base", str(qwen)]) == 0
+    assert not (bundle / "encoders" / "tiny" / "model.safetensors").exists()  # named, not carried
+    args = ["--bundle", str(bundle), "--quiet", "--test", str(data / "test.csv"),
+            "--sample", str(data / "sample_submission.csv")]
+    assert predict.main([*args, "--out", str(tmp_path / "p.csv"), "--base", str(qwen)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"),
+                                  pd.read_csv(cfg.parent / "submissions" / "tiny.csv"))
+    other = tmp_path / "other"
+    shutil.copytree(qwen, other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "model.safetensors"))
+    before = snapshot(tmp_path)
+    assert_user_error(predict.main([*args, "--out", str(tmp_path / "q.csv"), "--base", str(other)]), capsys,
+                      "is not the base model run 'tiny' trained on")
+    assert_user_error(predict.main([*args, "--out", str(tmp_path / "q.csv")]), capsys, "pass --base")
+    assert_user_error(export.main(["--config", str(cfg), *LORA, "--out", str(tmp_path / "b2"), "--base", str(other)]),
+                      capsys, "is not the model run 'tiny' trained on")
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("sets, needle", [
@@ -229,3 +262,19 @@ def test_a_bad_template_is_one_line_and_writes_nothing(project, capsys, template
     before = snapshot(project.parent)
     assert_user_error(folds.main(["--config", str(project), "--set", f"data.template={template}"]), capsys, needle)
     assert snapshot(project.parent) == before
+
+
+def test_a_left_padding_decoder_tokenizer_trains_like_a_right_padding_one(qwen, tmp_path):
+    """comp pads on the right itself and pools the last real token by position: the tokenizer's side is moot."""
+    left = tmp_path / "left"
+    shutil.copytree(qwen, left)
+    settings = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    assert model.load_tokenizer(ModelConfig(name_or_path=str(left))).padding_side == "left"
+    tables, logits = make_tables(n_train=48, n_test=10), []
+    for name, path in (("right", qwen), ("left", left)):
+        cfg = write_project(tmp_path / name, path, tables)
+        assert folds.main(["--config", str(cfg), *LORA]) == 0
+        assert train.main(["--config", str(cfg), "--fold", "0", *LORA]) == 0
+        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+    assert np.allclose(logits[0], logits[1], atol=1e-6)

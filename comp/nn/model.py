@@ -45,7 +45,13 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _gguf(mcfg: ModelConfig) -> dict:
-    return {"gguf_file": mcfg.gguf_file} if mcfg.gguf_file else {}
+    """from_pretrained's arguments for model.gguf_file (whose conversion bar, a bare tqdm, stays quiet)."""
+    if not mcfg.gguf_file:
+        return {}
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_utils.tqdm = lambda items, **_: items
+    return {"gguf_file": mcfg.gguf_file}
 
 
 def encoder_config(mcfg: ModelConfig, path: str):

@@ -59,6 +59,12 @@ def _model_files(folder: Path) -> list[Path]:
     return sorted({p for pattern in MODEL_PATTERNS for p in folder.glob(pattern) if p.is_file()})
 
 
+def folder_digest(folder: Path) -> str:
+    """The fingerprint of a model folder's files (config, weights, tokenizer), wherever the folder is."""
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _model_files(folder))
+    return _folder_digest(str(folder.resolve()), stamp)
+
+
 def model_digest(cfg: Config) -> str | None:
     """The pretrained model's fingerprint (None for runs without one). A name that is no local folder (a hub
     id) is its own identity."""
@@ -67,8 +73,7 @@ def model_digest(cfg: Config) -> str | None:
     folder = Path(resolve_model_path(cfg.model.name_or_path, cfg.root))
     if not folder.is_dir():
         return f"name:{cfg.model.name_or_path}"
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _model_files(folder))
-    return _folder_digest(str(folder.resolve()), stamp)
+    return folder_digest(folder)
 
 
 def tables(cfg: Config, comp) -> dict:
