@@ -111,10 +111,12 @@ class RunConfig:
     submissions_dir: str = "submissions"
     reports_dir: str = "reports"
     params: str | None = None
+    seeds: int = 1  # > 1: a seed bag, this run under that many seeds (see Config.bag)
 
     def __post_init__(self):
         ok = self.name and all(ch.isalnum() or ch in "-_." for ch in self.name) and self.name[0] != "."
         _require(bool(ok), f"run.name {self.name!r} must be letters, digits, '-', '_' or '.'")
+        _require(self.seeds >= 1, "run.seeds must be >= 1 (1: one seed, no bag)")
 
 
 ANALYZERS = ("auto", "word+char_wb", "char")
@@ -270,6 +272,9 @@ class TrainConfig:
     swa_epochs: int = 3
     pseudo_run: str = ""
     pseudo_threshold: float = 0.9
+    teacher: str = ""               # a finished run on the same folds whose fold k model gives fold k soft targets
+    distill_weight: float = 0.5     # the soft targets' share of the loss (the labels' is 1 - this)
+    temperature: float = 2.0        # both sides' logits divided by it before the soft loss
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs must be >= 1")
@@ -305,6 +310,8 @@ class TrainConfig:
         _require(self.swa == "off" or self.swa_epochs <= self.epochs,
                  "train.swa_epochs must be <= train.epochs: only epochs that run can be averaged")
         _require(0.0 < self.pseudo_threshold <= 1.0, "train.pseudo_threshold must be in (0, 1]")
+        _require(0.0 < self.distill_weight <= 1.0, "train.distill_weight must be in (0, 1]")
+        _require(self.temperature > 0, "train.temperature must be > 0")
 
 
 def _default_space() -> dict:
@@ -399,7 +406,8 @@ class PretrainConfig:
 SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model": ModelConfig, "train": TrainConfig,
             "tune": TuneConfig, "pretrain": PretrainConfig}
 # Keys that do not change what a fold learns; they stay out of the config hash.
-UNHASHED = {"data": {"sample_submission", "solution", "metric"}, "run": {"submissions_dir", "reports_dir", "params"},
+UNHASHED = {"data": {"sample_submission", "solution", "metric"},
+            "run": {"submissions_dir", "reports_dir", "params", "seeds"},
             "train": {"eval_batch_size", "log_every", "checkpoint_every", "gradient_checkpointing"}}
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
@@ -414,6 +422,7 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
                    "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9,
+                   "teacher": "",
                    "pad_to_multiple_of": 8, "device": "auto"}}
 
 
@@ -498,6 +507,9 @@ class Config:
                     d[section].pop(k, None)
         if not d["train"].get("pseudo_run"):
             d["train"].pop("pseudo_threshold", None)  # no teacher, no threshold
+        if not d["train"].get("teacher"):
+            d["train"].pop("distill_weight", None)  # no teacher, no soft targets
+            d["train"].pop("temperature", None)
         if d["model"].get("kind", "encoder") == "encoder" or d["model"].get("tfidf") == TFIDF_BEFORE:
             d["model"].pop("tfidf", None)  # only classical runs read it
         if d["model"].get("lora", {}).get("r", 0) == 0:
@@ -505,6 +517,18 @@ class Config:
         if d["train"].get("swa", "off") == "off":
             d["train"].pop("swa_epochs", None)  # no averaging, no epoch count
         return d
+
+    def bag(self) -> list[Config]:
+        """run.seeds > 1: the bag's runs on the same folds: this run, then <name>-s1, <name>-s2, ... whose
+        train.seed is 1000·s higher (fold k of seed s draws from train.seed + 1000·s + k: no stream repeats
+        while there are fewer than 1000 folds)."""
+        return [self if s == 0 else self.replace("run", name=f"{self.run.name}-s{s}").replace(
+            "train", seed=self.train.seed + 1000 * s) for s in range(self.run.seeds)]
+
+    @property
+    def bag_name(self) -> str:
+        """The seed bag's blend: its runs averaged with equal weights."""
+        return f"{self.run.name}-bag{self.run.seeds}"
 
     def replace(self, section: str, **changes) -> Config:
         """A copy with some keys of one section changed (validated again)."""
@@ -657,6 +681,12 @@ def _for_task(sections: dict) -> dict:
              "train.pseudo_run empty (and drop --pseudo)")
     _require(sections["model"].kind == "encoder" or sections["model"].lora.r == 0, f"model.lora adapts an encoder "
              f"or LLM run; model.kind = {sections['model'].kind!r} has none: leave model.lora.r = 0")
+    _require(not train.teacher or sections["model"].kind == "encoder", f"train.teacher distils into encoder runs "
+             f"(a loss on soft targets); model.kind = {sections['model'].kind!r} has none: leave train.teacher empty")
+    _require(not (train.teacher and train.pseudo_run), "train.teacher and train.pseudo_run both name a teacher: "
+             "use one of them")
+    _require(not train.teacher or train.teacher != sections["run"].name, f"train.teacher names this run "
+             f"({train.teacher!r}): name the finished run to learn from and give this one another run.name")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "
              "\"single_label\": use model.kind = \"linear\" or \"encoder\"")
     _require(not data.template or sections["model"].chunks == 1, "data.template keeps its columns whole and cuts the "

@@ -31,14 +31,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = cli.parser("comp.submit", main.__doc__)
     blend.add_arguments(parser, required=False)
+    parser.add_argument("--seeds", type=int, metavar="N", help="a seed bag (comp.train --seeds N): score each seed "
+                        "and their equal-weight average; the same as --set run.seeds=N")
     args = parser.parse_args(argv)
+    if args.seeds is not None:
+        args.set.append(f"run.seeds={args.seeds}")
     if args.runs:  # several runs: the blend's submission
         return run_cli(lambda: blend.run(args))
 
     def body() -> int:
         started = time.perf_counter()
         console = cli.console(args.quiet)
-        submit(cli.load_config(args, console), console, args.decide)
+        cfg = cli.load_config(args, console)
+        if cfg.run.seeds > 1:  # a seed bag: each seed's CV and the honest CV of their equal-weight average
+            blend.blend(cfg.replace("run", name=cfg.bag_name), [m.run.name for m in cfg.bag()], "equal", console,
+                        None, args.decide)
+        else:
+            submit(cfg, console, args.decide)
         console.print(f"submit took {time.perf_counter() - started:.1f}s")
         return 0
 

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
+import numpy as np
 import torch
 
 from comp import cli, metrics
 from comp.artifacts import write_text
+from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
 from comp.nn.hardware import resolve_device
 from comp.nn.model import check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
-from comp.outputs.collect import config_matches, is_complete, stale_teacher, verify_fold
-from comp.outputs.runs import tokenize_tables, train_classical_fold, train_fold
+from comp.outputs.collect import config_matches, is_complete, read_config, stale_teacher, verify_fold
+from comp.outputs.runs import Distill, tokenize_tables, train_classical_fold, train_fold
+from comp.predict import FoldModel, fold_predictor
 from comp.tables import identity
-from comp.tables.read import load_competition
+from comp.tables.read import Competition, load_competition
 from comp.tables.splits import load_folds
 
 
@@ -33,16 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="with --all: fold processes at once on the CPU")
     parser.add_argument("--pseudo", metavar="RUN", help="add RUN's confident test predictions (train.pseudo_threshold) "
                         "to every fold's training part; the same as --set train.pseudo_run=RUN")
+    parser.add_argument("--seeds", type=int, metavar="N", help="a seed bag: the run under N seeds on the same folds "
+                        "(<run>, <run>-s1, ...); the same as --set run.seeds=N")
     args = parser.parse_args(argv)
     if args.pseudo:
         args.set.append(f"train.pseudo_run={args.pseudo}")
+    if args.seeds is not None:
+        args.set.append(f"run.seeds={args.seeds}")
     return run_cli(lambda: train(args))
 
 
 def train(args: argparse.Namespace) -> int:
     d = distributed.from_env()  # under torchrun: this process's rank in a DDP job
     try:
-        return _train(args, d)
+        bag = cli.load_config(argparse.Namespace(**{**vars(args), "quiet": True})).bag()
+        for member in bag:  # one run, or each seed of the bag in turn
+            sets = [f"run.name={member.run.name}", f"train.seed={member.train.seed}"] if len(bag) > 1 else []
+            _train(argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]}), d)
+        return 0
     finally:
         distributed.close(d)
 
@@ -102,7 +114,8 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     for k in todo:
         console.start_log()
         if cfg.model.kind == "encoder":
-            record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d)
+            distill = teacher_outputs(cfg, comp, folds, folds_fp, k, console)
+            record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d, distill=distill)
         else:
             record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
         b, swa = record["best"], record.get("swa")
@@ -114,6 +127,42 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         if d.is_main:
             write_text(cfg.fold_dir(k) / "train.log", log)
     return 0
+
+
+def teacher_outputs(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
+                    console) -> Distill | None:
+    """train.teacher's soft targets for fold `fold`'s training rows: what the teacher's own fold `fold` model
+    predicts for them. That model never saw this fold's validation rows, so the student's CV stays honest (the
+    teacher's out-of-fold outputs for these rows came from its other folds' models, which trained on this
+    fold's validation rows)."""
+    name = cfg.train.teacher
+    if not name:
+        return None
+    teacher = cfg.replace("run", name=name)
+    if not is_complete(teacher, fold):
+        raise CompError(f"train.teacher {name!r} has no finished fold {fold} ({teacher.fold_dir(fold)}): train that "
+                        f"run first (python -m comp.train --all --set run.name={name} ...)")
+    record = verify_fold(teacher, fold)
+    if record.get("folds_fingerprint") != folds_fp or record.get("classes") != comp.classes:
+        raise CompError(f"train.teacher {name!r} was trained on another split or other classes: retrain it on the "
+                        "current folds, or pick another run")
+    own = read_config(teacher.fold_dir(fold) / "config.toml", cfg.root, record)  # the teacher's model and text
+    if "content" in record and identity.changed(record["content"], {"model": identity.model_digest(own)}):
+        raise CompError(f"train.teacher {name!r}: its model {own.model.name_or_path!r} changed since it trained: "
+                        "retrain the teacher, or restore its model")
+    seen = load_competition(own, with_test=False)
+    if not np.array_equal(seen.train_ids, comp.train_ids):
+        raise CompError(f"train.teacher {name!r} reads other training rows (data.train or data.train_rows differ): "
+                        "retrain it on this run's rows")
+    tr = np.flatnonzero(folds != fold)
+    started = time.perf_counter()
+    predictor = fold_predictor(FoldModel(own, teacher.fold_dir(fold), record["classes"]), None)
+    logits = predictor(seen.train.iloc[tr].reset_index(drop=True), [seen.train_text[i] for i in tr], console)
+    console.print(f"fold {fold}: soft targets for {len(tr)} training rows from fold {fold} of run {name!r} "
+                  f"in {time.perf_counter() - started:.0f}s (weight {cfg.train.distill_weight}, "
+                  f"temperature {cfg.train.temperature})")
+    return Distill(logits, {"from": name, "weight": cfg.train.distill_weight, "temperature": cfg.train.temperature,
+                            "teacher_sha256": record["sha256"]["test_logits.npy"]})
 
 
 if __name__ == "__main__":

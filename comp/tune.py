@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         cfg = cli.load_config(args)
         optimizer_class(cfg.train)  # refused before the study is created
+        if cfg.train.teacher:
+            raise CompError(f"comp.tune does not tune a distilled run (train.teacher = {cfg.train.teacher!r}): tune "
+                            "the student without it (--set train.teacher=''), then train it with the teacher")
         run_study(cfg, args.storage, args.n_trials, args.worker_id, args.study, cli.console(args.quiet))
         print(f"tuning took {time.perf_counter() - started:.0f}s")
         return 0

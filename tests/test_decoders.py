@@ -278,3 +278,21 @@ def test_a_left_padding_decoder_tokenizer_trains_like_a_right_padding_one(qwen, 
         assert train.main(["--config", str(cfg), "--fold", "0", *LORA]) == 0
         logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
     assert np.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_lora_trains_under_ddp_like_one_process(qwen, tmp_path):
+    from tests.test_distributed import _torchrun
+
+    tables = make_tables(n_train=96)
+    one, two = write_project(tmp_path / "one", qwen, tables), write_project(tmp_path / "two", qwen, tables)
+    for cfg in (one, two):
+        assert folds.main(["--config", str(cfg), *LORA]) == 0
+    assert train.main(["--config", str(one), "--fold", "0", *LORA, "--set", "train.batch_size=16"]) == 0
+    proc = _torchrun(two, 2, "--fold", "0", *LORA, "--set", "train.batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((c.parent / "folds" / "tiny" / "fold_0" / "metrics.json").read_text()) for c in (one, two))
+    assert (a["processes"], b["processes"]) == (1, 2)
+    for ea, eb in zip(a["history"], b["history"], strict=True):  # the same steps; only dropout masks differ
+        assert eb["val_loss"] == pytest.approx(ea["val_loss"], rel=0.05)
+    saved = load_file(str(two.parent / "folds" / "tiny" / "fold_0" / "model.safetensors"))
+    assert all("lora_" in k for k in saved if k.startswith("encoder."))

@@ -207,9 +207,23 @@ def test_an_exported_stack_predicts_what_the_blend_submitted(classical, tmp_path
     assert pd.read_csv(tmp_path / "s.csv").equals(pd.read_csv(cfg.parent / "submissions" / "st2.csv"))
 
 
-def test_a_gbm_run_is_not_exported(classical, tmp_path, capsys):
-    from comp import export
+def test_an_exported_gbm_run_predicts_what_submit_wrote_without_a_pickle(classical, tmp_path):
+    from comp import export, predict
 
-    code = cli(classical, export.main, "--run", "gbm", "--out", str(tmp_path / "b"))
-    assert_user_error(code, capsys, "gbm", "pickle")
-    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+    cfg, gbm = classical, ["--set", "model.kind=gbm", "--set", "run.name=gbm"]
+    assert cli(cfg, submit.main, *gbm) == 0
+    assert cli(cfg, export.main, "--run", "gbm", "--out", str(tmp_path / "b")) == 0
+    files = [p for p in (tmp_path / "b").rglob("*") if p.is_file()]
+    assert any(p.name == "gbm.txt" for p in files) and not any(p.read_bytes()[:1] == b"\x80" for p in files)
+    data = cfg.parent / "data"
+    assert predict.main(["--bundle", str(tmp_path / "b"), "--test", str(data / "test.csv"), "--quiet",
+                         "--sample", str(data / "sample_submission.csv"), "--out", str(tmp_path / "s.csv")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "s.csv"), pd.read_csv(cfg.parent / "submissions" / "gbm.csv"))
+
+
+def test_a_gbm_run_stops_its_rounds_on_the_folds_validation_rows(classical):
+    from comp.classical.baselines import GbmRun
+
+    cfg = config.load(classical, ["model.kind=gbm", "run.name=gbm"])
+    run = GbmRun.load(cfg.fold_dir(0))
+    assert 0 < run.booster.num_trees() < 2000 * len(run.classes_)  # early stopping ended it

@@ -1,6 +1,6 @@
 """Classical runs on the same folds, for blending and stacking with the encoder runs:
 - linear: TF-IDF word and char n-grams + the encoded metadata → logistic regression;
-- gbm: the metadata (native categoricals, raw numerics) + TF-IDF SVD components → HistGradientBoosting.
+- gbm: the metadata (native categoricals, raw numerics) + TF-IDF SVD components → LightGBM.
 Each fits on a fold's training rows only and returns log-probabilities as the fold's logits (linear, for the other
 tasks: label logits or values)."""
 
@@ -9,19 +9,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import FeatureUnion
-from sklearn.preprocessing import OrdinalEncoder
 
 from comp import metrics
 from comp.artifacts import atomic_path, read_json, write_json
@@ -182,11 +179,8 @@ class LinearRun:
         single = self.task == SINGLE
         arrays = {"coef": self.clf.coef_ if single else self.coef, "intercept": self.clf.intercept_ if single
                   else self.intercept}
-        vocabularies = None
-        if self.text is not None:
-            vectorizers = dict(self.text.transformer_list)
-            vocabularies = {name: sorted(v.vocabulary_, key=v.vocabulary_.get) for name, v in vectorizers.items()}
-            arrays.update({f"idf_{name}": v.idf_ for name, v in vectorizers.items()})
+        vocabularies, idf = text_arrays(self.text)
+        arrays.update(idf)
         with atomic_path(out / "linear.safetensors") as tmp:
             save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(tmp))
         write_json(out / "linear.json", {"format": 1, "meta": self.meta.to_dict(), "vocabularies": vocabularies,
@@ -199,11 +193,7 @@ class LinearRun:
         spec, arrays = read_json(out / "linear.json"), load_numpy(str(out / "linear.safetensors"))
         run = cls.__new__(cls)
         run.meta = MetaEncoder.from_dict(spec["meta"])
-        run.text = None
-        if spec["vocabularies"] is not None:
-            run.text = tfidf(spec.get("tfidf", OLD_SPEC), spec["vocabularies"])
-            for name, vectorizer in run.text.transformer_list:
-                vectorizer.idf_ = arrays[f"idf_{name}"]
+        run.text = text_from(spec.get("tfidf", OLD_SPEC), spec["vocabularies"], arrays)
         run.task = spec.get("task", SINGLE)
         if run.task == SINGLE:
             run.clf = fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"])
@@ -213,74 +203,157 @@ class LinearRun:
 
 
 class GbmRun:
-    """HistGradientBoosting on native categoricals, raw numerics and SVD components of the text's TF-IDF."""
+    """LightGBM on native categoricals, raw numerics and SVD components of the text's TF-IDF; its rounds stop
+    early on the fold's validation rows (as an encoder's epochs do). Saved in LightGBM's own text format beside
+    JSON and safetensors: no pickle, so gbm runs export into bundles."""
+
+    task = SINGLE
+    CATEGORIES = 250  # the most frequent values of a categorical get codes; rarer and unseen ones are missing
 
     def __init__(self, cfg: Config, seed: int):
         self.categorical, self.numeric = cfg.data.categorical, cfg.data.numeric
-        self.ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
-                                      encoded_missing_value=np.nan, max_categories=250)
+        self.codes: dict[str, dict[str, int]] = {}
         self.text: FeatureUnion | None = None
-        self.svd: TruncatedSVD | None = None
-        self.seed, self.weight, self.cfg = seed, class_weight(cfg), cfg
-        self.clf: HistGradientBoostingClassifier | None = None
+        self.components: np.ndarray | None = None  # the SVD's, (n_svd, text features)
+        self.seed, self.weighted, self.cfg = seed, class_weight(cfg) is not None, cfg
+        self.spec, self.booster, self.classes_ = OLD_SPEC, None, np.zeros(0, dtype=np.int64)
 
     def _features(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         cols = prepare_columns(df, self.categorical, self.numeric)
         parts = [np.zeros((len(df), 0))]
-        if self.svd is not None:
-            parts.append(self.svd.transform(self.text.transform(texts)))
-        if self.categorical:
-            parts.append(self.ordinal.transform(cols[list(self.categorical)]))
+        if self.components is not None:
+            parts.append(np.asarray(self.text.transform(texts) @ self.components.T))
+        for c in self.categorical:
+            parts.append(cols[c].map(self.codes[c]).to_numpy(dtype=float)[:, None])  # unseen: NaN (missing)
         if self.numeric:
             parts.append(cols[list(self.numeric)].to_numpy(dtype=float))
         return np.hstack(parts)
 
-    def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> GbmRun:
-        if self.categorical:
-            self.ordinal.fit(prepare_columns(df, self.categorical, ())[list(self.categorical)])
-        n_svd = 0
-        if has_text(texts):
-            try:
-                matrix = (text := tfidf(tfidf_spec(self.cfg, texts))).fit_transform(texts)
-                n_svd = min(SVD_COMPONENTS, matrix.shape[1] - 1, len(texts) - 1)
-            except ValueError:
-                n_svd = 0
-            if n_svd >= 1:
-                self.text, self.svd = text, TruncatedSVD(n_svd, random_state=self.seed).fit(matrix)
+    def _fit_text(self, texts: list[str]) -> None:
+        self.spec = tfidf_spec(self.cfg, texts)
+        if not has_text(texts):
+            return
+        try:
+            matrix = (text := tfidf(self.spec)).fit_transform(texts)
+        except ValueError:  # no term kept (min_df)
+            return
+        n_svd = min(SVD_COMPONENTS, matrix.shape[1] - 1, len(texts) - 1)
+        if n_svd >= 1:
+            self.text, self.components = text, TruncatedSVD(n_svd, random_state=self.seed).fit(matrix).components_
+
+    def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray, valid: tuple | None = None) -> GbmRun:
+        """`valid`: the fold's validation rows (table, texts, labels), on which the rounds stop early."""
+        import lightgbm
+
+        cols = prepare_columns(df, self.categorical, ())
+        for c in self.categorical:
+            top = cols[c].value_counts().index[:self.CATEGORIES]
+            self.codes[c] = {str(v): i for i, v in enumerate(top)}
+        self._fit_text(texts)
         x = self._features(df, texts)
         if x.shape[1] == 0:
             raise CompError("model.kind = 'gbm' needs text or metadata: data.text is empty on every row and "
                             "data.categorical / data.numeric name no column")
-        mask = np.zeros(x.shape[1], dtype=bool)
-        mask[n_svd:n_svd + len(self.categorical)] = True
-        self.clf = HistGradientBoostingClassifier(
-            learning_rate=0.05, max_iter=500, max_leaf_nodes=15, l2_regularization=1.0, min_samples_leaf=20,
-            categorical_features=mask if mask.any() else None, early_stopping=len(y) >= 200,
-            validation_fraction=0.15, n_iter_no_change=30, class_weight=self.weight, random_state=self.seed)
-        self.clf.fit(x, y)
+        self.classes_ = np.unique(y)
+        codes = np.searchsorted(self.classes_, y)
+        weight = metrics.balanced_weights(codes, len(self.classes_)) if self.weighted else None
+        n_text = 0 if self.components is None else len(self.components)
+        clf = lightgbm.LGBMClassifier(
+            n_estimators=2000, learning_rate=0.05, num_leaves=15, min_child_samples=20, reg_lambda=1.0,
+            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, verbose=-1,
+            n_jobs=max(1, torch_threads()))
+        fit = {"sample_weight": None if weight is None else weight[codes],
+               "categorical_feature": list(range(n_text, n_text + len(self.categorical))) or "auto"}
+        seen = np.isin(valid[2], self.classes_) if valid is not None else np.zeros(0, dtype=bool)
+        if seen.any():  # the validation rows of classes these rows show
+            vx, vy = self._features(valid[0][seen], list(np.asarray(valid[1], dtype=object)[seen])), \
+                np.searchsorted(self.classes_, valid[2][seen])
+            fit.update(eval_set=[(vx, vy)], eval_sample_weight=None if weight is None else [weight[vy]],
+                       callbacks=[lightgbm.early_stopping(50, verbose=False)])
+        self.booster = clf.fit(x, codes, **fit).booster_
         return self
 
-    task = SINGLE
-
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
-        return np.log(np.clip(self.clf.predict_proba(self._features(df, texts)), 1e-12, 1.0))
+        p = self.booster.predict(self._features(df, texts), num_iteration=self.booster.best_iteration or None)
+        p = np.column_stack([1 - p, p]) if p.ndim == 1 else p  # two classes: the booster gives the second's
+        return np.log(np.clip(p, 1e-12, 1.0))
+
+    @property
+    def clf(self):  # what ClassicalModel reads: the classes this fold's rows showed
+        return self
+
+    @property
+    def rounds(self) -> int:
+        """The boosting rounds kept (early stopping's best)."""
+        return self.booster.best_iteration or self.booster.current_iteration()
 
     def save(self, out: Path) -> None:
-        """model.joblib (a pickle: gbm runs are not exported to bundles)."""
-        with atomic_path(out / "model.joblib") as tmp:
-            joblib.dump(self, tmp)
+        """gbm.txt (the booster, LightGBM's text format), gbm.json (codes, text spec, vocabularies, classes) and
+        gbm.safetensors (idf, SVD components)."""
+        with atomic_path(out / "gbm.txt") as tmp:
+            tmp.write_text(self.booster.model_to_string(num_iteration=self.booster.best_iteration or None),
+                           encoding="utf-8")
+        vocabularies, arrays = text_arrays(self.text)
+        if self.components is not None:
+            arrays["components"] = self.components
+        with atomic_path(out / "gbm.safetensors") as tmp:
+            save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()} or
+                       {"none": np.zeros(0)}, str(tmp))
+        write_json(out / "gbm.json", {"format": 1, "categorical": list(self.categorical), "numeric": list(self.numeric),
+                                      "codes": self.codes, "tfidf": self.spec, "vocabularies": vocabularies,
+                                      "classes": self.classes_.tolist()})
 
     @classmethod
     def load(cls, out: Path) -> GbmRun:
-        return joblib.load(out / "model.joblib")
+        """A gbm run saved by save(); reads no pickle."""
+        import lightgbm
+
+        spec, arrays = read_json(out / "gbm.json"), load_numpy(str(out / "gbm.safetensors"))
+        run = cls.__new__(cls)
+        run.categorical, run.numeric = tuple(spec["categorical"]), tuple(spec["numeric"])
+        run.codes, run.spec, run.classes_ = spec["codes"], spec["tfidf"], np.asarray(spec["classes"])
+        run.text = text_from(spec["tfidf"], spec["vocabularies"], arrays)
+        run.components = arrays.get("components")
+        run.booster = lightgbm.Booster(model_str=(out / "gbm.txt").read_text(encoding="utf-8"))
+        return run
+
+
+def torch_threads() -> int:
+    """The threads the machine offers this process (what torch uses too)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def text_arrays(text: FeatureUnion | None) -> tuple[dict | None, dict]:
+    """A fitted TF-IDF's vocabularies (JSON) and idf vectors (arrays), to save without a pickle."""
+    if text is None:
+        return None, {}
+    vectorizers = dict(text.transformer_list)
+    return ({name: sorted(v.vocabulary_, key=v.vocabulary_.get) for name, v in vectorizers.items()},
+            {f"idf_{name}": v.idf_ for name, v in vectorizers.items()})
+
+
+def text_from(spec: dict, vocabularies: dict | None, arrays: dict) -> FeatureUnion | None:
+    """The TF-IDF text_arrays saved, fitted again."""
+    if vocabularies is None:
+        return None
+    text = tfidf(spec, vocabularies)
+    for name, vectorizer in text.transformer_list:
+        vectorizer.idf_ = arrays[f"idf_{name}"]
+    return text
 
 
 KINDS = {"linear": LinearRun, "gbm": GbmRun}
 
 
-def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int):
-    """Fit model.kind on these rows; a class missing from them gets a log-probability of log(1e-12)."""
-    return ClassicalModel(KINDS[cfg.model.kind](cfg, seed).fit(df, texts, y), n_classes)
+def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int,
+                  valid: tuple | None = None):
+    """Fit model.kind on these rows (a gbm run stops its rounds early on `valid`: table, texts, labels); a class
+    missing from them gets a log-probability of log(1e-12)."""
+    run = KINDS[cfg.model.kind](cfg, seed)
+    return ClassicalModel(run.fit(df, texts, y, valid) if cfg.model.kind == "gbm" else run.fit(df, texts, y),
+                          n_classes)
 
 
 class ClassicalModel:

@@ -25,11 +25,13 @@ from comp.tables.read import PAIR, SEGMENT
 
 @dataclass
 class Rows:
-    """Tokenized rows (no padding) with their metadata matrix and, for training rows, labels."""
+    """Tokenized rows (no padding) with their metadata matrix and, for training rows, labels (and, when a teacher
+    run is distilled, its outputs for these rows: soft targets)."""
 
     tokens: list[np.ndarray]
     meta: np.ndarray
     y: np.ndarray | None = None
+    soft: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)

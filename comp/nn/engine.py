@@ -24,7 +24,7 @@ from comp.nn.distributed import SINGLE, Dist
 from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
 from comp.nn.model import TextMetaClassifier, init_wide
-from comp.nn.objective import make_loss, row_weights, validation_loss
+from comp.nn.objective import Distilled, make_loss, row_weights, validation_loss
 from comp.nn.state import (
     EMA,
     Checkpoint,
@@ -113,6 +113,8 @@ def runtime(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, d: Dist) -
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     loss_fn = make_loss(tcfg, fold.train.y, model.out.out_features, device)
+    if fold.train.soft is not None:
+        loss_fn = Distilled(loss_fn, tcfg.distill_weight, tcfg.temperature, model.task)
     return Runtime(tcfg, device, resolve_precision(tcfg, device), fold.pad_id, loss_fn, d, fold.index)
 
 

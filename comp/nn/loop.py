@@ -76,6 +76,10 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
     task = progress.add_task(f"fold {rt.fold} epoch {fit.epoch}/{tcfg.epochs}", total=len(shares),
                              completed=fit.step, info="")
     y = torch.from_numpy(rows.y).to(rt.device)
+    soft = None if rows.soft is None else torch.from_numpy(rows.soft).to(rt.device)
+
+    def objective(out: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        return rt.loss_fn(out, y[index]) if soft is None else rt.loss_fn(out, y[index], soft[index])
     longest = rows.longest  # widths rounded up stay within the rows' own longest window
     running = RunningLoss(fit.loss_sum, fit.seen, rt)
     awp = (AWP(state.model, tcfg.awp_lr, tcfg.awp_eps, tcfg.awp_params)
@@ -85,11 +89,11 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
         input_ids, mask, meta, *owner = collate(rows, index, rt.pad_id, rt.device, tcfg.pad_to_multiple_of, longest)
         boundary = step % tcfg.grad_accum_steps == 0 or step == len(shares)
         with state.trained.no_sync() if ddp and not boundary else contextlib.nullcontext():
-            loss = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp, *owner), y[index])
+            loss = objective(state.trained(input_ids, mask, meta, rt.amp, *owner), index)
             state.scaler.scale(loss * scale).backward()
             if awp is not None:  # the loss at the perturbed weights adds its gradient, then the weights return
                 awp.perturb()
-                adversarial = rt.loss_fn(state.trained(input_ids, mask, meta, rt.amp, *owner), y[index])
+                adversarial = objective(state.trained(input_ids, mask, meta, rt.amp, *owner), index)
                 state.scaler.scale(adversarial * scale).backward()
                 awp.restore()
         if boundary:

@@ -57,6 +57,32 @@ class StandardizedMSE(nn.Module):
         return (((values.float() - target) / self.scale) ** 2).mean()
 
 
+class Distilled(nn.Module):
+    """train.teacher: (1 - weight) · the task's loss on the labels + weight · a loss on the teacher's outputs for
+    the same rows: the KL divergence of the softened class distributions (single_label), the binary
+    cross-entropy to the teacher's softened label probabilities (multi_label), both scaled by T² as in Hinton et
+    al., or the task's squared error to the teacher's values (regression). Rows without teacher outputs (the
+    validation rows) get the task's loss alone."""
+
+    def __init__(self, base: nn.Module, weight: float, temperature: float, task: str):
+        super().__init__()
+        self.base, self.weight, self.temperature, self.task = base, weight, temperature, task
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.base(logits, target)
+        if teacher is None:
+            return loss
+        t, logits, teacher = self.temperature, logits.float(), teacher.float()
+        if self.task == metrics.SINGLE:
+            soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                            reduction="batchmean") * t * t
+        elif self.task == metrics.MULTI:
+            soft = F.binary_cross_entropy_with_logits(logits / t, torch.sigmoid(teacher / t)) * t * t
+        else:
+            soft = self.base(logits, teacher)
+        return (1 - self.weight) * loss + self.weight * soft
+
+
 def class_weights(tcfg: TrainConfig, y: np.ndarray, n_classes: int) -> np.ndarray | None:
     """balanced_ce's weight of each class over the fold's training rows (metrics.balanced_weights); None for
     unweighted losses and for the tasks without classes."""

@@ -12,7 +12,7 @@ from comp.artifacts import seal, sha256, write_sealed_json
 from comp.errors import CompError
 
 FORMAT = 1
-EXPORTABLE = ("encoder", "linear")
+EXPORTABLE = ("encoder", "linear", "gbm")
 
 
 def write_manifest(root: Path, manifest: dict) -> None:

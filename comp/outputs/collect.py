@@ -21,7 +21,7 @@ from comp.tables.splits import load_folds
 
 OUTPUTS = ("oof_logits.npy", "oof_ids.npy", "test_logits.npy", "test_ids.npy")
 MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("linear.json", "linear.safetensors"),
-               "gbm": ("model.joblib",)}
+               "gbm": ("gbm.json", "gbm.safetensors", "gbm.txt")}
 
 
 def checked_files(kind: str) -> tuple[str, ...]:
@@ -56,16 +56,18 @@ def outputs_stamp(cfg: Config) -> str | None:
 
 
 def stale_teacher(cfg: Config, record: dict) -> str | None:
-    """Why a pseudo-label round's fold no longer matches its teacher (retrained or removed since), or None."""
-    pseudo = record.get("pseudo")
-    if not pseudo:
-        return None
+    """Why a fold no longer matches the run it learned from (pseudo-labels or distillation), retrained or
+    removed since, or None."""
     fold = record.get("fold")
-    sums = recorded_sums(cfg.replace("run", name=pseudo["from"]), fold)
-    if sums is not None and sums.get("test_logits.npy") == pseudo.get("teacher_sha256"):
-        return None
-    return (f"the pseudo-label teacher run {pseudo['from']!r} was retrained or removed after fold {fold} of run "
-            f"{cfg.run.name!r} learned from it: retrain this run with python -m comp.train --all --force")
+    for key, what in (("pseudo", "pseudo-label teacher"), ("distill", "distillation teacher (train.teacher)")):
+        source = record.get(key)
+        if not source:
+            continue
+        sums = recorded_sums(cfg.replace("run", name=source["from"]), fold)
+        if sums is None or sums.get("test_logits.npy") != source.get("teacher_sha256"):
+            return (f"the {what} run {source['from']!r} was retrained or removed after fold {fold} of run "
+                    f"{cfg.run.name!r} learned from it: retrain this run with python -m comp.train --all --force")
+    return None
 
 
 def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:

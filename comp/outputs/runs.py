@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,14 @@ def pseudo_labels(cfg: Config, comp: Competition, folds_fp: str, fold: int) -> P
 
 
 @dataclass
+class Distill:
+    """A teacher run's outputs for one fold's training rows (train.teacher), and what metrics.json says of them."""
+
+    logits: np.ndarray
+    record: dict
+
+
+@dataclass
 class Tokens:
     """The token ids of the training texts (and of the test texts, when they are to be predicted) under a
     config's tokenizer, and its padding id."""
@@ -101,9 +110,10 @@ def tokenize_tables(cfg: Config, comp: Competition, console: Console, d: Dist = 
 
 
 def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray, tokens: Tokens,
-                 pseudo: Pseudo | None = None) -> tuple[MetaEncoder, Rows, Rows, Rows | None]:
+                 pseudo: Pseudo | None = None, soft: np.ndarray | None = None) -> tuple[MetaEncoder, Rows, Rows, Rows | None]:
     """The metadata encoder (fitted on the training part only) and the train / validation / test rows of a
-    split of the training table; `pseudo` rows (test rows with a teacher's labels) join the training part."""
+    split of the training table; `pseudo` rows (test rows with a teacher's labels) join the training part;
+    `soft`: a distilled teacher's outputs for the training part's rows, in their order."""
     encoder = MetaEncoder.from_config(cfg).fit(comp.train.iloc[tr])
     rows = Rows(tokens.train, np.zeros((len(tokens.train), 0), np.float32), comp.y)
     train_rows = rows.subset(tr, encoder.transform(comp.train.iloc[tr]))
@@ -112,15 +122,17 @@ def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray,
     if pseudo is not None and len(pseudo.index):
         extra = comp.test.iloc[pseudo.index]
         train_rows = train_rows + Rows([tokens.test[i] for i in pseudo.index], encoder.transform(extra), pseudo.labels)
+    if soft is not None:
+        train_rows = dataclasses.replace(train_rows, soft=soft.astype(np.float32))
     return encoder, train_rows, val_rows, test_rows
 
 
 def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray], index: int, tokens: Tokens,
               console: Console, pseudo: Pseudo | None = None, checkpoint: Checkpoint | None = None,
-              on_epoch=None, d: Dist = SINGLE) -> tuple[MetaEncoder, FoldResult]:
+              on_epoch=None, d: Dist = SINGLE, soft: np.ndarray | None = None) -> tuple[MetaEncoder, FoldResult]:
     """The one wiring of a fold, for train, tune and bench: rows and metadata encoder from the split `part`
     (training rows, validation rows), the model seeded by the fold's `index`, then fit_fold."""
-    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo)
+    encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo, soft)
     seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
                         pair_sep=tokens.sep_id if cfg.data.text_pair else None)
@@ -145,9 +157,10 @@ def precision_name(cfg: Config) -> str:
 
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int, tokens: Tokens,
-               console: Console, fresh: bool = False, d: Dist = SINGLE) -> dict:
+               console: Console, fresh: bool = False, d: Dist = SINGLE, distill: Distill | None = None) -> dict:
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
-    then write every artifact of that fold (under DDP: every rank trains, rank 0 writes)."""
+    then write every artifact of that fold (under DDP: every rank trains, rank 0 writes). `distill`: the
+    teacher's soft targets for this fold's training rows (train.teacher)."""
     out = cfg.fold_dir(fold)
     checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, comp, fold, folds_fp, d))
     if d.is_main:
@@ -161,7 +174,8 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
                       f"(probability >= {pseudo.record['threshold']}): "
                       + ", ".join(f"{c} {n}" for c, n in pseudo.record["per_class"].items()))
     tr, va = split(folds, fold)
-    encoder, result = fit_split(cfg, comp, (tr, va), fold, tokens, console, pseudo, checkpoint, d=d)
+    encoder, result = fit_split(cfg, comp, (tr, va), fold, tokens, console, pseudo, checkpoint, d=d,
+                                soft=distill.logits if distill else None)
     unseen = encoder.unseen(comp.test)
     if any(unseen.values()):
         console.print(f"fold {fold}: test rows with categories unseen in training (rare column, or zeros): "
@@ -172,6 +186,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
               "processes": d.world, "precision": precision_name(cfg), "pseudo": pseudo.record if pseudo else None,
+              "distill": distill.record if distill else None,
               "unseen_categories": unseen,
               "task": cfg.data.task, "oof": metrics.score(comp.y[va], result.val_logits, cfg.data.task),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
@@ -214,7 +229,8 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     started = time.perf_counter()
     tr, va = split(folds, fold)
     text = np.array(comp.train_text, dtype=object)
-    model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold)
+    model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold,
+                          valid=(comp.train.iloc[va], list(text[va]), comp.y[va]))
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
     scores = metrics.score(comp.y[va], val_logits, cfg.data.task)
@@ -227,12 +243,13 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
               "n_val": len(va), "n_test": len(comp.test), "processes": 1, "pseudo": None, "oof": scores,
               "seconds": round(time.perf_counter() - started, 1), "resumed_from": None}
 
-    text = getattr(model.model, "spec", None)
-    if text is not None:
-        record["tfidf"] = {**text, "C": model.model.c}
+    text, linear = model.model.spec, cfg.model.kind == "linear"
+    record["tfidf"] = {**text, "C": model.model.c} if linear else text
+    if not linear:
+        record["rounds"] = model.model.rounds
     write_fold(cfg, comp, va, fold, record, model.save, val_logits, test_logits)
-    how = "" if text is None else (f"; TF-IDF {text['analyzer']} (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})"
-                                   f", C {model.model.c:g}")
+    how = (f"; TF-IDF {text['analyzer']} (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})"
+           + (f", C {model.model.c:g}" if linear else f", {model.model.rounds} rounds"))
     console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows{how}")
     return record
 
