@@ -164,6 +164,25 @@ class LoraConfig:
                  "\"all-linear\"")
 
 
+@dataclass(frozen=True)
+class GbmConfig:
+    """[model.gbm]: the gbm run's LightGBM (its rounds stop early on the fold's validation rows)."""
+
+    num_leaves: int = 15
+    learning_rate: float = 0.05
+    rounds: int = 2000                # at most; early stopping (50 rounds without a better log loss) ends it sooner
+    min_child_samples: int = 20
+    reg_lambda: float = 1.0
+    subsample: float = 0.8            # rows per round
+    colsample: float = 0.8            # features per tree
+
+    def __post_init__(self):
+        _require(self.num_leaves >= 2 and self.rounds >= 1 and self.min_child_samples >= 1,
+                 "model.gbm.num_leaves must be >= 2, rounds and min_child_samples >= 1")
+        _require(self.learning_rate > 0 and self.reg_lambda >= 0, "model.gbm.learning_rate must be > 0, reg_lambda >= 0")
+        _require(0 < self.subsample <= 1 and 0 < self.colsample <= 1, "model.gbm.subsample and colsample must be in (0, 1]")
+
+
 # What the linear run did before [model.tfidf]: its folds hash without the section at these values.
 TFIDF_BEFORE = {"analyzer": "word+char_wb", "word_ngrams": [1, 2], "char_ngrams": [2, 5], "max_features": 200_000,
                 "min_df": 2, "C": 1.0}
@@ -204,6 +223,7 @@ class ModelConfig:
     wide: str = "fitted"
     tfidf: TfidfConfig = field(default_factory=TfidfConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    gbm: GbmConfig = field(default_factory=GbmConfig)
 
     def __post_init__(self):
         _require(self.kind in MODEL_KINDS, f"model.kind {self.kind!r} is unknown: use one of {', '.join(MODEL_KINDS)}")
@@ -314,10 +334,21 @@ class TrainConfig:
         _require(self.temperature > 0, "train.temperature must be > 0")
 
 
-def _default_space() -> dict:
-    return {"train.encoder_lr": {"type": "float", "low": 5e-6, "high": 1e-4, "log": True},
-            "train.head_lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
-            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}}
+SPACES = {  # comp.tune's default search space by model.kind; [tune.space] adds keys or replaces ranges
+    "encoder": {"train.encoder_lr": {"type": "float", "low": 5e-6, "high": 1e-4, "log": True},
+                "train.head_lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
+                "model.dropout": {"type": "float", "low": 0.0, "high": 0.5}},
+    "linear": {"model.tfidf.C": {"type": "float", "low": 0.05, "high": 50.0, "log": True},
+               "model.tfidf.word_ngrams": {"type": "categorical", "choices": [[1, 1], [1, 2], [1, 3]]},
+               "model.tfidf.char_ngrams": {"type": "categorical", "choices": ["auto", [1, 3], [2, 4], [3, 5]]},
+               "model.tfidf.min_df": {"type": "int", "low": 1, "high": 5}},
+    "gbm": {"model.gbm.num_leaves": {"type": "int", "low": 4, "high": 64, "log": True},
+            "model.gbm.learning_rate": {"type": "float", "low": 0.01, "high": 0.2, "log": True},
+            "model.gbm.min_child_samples": {"type": "int", "low": 5, "high": 100, "log": True},
+            "model.gbm.reg_lambda": {"type": "float", "low": 1e-3, "high": 10.0, "log": True},
+            "model.gbm.colsample": {"type": "float", "low": 0.3, "high": 1.0}},
+}
+
 
 
 SPACE_TYPES = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"}, "categorical": {"choices"}}
@@ -342,7 +373,7 @@ class TuneConfig:
     grace_period: int = 120
     max_retry: int = 2
     best_params: str = "folds/best_params.toml"
-    space: dict = field(default_factory=_default_space)
+    space: dict = field(default_factory=dict)  # merged into SPACES[model.kind] when the config is read
 
     def __post_init__(self):
         _require(self.n_trials >= 1, "tune.n_trials must be >= 1")
@@ -357,11 +388,9 @@ class TuneConfig:
         _require(self.timeout >= 0, "tune.timeout must be >= 0 (0 = none)")
         _require(self.heartbeat_interval >= 1 and self.grace_period >= 1 and self.max_retry >= 0,
                  "tune.heartbeat_interval and tune.grace_period must be >= 1, tune.max_retry >= 0")
-        merged = {**_default_space(), **self.space}
-        for key, spec in merged.items():
-            section, _, name = key.partition(".")
-            fields = {f.name for f in dataclasses.fields(SECTIONS[section])} if section in ("train", "model") else set()
-            _require(name in fields, f"tune.space key {key!r} names no config field; use 'train.<key>' or 'model.<key>'")
+        for key, spec in self.space.items():
+            _require(_names_field(key), f"tune.space key {key!r} names no config field; use 'train.<key>', "
+                     "'model.<key>' or 'model.tfidf.<key>' / 'model.gbm.<key>'")
             _require(isinstance(spec, dict) and spec.get("type") in SPACE_TYPES,
                      f"tune.space.{key!r} needs type = 'float', 'int' or 'categorical'")
             extra = set(spec) - SPACE_TYPES[spec["type"]] - {"type"}
@@ -372,7 +401,6 @@ class TuneConfig:
             else:
                 _require("low" in spec and "high" in spec and spec["low"] <= spec["high"],
                          f"tune.space.{key!r} needs low <= high")
-        object.__setattr__(self, "space", merged)
 
     @property
     def direction_metric(self) -> str | None:
@@ -512,6 +540,8 @@ class Config:
             d["train"].pop("temperature", None)
         if d["model"].get("kind", "encoder") == "encoder" or d["model"].get("tfidf") == TFIDF_BEFORE:
             d["model"].pop("tfidf", None)  # only classical runs read it
+        if d["model"].get("kind", "encoder") != "gbm":
+            d["model"].pop("gbm", None)  # only gbm runs read it
         if d["model"].get("lora", {}).get("r", 0) == 0:
             d["model"].pop("lora", None)  # no adapters: the whole encoder trains, as before the section
         if d["train"].get("swa", "off") == "off":
@@ -543,7 +573,7 @@ def load(path: str | Path = "comp.toml", overrides: typing.Sequence[str] = (), p
     given = set()
     for item in overrides:
         section, key, value = _parse_override(item)
-        _set(raw, section, key, value, str(path))
+        set_key(raw, section, key, value, str(path))
         given.add((section, key))
     root = path.resolve().parent
     params = params if params is not None else raw.get("run", {}).get("params")
@@ -557,7 +587,7 @@ def load(path: str | Path = "comp.toml", overrides: typing.Sequence[str] = (), p
                 raise CompError(f"params file {params_path} may only hold [train] and [model] tables, not [{section}]")
             for key, value in values.items():
                 if (section, key) not in given:
-                    _set(raw, section, key, value, str(params_path))
+                    set_key(raw, section, key, value, str(params_path))
                     applied.append((f"{section}.{key}", value))
     cfg = from_dict(raw, root=root, source=str(path))
     return dataclasses.replace(cfg, applied=tuple(applied))
@@ -573,7 +603,8 @@ def _read_toml(path: Path, what: str) -> dict:
         raise CompError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
-def _set(raw: dict, section: str, key: str, value, source: str) -> None:
+def set_key(raw: dict, section: str, key: str, value, source: str) -> None:
+    """raw[section][key] = value; a dotted key (tfidf.C) sets a key of a nested table."""
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise CompError(f"config section [{section}] in {source} must be a table")
@@ -695,7 +726,23 @@ def _for_task(sections: dict) -> dict:
              "model.truncation and model.chunks apply to one text: a text pair (data.text_pair) is cut from its "
              "longer side first; leave model.truncation = \"head\" and model.chunks = 1")
     sections["train"] = dataclasses.replace(train, loss=loss, monitor=monitor)
+    space = {**SPACES[sections["model"].kind], **tune.space}  # the kind's default space, then [tune.space]
+    sections["tune"] = dataclasses.replace(tune, space=space)
     return sections
+
+
+def _names_field(key: str) -> bool:
+    """Whether a dotted key (train.head_lr, model.tfidf.C) names a field of the train or model section."""
+    section, *path = key.split(".")
+    cls = SECTIONS.get(section) if section in ("train", "model") else None
+    for i, name in enumerate(path):
+        hints = typing.get_type_hints(cls) if cls is not None else {}
+        if name not in hints:
+            return False
+        cls = hints[name] if dataclasses.is_dataclass(hints[name]) else None
+        if cls is None and i < len(path) - 1:
+            return False
+    return bool(path)
 
 
 def _fields(template: str) -> list[str]:

@@ -22,13 +22,14 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from comp import cli
+from comp import cli, metrics
 from comp.artifacts import atomic_path, write_text
-from comp.config import MONITORS, Config, dump_toml, from_dict
+from comp.classical.baselines import fit_classical
+from comp.config import MONITORS, Config, dump_toml, from_dict, set_key
 from comp.errors import CompError, run_cli
 from comp.nn.state import optimizer_class
 from comp.outputs.collect import split
-from comp.outputs.runs import fit_split, tokenize_tables
+from comp.outputs.runs import classical_row, fit_split, tokenize_tables
 from comp.tables import identity
 from comp.tables.read import Competition, load_competition, strata
 from comp.tables.splits import load_folds, split_rows
@@ -48,20 +49,26 @@ def with_params(cfg: Config, params: dict) -> Config:
     raw = cfg.to_dict()
     for key, value in params.items():
         section, _, name = key.partition(".")
-        raw[section][name] = value
+        set_key(raw, section, name, value, "the search space")
     return from_dict(raw, root=cfg.root, source="the search space")
 
 
 def suggest(trial: optuna.Trial, key: str, spec: dict):
     """One value from a search-space entry."""
     kind = spec["type"]
-    if kind == "categorical":
-        return trial.suggest_categorical(key, spec["choices"])
+    if kind == "categorical":  # a list choice (an n-gram range) goes through Optuna as its JSON text
+        choices = [json.dumps(c) if isinstance(c, list) else c for c in spec["choices"]]
+        return decoded(trial.suggest_categorical(key, choices))
     if kind == "int":
         return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
                                  log=bool(spec.get("log", False)))
     return trial.suggest_float(key, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
                                log=bool(spec.get("log", False)))
+
+
+def decoded(value):
+    """A trial's value as the config takes it: a list choice was stored as its JSON text."""
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
 
 
 def tune_folds(cfg: Config) -> list[int]:
@@ -153,6 +160,8 @@ class Objective:
         trial.set_user_attr("worker", self.worker_id)
         params = {key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()}
         cfg = with_params(self.cfg, params)
+        if cfg.model.kind != "encoder":
+            return self.classical(cfg, trial)
         tokens = tokenize_tables(cfg, self.comp, self.console, with_test=False)
         values, epochs_run = [], 0
         try:
@@ -181,14 +190,29 @@ class Objective:
         trial.set_user_attr("fold_values", values)
         return float(np.mean(values))
 
+    def classical(self, cfg: Config, trial: optuna.Trial) -> float:
+        """A linear or gbm trial: each tuned fold's model fitted on its inner training rows (a gbm run's rounds
+        stopping on the inner validation rows), scored on those; one report per fold."""
+        values, text = [], np.array(self.comp.train_text, dtype=object)
+        for i, k in enumerate(self.fold_ids):
+            tr, va = inner_split(cfg, self.comp, self.folds, k)
+            tr = train_share(cfg, self.comp, tr, k)
+            rows = (self.comp.train.iloc[va], list(text[va]), self.comp.y[va])
+            model = fit_classical(cfg, self.comp.train.iloc[tr], list(text[tr]), self.comp.y[tr],
+                                  len(self.comp.classes), cfg.train.seed + k, valid=rows)
+            value = classical_row(metrics.score(self.comp.y[va], model.logits(rows[0], rows[1]), cfg.data.task))[self.metric]
+            trial.report(value, i)
+            values.append(value)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{self.metric} {value:.4f} on fold {k}")
+        trial.set_user_attr("fold_values", values)
+        return float(np.mean(values))
+
 
 def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None = None, worker_id: int = 0,
               study_name: str | None = None, console: Console | None = None) -> optuna.Study:
     """Create or continue the study and run trials until it holds n_trials finished ones."""
     console = console or cli.console()
-    if cfg.model.kind != "encoder":
-        raise CompError(f"comp.tune searches an encoder run's learning rates and dropout; model.kind = "
-                        f"{cfg.model.kind!r} has none: train it directly with python -m comp.train --all")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
     fold_ids = tune_folds(cfg)
@@ -269,7 +293,7 @@ def summarize(cfg: Config, study: optuna.Study, console: Console, n_folds: int) 
     tables: dict[str, dict] = {}
     for key, value in best.params.items():
         section, _, name = key.partition(".")
-        tables.setdefault(section, {})[name] = value
+        tables.setdefault(section, {})[name] = decoded(value)
     path = cfg.path(cfg.tune.best_params)
     write_text(path, f"# best trial {best.number} of study {study.study_name!r}: "
                      f"{study.user_attrs.get('metric', 'value')} {best.value:.6g}\n" + dump_toml(tables))

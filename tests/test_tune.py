@@ -180,3 +180,28 @@ def test_a_trial_trains_on_tokens_of_its_own_max_length(project, monkeypatch):
         study.enqueue_trial({"model.max_length": length})
     study.optimize(objective, n_trials=2)
     assert sorted(seen) == [(8, 8), (48, max(n for m, n in seen if m == 48))] and seen[0][1] != seen[1][1]
+
+
+@pytest.mark.parametrize("kind, keys", [("linear", {"model.tfidf.C", "model.tfidf.word_ngrams"}),
+                                        ("gbm", {"model.gbm.num_leaves", "model.gbm.learning_rate"})])
+def test_a_classical_run_is_tuned_over_its_own_space_and_train_applies_the_best(project, kind, keys):
+    sets = ["--set", f"model.kind={kind}", "--set", f"run.name={kind}", "--set", "tune.pruner=none", "--quiet"]
+    assert set(config.load(project, [f"model.kind={kind}"]).tune.space) >= keys  # the kind's default space
+    if kind == "gbm":  # 60 fixture rows: leaves of a few rows, or no split at all
+        with open(project, "a") as fh:
+            fh.write('\n[tune.space]\n"model.gbm.min_child_samples" = {type = "int", low = 2, high = 5}\n')
+    assert folds.main(["--config", str(project)]) == 0
+    assert tune.main(["--config", str(project), *sets, "--n-trials", "3"]) == 0
+    study = optuna.load_study(study_name=kind, storage=storage_url(project))
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3 and keys <= set(done[0].params) and len({t.value for t in done}) > 1
+    best = project.parent / "folds" / "best_params.toml"
+    applied = config.load(project, [f"model.kind={kind}"], params=best)
+    for key, value in study.best_trial.params.items():
+        value = tune.decoded(value)
+        section, *path = key.split(".")
+        got = getattr(applied, section)
+        for name in path:
+            got = getattr(got, name)
+        assert list(got) == value if isinstance(value, list) else got == value, key
+    assert train.main(["--config", str(project), "--all", "--params", str(best), *sets]) == 0

@@ -203,8 +203,8 @@ class LinearRun:
 
 
 class GbmRun:
-    """LightGBM on native categoricals, raw numerics and SVD components of the text's TF-IDF; its rounds stop
-    early on the fold's validation rows (as an encoder's epochs do). Saved in LightGBM's own text format beside
+    """LightGBM ([model.gbm]) on native categoricals, raw numerics and SVD components of the text's TF-IDF; its
+    rounds stop early on the fold's validation rows (as an encoder's epochs do). Saved in LightGBM's own text format beside
     JSON and safetensors: no pickle, so gbm runs export into bundles."""
 
     task = SINGLE
@@ -258,17 +258,18 @@ class GbmRun:
         codes = np.searchsorted(self.classes_, y)
         weight = metrics.balanced_weights(codes, len(self.classes_)) if self.weighted else None
         n_text = 0 if self.components is None else len(self.components)
+        g = self.cfg.model.gbm
         clf = lightgbm.LGBMClassifier(
-            n_estimators=2000, learning_rate=0.05, num_leaves=15, min_child_samples=20, reg_lambda=1.0,
-            subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=self.seed, verbose=-1,
-            n_jobs=max(1, torch_threads()))
+            n_estimators=g.rounds, learning_rate=g.learning_rate, num_leaves=g.num_leaves,
+            min_child_samples=g.min_child_samples, reg_lambda=g.reg_lambda, subsample=g.subsample, subsample_freq=1,
+            colsample_bytree=g.colsample, random_state=self.seed, verbose=-1, n_jobs=max(1, torch_threads()))
         fit = {"sample_weight": None if weight is None else weight[codes],
                "categorical_feature": list(range(n_text, n_text + len(self.categorical))) or "auto"}
         seen = np.isin(valid[2], self.classes_) if valid is not None else np.zeros(0, dtype=bool)
         if seen.any():  # the validation rows of classes these rows show
             vx, vy = self._features(valid[0][seen], list(np.asarray(valid[1], dtype=object)[seen])), \
                 np.searchsorted(self.classes_, valid[2][seen])
-            fit.update(eval_set=[(vx, vy)], eval_sample_weight=None if weight is None else [weight[vy]],
+            fit.update(eval_X=(vx,), eval_y=(vy,), eval_sample_weight=None if weight is None else [weight[vy]],
                        callbacks=[lightgbm.early_stopping(50, verbose=False)])
         self.booster = clf.fit(x, codes, **fit).booster_
         return self

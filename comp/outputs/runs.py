@@ -221,6 +221,13 @@ def write_fold(cfg: Config, comp: Competition, va: np.ndarray, fold: int, record
     write_json(out / "metrics.json", record)
 
 
+def classical_row(scores: dict) -> dict:
+    """A classical fold's one row of validation scores, named as an encoder epoch's (val_loss: the log loss, or
+    for regression the mean squared error)."""
+    loss = scores["log_loss"] if "log_loss" in scores else scores["rmse"] ** 2
+    return {"epoch": 0, "val_loss": loss, **metrics.validation_row(scores)}
+
+
 def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
                          console: Console) -> dict:
     """Fit a linear or gbm run on one fold's training rows; write the same artifacts as an encoder fold."""
@@ -234,8 +241,7 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
     scores = metrics.score(comp.y[va], val_logits, cfg.data.task)
-    loss = scores["log_loss"] if "log_loss" in scores else scores["rmse"] ** 2  # regression: the mean squared error
-    best = {"epoch": 0, "val_loss": loss, **metrics.validation_row(scores)}
+    best = classical_row(scores)
     record = {"status": "complete", "run": cfg.run.name, "fold": fold, "best_epoch": 0, "best": best, "history": [],
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.kind, "comp_version": __version__, "classes": comp.classes, "task": cfg.data.task,
