@@ -494,6 +494,11 @@ class Config:
         return self.run_dir / f"fold_{fold}"
 
     @property
+    def full_dir(self) -> Path:
+        """The run's full-data refit (comp.train --full)."""
+        return self.run_dir / "full"
+
+    @property
     def submission_path(self) -> Path:
         return self.path(self.run.submissions_dir) / f"{self.run.name}.csv"
 

@@ -29,12 +29,17 @@ from comp.predict import FoldModel, Member, estimate, run_decision, run_folds
 from comp.tables import identity
 
 
-def members_of(cfg: Config, run: str | None, blend: str | None) -> tuple[list[Member], Path | None, dict | None]:
-    """The runs to export with their weights: one run (weight 1), or a blend's runs and weights; for a stack
-    also the folder of its (checked) level-2 model; the decision rule when the submission had one (--decide)."""
+def members_of(cfg: Config, run: str | None, blend: str | None,
+               with_full: bool = False) -> tuple[list[Member], Path | None, dict | None]:
+    """The runs to export with their weights: one run (weight 1; `with_full`: its refit as one more fold), or a
+    blend's runs and weights; for a stack also the folder of its (checked) level-2 model; the decision rule
+    when the submission had one (--decide)."""
     if blend is None:
         one = cfg.replace("run", name=run or cfg.run.name)
-        return [Member(one.run.name, 1.0, run_folds(one))], None, run_decision(one)
+        return [Member(one.run.name, 1.0, run_folds(one, with_full))], None, run_decision(one)
+    if with_full:
+        raise CompError("--with-full adds one run's refit; a blend's members are its runs' folds: export the run "
+                        "with --run NAME --with-full")
     folder = cfg.replace("run", name=blend).run_dir
     if not (folder / "blend.json").is_file():
         raise CompError(f"blend {blend!r} has no {folder / 'blend.json'}: make it first with "
@@ -130,13 +135,13 @@ def measure_speed(cfg: Config, members: list[Member], console) -> dict | None:
 
 
 def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = None, console=None,
-           base: Path | None = None) -> dict:
+           base: Path | None = None, with_full: bool = False) -> dict:
     """Write the bundle into a temporary folder beside `out`, then move it into place. `base`: LoRA members name
     this folder (their base model, checked by digest) instead of carrying its weights."""
     console = console or cli.console()
     if out.exists():
         raise CompError(f"{out} already exists: remove it or pick another --out")
-    members, stack, decision = members_of(cfg, run, blend)
+    members, stack, decision = members_of(cfg, run, blend, with_full)
     bases = {m.name: base_digest(m, base) for m in members} if base is not None else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -189,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", help="the finished run to export (default: run.name of the config)")
     which.add_argument("--blend", help="a blend made by comp.blend (its runs and weights)")
     parser.add_argument("--out", required=True, help="the bundle folder to create")
+    parser.add_argument("--with-full", action="store_true", help="with --run: bundle the run's full-data refit "
+                        "as one more fold (as comp.submit --with-full averages it)")
     parser.add_argument("--base", metavar="DIR", help="LoRA runs: name this base model folder (already uploaded) "
                         "instead of carrying its weights; predict then takes it as --base")
     args = parser.parse_args(argv)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         console = cli.console(args.quiet)
         export(cli.load_config(args, console), Path(args.out), args.run, args.blend, console,
-               Path(args.base) if args.base else None)
+               Path(args.base) if args.base else None, args.with_full)
         return 0
 
     return run_cli(body)

@@ -30,6 +30,7 @@ from comp.outputs.collect import (
     is_complete,
     outputs_stamp,
     read_config,
+    read_full,
     submission_frame,
     verify_fold,
 )
@@ -57,9 +58,10 @@ class Member:
     folds: list[FoldModel]
 
 
-def run_folds(cfg: Config) -> list[FoldModel]:
-    """Every fold of cfg's run, each finished and matching the sha256 it recorded. The model is the one at cfg's
-    model.name_or_path, which must hold the files the folds were trained from (it may have moved)."""
+def run_folds(cfg: Config, with_full: bool = False) -> list[FoldModel]:
+    """Every fold of cfg's run, each finished and matching the sha256 it recorded (`with_full`: then its
+    full-data refit, as one more fold). The model is the one at cfg's model.name_or_path, which must hold the
+    files the folds were trained from (it may have moved)."""
     folds = []
     for k in range(cfg.folds.n_splits):
         if not is_complete(cfg, k):
@@ -73,6 +75,11 @@ def run_folds(cfg: Config) -> list[FoldModel]:
                 raise CompError(f"model.name_or_path {cfg.model.name_or_path!r} does not hold the model fold {k} of "
                                 f"run {cfg.run.name!r} was trained from: point it at that model's folder")
         folds.append(FoldModel(trained, cfg.fold_dir(k), record["classes"]))
+    if with_full:
+        record = read_full(cfg)
+        trained = read_config(cfg.full_dir / "config.toml", cfg.root, record)
+        folds.append(FoldModel(trained.replace("model", name_or_path=cfg.model.name_or_path), cfg.full_dir,
+                               record["classes"]))
     return folds
 
 
@@ -250,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's train.device)")
     parser.add_argument("--save-logits", metavar="DIR", help="also write each fold's logits (<run>/fold_<k>.npy, ids.npy)")
     parser.add_argument("--base", metavar="DIR", help="the base model folder of a bundle exported with --base")
+    parser.add_argument("--with-full", action="store_true", help="with --run: add the run's full-data refit as one "
+                        "more fold")
     args = parser.parse_args(argv)
     return run_cli(lambda: _main(args))
 
@@ -263,7 +272,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.run:
             args.set = [*args.set, f"run.name={args.run}"]
         cfg = cli.load_config(args, console)
-        members, decision = [Member(cfg.run.name, 1.0, run_folds(cfg))], run_decision(cfg)
+        members, decision = [Member(cfg.run.name, 1.0, run_folds(cfg, args.with_full))], run_decision(cfg)
     if args.estimate is not None:
         if args.estimate < 1:
             raise CompError(f"--estimate {args.estimate}: give the number of rows to project for (>= 1)")

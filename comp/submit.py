@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, write_sealed_json
+from comp.artifacts import atomic_path, read_npy, write_sealed_json
 from comp.config import Config
-from comp.errors import run_cli
+from comp.errors import CompError, run_cli
 from comp.outputs import decide
 from comp.outputs.collect import (
     average_probabilities,
@@ -20,9 +20,11 @@ from comp.outputs.collect import (
     leaderboard,
     load_run,
     outputs_stamp,
+    read_full,
     submission_frame,
     test_logits_in_order,
 )
+from comp.tables import identity
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     blend.add_arguments(parser, required=False)
     parser.add_argument("--seeds", type=int, metavar="N", help="a seed bag (comp.train --seeds N): score each seed "
                         "and their equal-weight average; the same as --set run.seeds=N")
+    parser.add_argument("--with-full", action="store_true", help="add the run's full-data refit (comp.train --full) "
+                        "to the test predictions, as one more fold")
     args = parser.parse_args(argv)
     if args.seeds is not None:
         args.set.append(f"run.seeds={args.seeds}")
@@ -47,20 +51,24 @@ def main(argv: list[str] | None = None) -> int:
             blend.blend(cfg.replace("run", name=cfg.bag_name), [m.run.name for m in cfg.bag()], "equal", console,
                         None, args.decide)
         else:
-            submit(cfg, console, args.decide)
+            submit(cfg, console, args.decide, args.with_full)
         console.print(f"submit took {time.perf_counter() - started:.1f}s")
         return 0
 
     return run_cli(body)
 
 
-def submit(cfg: Config, console: Console | None = None, decide_labels: bool = False) -> dict:
+def submit(cfg: Config, console: Console | None = None, decide_labels: bool = False, with_full: bool = False) -> dict:
     """Check and combine every fold of the run; print the CV table; write the submission (its labels chosen by a
-    cross-fitted decision rule with `decide_labels`, recorded in the run's decision.json for comp.export)."""
+    cross-fitted decision rule with `decide_labels`, recorded in the run's decision.json for comp.export).
+    `with_full`: the run's full-data refit joins the folds' test predictions as one more fold."""
     console = console or cli.console()
     task, metric = cfg.data.task, cfg.data.metric
     comp, folds, folds_fp, outputs, oof = load_run(cfg)
-    probs = average_probabilities(test_logits_in_order(comp, outputs), task)
+    test_logits = test_logits_in_order(comp, outputs)
+    if with_full:
+        test_logits.append(full_test_logits(cfg, comp, console))
+    probs = average_probabilities(test_logits, task)
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     rule = None
     if decide_labels:
@@ -95,6 +103,18 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
     console.print(f"recorded the run in {report.runs_path(cfg)}; report: {page}")
     return {"cv": cv, "folds": per_fold, "leaderboard": lb, "baseline": baseline, "decision": rule,
             "path": str(cfg.submission_path)}
+
+
+def full_test_logits(cfg: Config, comp, console: Console) -> np.ndarray:
+    """The refit's test logits, checked against the current test table."""
+    record = read_full(cfg, identity.content(cfg, comp))
+    ids, logits = read_npy(cfg.full_dir / "test_ids.npy"), read_npy(cfg.full_dir / "test_logits.npy")
+    if not np.array_equal(ids, comp.test_ids):
+        raise CompError("the test table changed after the refit was trained: retrain it with python -m comp.train "
+                        "--full --force")
+    console.print(f"with the refit on all {record['n_train']} rows as one more fold of the test predictions (it has "
+                  "no OOF rows: the CV below is the folds' alone)")
+    return logits
 
 
 def record_decision(cfg: Config, rule: dict | None) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from comp import cli, metrics
-from comp.artifacts import write_text
+from comp.artifacts import read_json, write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
@@ -19,7 +19,14 @@ from comp.nn.model import check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
 from comp.outputs.collect import config_matches, is_complete, read_config, stale_teacher, verify_fold
-from comp.outputs.runs import Distill, tokenize_tables, train_classical_fold, train_fold
+from comp.outputs.runs import (
+    Distill,
+    refit_config,
+    tokenize_tables,
+    train_classical_fold,
+    train_fold,
+    train_full,
+)
 from comp.predict import FoldModel, fold_predictor
 from comp.tables import identity
 from comp.tables.read import Competition, load_competition
@@ -32,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--fold", type=int, help="the fold to train (0 .. n_splits-1)")
     which.add_argument("--all", action="store_true", help="train every fold in turn")
+    which.add_argument("--full", action="store_true", help="after the folds: one model on every training row, for "
+                       "the median of the folds' best epochs (gbm: rounds); comp.submit --with-full adds it")
+    parser.add_argument("--epochs", type=int, metavar="N", help="with --full: train N epochs (gbm: rounds) instead")
     parser.add_argument("--force", action="store_true", help="retrain folds that are already finished")
     parser.add_argument("--devices", help="with --all: GPU ids, e.g. 0,1,2,3; one fold process per GPU at a time")
     parser.add_argument("--jobs", type=int, default=1, help="with --all: fold processes at once on the CPU")
@@ -81,6 +91,8 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         devices = None
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
+    if args.full:
+        return refit(cfg, comp, args, console, d)
     todo = list(range(n)) if args.all else [args.fold]
     skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
     now = identity.content(cfg, comp) if skipped else {}
@@ -126,6 +138,31 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         log = console.take_log()
         if d.is_main:
             write_text(cfg.fold_dir(k) / "train.log", log)
+    return 0
+
+
+def refit(cfg: Config, comp: Competition, args: argparse.Namespace, console, d: distributed.Dist) -> int:
+    """comp.train --full: the refit on every training row, for --epochs or the median of the finished folds'
+    best epochs (a gbm run's rounds; a linear run has none)."""
+    if args.epochs is not None and args.epochs < 1:
+        raise CompError(f"--epochs {args.epochs}: must be at least 1")
+    records = []
+    for k in range(cfg.folds.n_splits):
+        if not is_complete(cfg, k):
+            raise CompError(f"--full takes its epochs from the run's folds, and fold {k} of run {cfg.run.name!r} is "
+                            "not finished: train the folds first (python -m comp.train --all), or pass --epochs N")
+        records.append(verify_fold(cfg, k))
+    key = {"encoder": "best_epoch", "gbm": "rounds"}.get(cfg.model.kind)
+    epochs = args.epochs or (int(np.median([r[key] for r in records])) if key else None)
+    done = cfg.full_dir / "metrics.json"
+    if done.is_file() and not args.force and read_json(done).get("config_hash") == refit_config(cfg, epochs).hash():
+        console.print(f"the refit of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
+        return 0
+    tokens = tokenize_tables(cfg, comp, console, d) if cfg.model.kind == "encoder" else None
+    record = train_full(cfg, comp, epochs, tokens, console, fresh=args.force, d=d)
+    console.print(f"refit of run {cfg.run.name!r} on {record['n_train']} rows"
+                  + (f", {epochs} {'epochs' if key == 'best_epoch' else 'rounds'}" if epochs else "")
+                  + f", done in {record['seconds']:.0f}s -> {cfg.full_dir}")
     return 0
 
 

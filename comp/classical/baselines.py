@@ -269,7 +269,7 @@ class GbmRun:
         if seen.any():  # the validation rows of classes these rows show
             vx, vy = self._features(valid[0][seen], list(np.asarray(valid[1], dtype=object)[seen])), \
                 np.searchsorted(self.classes_, valid[2][seen])
-            fit.update(eval_X=(vx,), eval_y=(vy,), eval_sample_weight=None if weight is None else [weight[vy]],
+            fit.update(eval_X=(vx,), eval_y=(vy,),  # stopped by the plain log loss: the probabilities blends take
                        callbacks=[lightgbm.early_stopping(50, verbose=False)])
         self.booster = clf.fit(x, codes, **fit).booster_
         return self

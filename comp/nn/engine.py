@@ -47,7 +47,7 @@ class Fold:
 
     index: int
     train: Rows
-    val: Rows
+    val: Rows | None  # None: a full-data refit, train.epochs epochs on every row, the last one kept
     test: Rows | None
     pad_id: int
     checkpoint: Checkpoint | None = None
@@ -90,7 +90,8 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
             rng.bit_generator.state = state.fit.epoch_rng
             shares = epoch_batches(fold.train, cfg.train, rng, d, weights)
             train_loss = train_one_epoch(state, fold.train, shares, rt, progress, save)
-            row, improved = validate(state, fold, rt, progress, {"epoch": epoch, "train_loss": train_loss}, t0)
+            row = {"epoch": epoch, "train_loss": train_loss}
+            row, improved = validate(state, fold, rt, progress, row, t0) if fold.val else keep_last(state, row, t0)
             end_epoch(state, fold, rt, row, improved, console)
             state.fit = FitState(epoch=epoch + 1, epoch_rng=rng.bit_generator.state, history=state.fit.history,
                                  finished=state.stopper.should_stop or epoch >= cfg.train.epochs)
@@ -98,12 +99,13 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
         if state.best_state is None:
             raise CompError(f"fold {fold.index}: validation {rt.tcfg.monitor} was not finite in any epoch (training "
                             "diverged): lower train.encoder_lr / train.head_lr or use train.precision = \"fp32\"")
-        best_row = state.fit.history[state.stopper.best_epoch - 1]
-        swa = average_epochs(state, fold, rt, progress, best_row) if state.snapshots else None
+        best = state.stopper.best_epoch if fold.val else len(state.fit.history)
+        best_row = state.fit.history[best - 1]
+        swa = average_epochs(state, fold, rt, progress, best_row) if state.snapshots and fold.val else None
         if swa and swa["kept"]:
             best_row = swa["row"]
         test_logits = finish(state, fold, rt, progress)
-    return FoldResult(state.stopper.best_epoch, state.fit.history, best_row, state.best_val, test_logits,
+    return FoldResult(best, state.fit.history, best_row, state.best_val, test_logits,
                       state.best_state, time.perf_counter() - started, resumed_from, swa)
 
 
@@ -191,6 +193,16 @@ def validate(state: TrainState, fold: Fold, rt: Runtime, progress: Progress, row
         if state.snapshots:
             state.snapshots.add(state.model, row["epoch"], row[tcfg.monitor])
     return row, improved
+
+
+def keep_last(state: TrainState, row: dict, t0: float) -> tuple[dict, bool]:
+    """A refit's epoch (no validation rows): its row, and its weights (the EMA's, when there is one) kept as
+    the ones to predict with."""
+    row = {**row, "seconds": round(time.perf_counter() - t0, 2)}
+    state.fit.history.append(row)
+    with state.ema.applied(state.model) if state.ema else contextlib.nullcontext():
+        state.keep_best(None)
+    return row, True
 
 
 def score_validation(state: TrainState, fold: Fold, rt: Runtime, progress: Progress) -> tuple[dict, np.ndarray]:

@@ -24,9 +24,10 @@ MODEL_FILES = {"encoder": ("model.safetensors", "encoders.json"), "linear": ("li
                "gbm": ("gbm.json", "gbm.safetensors", "gbm.txt")}
 
 
-def checked_files(kind: str) -> tuple[str, ...]:
-    """The files of a finished fold whose sha256 metrics.json records: the model's, then the outputs."""
-    return (*MODEL_FILES[kind], *OUTPUTS)
+def checked_files(kind: str, full: bool = False) -> tuple[str, ...]:
+    """The files of a finished fold whose sha256 metrics.json records: the model's, then the outputs (a
+    full-data refit has no OOF rows: its test outputs only)."""
+    return (*MODEL_FILES[kind], *(OUTPUTS[2:] if full else OUTPUTS))
 
 
 FILES = (*checked_files("encoder"), "config.toml", "metrics.json", "train.log")  # an encoder fold's folder
@@ -152,6 +153,25 @@ def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, 
                         f"at the files it was trained on, or retrain with python -m comp.train --all --force")
     return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
                        read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
+
+
+def read_full(cfg: Config, now: dict | None = None) -> dict:
+    """The run's full-data refit (comp.train --full), checked like a fold: finished, its files as recorded, its
+    inputs (`now`) unchanged; returns its record."""
+    out = cfg.full_dir
+    record = read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
+    if record.get("status") != "complete":
+        raise CompError(f"run {cfg.run.name!r} has no finished refit ({out / 'metrics.json'} missing): train it "
+                        "with python -m comp.train --full, or drop --with-full")
+    for name in checked_files(record.get("kind", "encoder"), full=True):
+        if not (out / name).is_file() or record["sha256"].get(name) != sha256(out / name):
+            raise CompError(f"{out / name} is missing or does not match the checksum recorded when it was written: "
+                            "retrain with python -m comp.train --full --force")
+    change = identity.changed(record.get("content"), now or {})
+    if change:
+        raise CompError(f"{change} changed after the refit of run {cfg.run.name!r} was trained: retrain it with "
+                        "python -m comp.train --full --force")
+    return record
 
 
 def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:

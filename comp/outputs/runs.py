@@ -221,6 +221,67 @@ def write_fold(cfg: Config, comp: Competition, va: np.ndarray, fold: int, record
     write_json(out / "metrics.json", record)
 
 
+def refit_config(cfg: Config, epochs: int | None) -> Config:
+    """What a refit trains: the run's config with `epochs` epochs and no weight averaging (no validation rows to
+    choose by), or for a gbm run `epochs` rounds; a linear run's as it is."""
+    if cfg.model.kind == "encoder":
+        return cfg.replace("train", epochs=epochs, swa="off")
+    if cfg.model.kind == "gbm":
+        return cfg.replace("model", gbm=dataclasses.replace(cfg.model.gbm, rounds=epochs))
+    return cfg
+
+
+def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | None, console: Console,
+               fresh: bool = False, d: Dist = SINGLE) -> dict:
+    """The full-data refit: the run's model trained on every training row, with no validation rows and no
+    early stopping, for `epochs` epochs (a gbm run: that many rounds); writes its test outputs (no OOF rows)
+    under the run's full/ folder, metrics.json last."""
+    out, started = cfg.full_dir, time.perf_counter()
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # unfinished until metrics.json is rewritten
+    every = np.arange(len(comp.y))
+    seed = cfg.train.seed + cfg.folds.n_splits  # a stream of its own, after the folds'
+    cfg = refit_config(cfg, epochs)
+    if cfg.model.kind == "encoder":
+        checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, comp, -1, "full", d))
+        if fresh and d.is_main:
+            checkpoint.delete()
+        encoder, train_rows, _, test_rows = prepare_fold(cfg, comp, every, every[:0], tokens)
+        seed_everything(seed)
+        model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
+                            pair_sep=tokens.sep_id if cfg.data.text_pair else None)
+        result = fit_fold(cfg, model, Fold(cfg.folds.n_splits, train_rows, None, test_rows, tokens.pad_id, checkpoint),
+                          console, d)
+        test_logits = result.test_logits
+
+        def write_model(path):
+            with atomic_path(path / "model.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
+            encoder.save(path / "encoders.json")
+    else:
+        model = fit_classical(cfg, comp.train, list(comp.train_text), comp.y, len(comp.classes), seed)
+        test_logits, write_model = model.logits(comp.test, comp.test_text), model.save
+    record = {"status": "complete", "run": cfg.run.name, "fold": "full", "epochs": epochs, "oof": None,
+              "config_hash": cfg.hash(), "model": cfg.model.name_or_path, "comp_version": __version__,
+              "classes": comp.classes, "task": cfg.data.task, "n_train": len(every), "n_test": len(comp.test),
+              "processes": d.world, "seconds": round(time.perf_counter() - started, 1),
+              "precision": precision_name(cfg) if cfg.model.kind == "encoder" else None}
+    if d.is_main:
+        write_model(out)
+        write_npy(out / "test_logits.npy", test_logits)
+        write_npy(out / "test_ids.npy", comp.test_ids)
+        write_text(out / "config.toml", to_toml(cfg))
+        record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind,
+                      content=identity.content(cfg, comp),
+                      sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind, full=True)})
+        write_json(out / "metrics.json", record)
+        if cfg.model.kind == "encoder":
+            checkpoint.delete()
+    d.barrier()
+    return record
+
+
 def classical_row(scores: dict) -> dict:
     """A classical fold's one row of validation scores, named as an encoder epoch's (val_loss: the log loss, or
     for regression the mean squared error)."""
