@@ -334,6 +334,7 @@ class TrainConfig:
         _require(self.temperature > 0, "train.temperature must be > 0")
 
 
+CLASSICAL_KEYS = ("model.tfidf.", "model.gbm.", "model.min_category_rows", "model.numeric_transform")
 SPACES = {  # comp.tune's default search space by model.kind; [tune.space] adds keys or replaces ranges
     "encoder": {"train.encoder_lr": {"type": "float", "low": 5e-6, "high": 1e-4, "log": True},
                 "train.head_lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},

@@ -25,7 +25,7 @@ from sklearn.model_selection import train_test_split
 from comp import cli, metrics
 from comp.artifacts import atomic_path, write_text
 from comp.classical.baselines import fit_classical
-from comp.config import MONITORS, Config, dump_toml, from_dict, set_key
+from comp.config import CLASSICAL_KEYS, MONITORS, Config, dump_toml, from_dict, set_key
 from comp.errors import CompError, run_cli
 from comp.nn.state import optimizer_class
 from comp.outputs.collect import split
@@ -219,6 +219,11 @@ def run_study(cfg: Config, storage_url: str | None = None, n_trials: int | None 
     if cfg.train.pseudo_run:
         raise CompError("comp.tune does not add pseudo-labelled rows: tune without train.pseudo_run, then train "
                         "the pseudo-label round with the tuned params")
+    idle = [k for k in cfg.tune.space if cfg.model.kind != "encoder" and not k.startswith(CLASSICAL_KEYS)]
+    if idle:
+        raise CompError(f"tune.space key {idle[0]!r} changes nothing a {cfg.model.kind} run learns: search "
+                        "model.tfidf.*, model.gbm.* or the metadata encoding's model.min_category_rows / "
+                        "model.numeric_transform")
     for key, spec in cfg.tune.space.items():  # every end of every range must make a valid config
         ends = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
         for value in ends:

@@ -42,3 +42,16 @@ def test_a_seed_bag_trains_each_seed_and_scores_their_average(tmp_path, tiny_mod
     assert predict.main(["--bundle", str(tmp_path / "b"), "--quiet", "--test", str(data / "test.csv"),
                          "--sample", str(data / "sample_submission.csv"), "--out", str(tmp_path / "p.csv")]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "submissions" / "tiny-bag2.csv"))
+
+
+def test_no_two_seed_fold_pairs_share_a_stream_and_zero_seeds_is_one_line(project, capsys):
+    from tests.conftest import assert_user_error, snapshot
+
+    cfg = config.load(project, ["run.seeds=5", "folds.n_splits=10"])
+    streams = [m.train.seed + k for m in cfg.bag() for k in range(cfg.folds.n_splits)]  # what fold k of each seeds
+    assert len(set(streams)) == len(streams) == 50
+    assert folds.main(["--config", str(project), "--quiet"]) == 0
+    before = snapshot(project.parent)
+    assert_user_error(train.main(["--config", str(project), "--all", "--seeds", "0", "--quiet"]), capsys,
+                      "run.seeds must be >= 1")
+    assert snapshot(project.parent) == before

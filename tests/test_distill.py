@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -91,3 +92,36 @@ def test_teacher_errors_are_one_line_and_write_nothing(taught, capsys, sets, nee
     assert_user_error(train.main(["--config", str(taught), "--fold", "0", *QUIET, *args]), capsys, needle)
     after = snapshot(taught.parent)
     assert {k: v for k, v in after.items() if not k.startswith("folds/cache/")} == before
+
+
+def test_changing_fold_ks_validation_rows_leaves_fold_ks_soft_targets_where_they_were(taught):
+    """The honesty test: fold k's targets come from a model that never saw fold k's validation rows, so editing
+    those rows (their text and labels) moves nothing; editing one of fold k's training rows does."""
+    cfg = config.load(taught, ["run.name=student", "train.teacher=lin"])
+    comp = load_competition(cfg)
+    split, fp = load_folds(cfg, comp)
+    quiet = train.cli.console(True)
+    before = train.teacher_outputs(cfg, comp, split, fp, 0, quiet).logits
+    path = taught.parent / "data" / "train.csv"
+    table = pd.read_csv(path)
+    original = table.copy()
+    val = np.flatnonzero(split == 0)
+    table.loc[val, "body"] = "north south east " * 3  # fold 0's validation rows, rewritten
+    table.loc[val, "label"] = table.loc[val, "label"].iloc[::-1].to_numpy()
+    table.to_csv(path, index=False)
+    edited = load_competition(cfg)
+    assert np.array_equal(train.teacher_outputs(cfg, edited, split, fp, 0, quiet).logits, before)
+    tr = np.flatnonzero(split != 0)
+    original.loc[tr[:5], "body"] = "north south east " * 3  # now five of its training rows
+    original.to_csv(path, index=False)
+    assert not np.allclose(train.teacher_outputs(cfg, load_competition(cfg), split, fp, 0, quiet).logits, before)
+
+
+def test_a_teacher_on_another_split_is_one_line(taught, capsys):
+    other = ["--quiet", "--set", "folds.path=folds/b/folds.csv", "--set", "folds.seed=8"]
+    assert folds.main(["--config", str(taught), *other]) == 0
+    assert train.main(["--config", str(taught), "--all", *other, "--set", "model.kind=linear",
+                       "--set", "run.name=lin2"]) == 0
+    shutil.move(str(taught.parent / "folds" / "b" / "lin2"), str(taught.parent / "folds" / "lin2"))
+    assert_user_error(train.main(["--config", str(taught), "--fold", "0", *QUIET, "--set", "run.name=student",
+                                  "--set", "train.teacher=lin2"]), capsys, "another split")

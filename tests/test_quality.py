@@ -227,3 +227,18 @@ def test_a_gbm_run_stops_its_rounds_on_the_folds_validation_rows(classical):
     cfg = config.load(classical, ["model.kind=gbm", "run.name=gbm"])
     run = GbmRun.load(cfg.fold_dir(0))
     assert 0 < run.booster.num_trees() < 2000 * len(run.classes_)  # early stopping ended it
+
+
+def test_a_gbm_fold_reloaded_in_a_fresh_process_predicts_the_probabilities_it_wrote(classical):
+    import subprocess
+    import sys
+
+    cfg = config.load(classical, ["model.kind=gbm", "run.name=gbm"])
+    code = ("import sys, numpy as np; from pathlib import Path; from comp import config; "
+            "from comp.classical.baselines import load_classical; from comp.tables.read import load_competition; "
+            "cfg = config.load(sys.argv[1], ['model.kind=gbm', 'run.name=gbm']); comp = load_competition(cfg); "
+            "m = load_classical('gbm', cfg.fold_dir(1), len(comp.classes)); "
+            "np.save(sys.argv[2], m.logits(comp.test, comp.test_text))")
+    out = cfg.root / "fresh.npy"
+    subprocess.run([sys.executable, "-c", code, str(classical), str(out)], check=True)
+    assert np.allclose(np.load(out), np.load(cfg.fold_dir(1) / "test_logits.npy"), atol=1e-6)

@@ -30,6 +30,9 @@ def test_a_refit_trains_on_every_row_and_joins_the_test_predictions_as_one_more_
         assert record["epochs"] == expected
     assert submit.main(["--config", str(cfg), *sets, "--with-full"]) == 0
     both = pd.read_csv(tmp_path / "submissions" / "tiny.csv")
+    runs = pd.read_csv(tmp_path / "submissions" / "runs.csv")
+    cvs = [json.loads(row)["cv"] for row in runs["scores"]]
+    assert len(cvs) == 2 and cvs[0] == cvs[1]  # the CV as it was: --with-full moves the test side alone
     loaded = config.load(cfg, [f"model.kind={kind}"])
     logits = [np.load(tmp_path / "folds" / "tiny" / f"fold_{k}" / "test_logits.npy") for k in range(3)]
     logits.append(np.load(full / "test_logits.npy"))

@@ -205,3 +205,13 @@ def test_a_classical_run_is_tuned_over_its_own_space_and_train_applies_the_best(
             got = getattr(got, name)
         assert list(got) == value if isinstance(value, list) else got == value, key
     assert train.main(["--config", str(project), "--all", "--params", str(best), *sets]) == 0
+
+
+def test_a_classical_space_naming_an_encoder_key_is_one_line(project, capsys):
+    with open(project, "a") as fh:
+        fh.write('\n[tune.space]\n"train.encoder_lr" = {type = "float", low = 1e-5, high = 1e-3}\n')
+    assert folds.main(["--config", str(project), "--quiet"]) == 0
+    before = snapshot(project.parent)
+    assert_user_error(tune.main(["--config", str(project), "--set", "model.kind=gbm"]), capsys,
+                      "'train.encoder_lr' changes nothing a gbm run learns")
+    assert snapshot(project.parent) == before
