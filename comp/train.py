@@ -62,7 +62,8 @@ def train(args: argparse.Namespace) -> int:
     try:
         bag = cli.load_config(argparse.Namespace(**{**vars(args), "quiet": True})).bag()
         for member in bag:  # one run, or each seed of the bag in turn
-            sets = [f"run.name={member.run.name}", f"train.seed={member.train.seed}"] if len(bag) > 1 else []
+            sets = [f"run.name={member.run.name}", f"train.seed={member.train.seed}", "run.seeds=1"] \
+                if len(bag) > 1 else []  # each member alone (fold processes of --jobs/--devices included)
             _train(argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]}), d)
         return 0
     finally:
