@@ -13,7 +13,7 @@ from rich.table import Table
 from scipy.optimize import minimize
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, sha256, write_sealed_json
+from comp.artifacts import atomic_path, read_npy, sha256, write_sealed_json
 from comp.classical import stacking
 from comp.classical.baselines import class_weight
 from comp.config import Config
@@ -27,6 +27,7 @@ from comp.outputs.collect import (
     outputs_stamp,
     read_config,
     read_fold,
+    read_full,
     submission_frame,
     test_logits_in_order,
 )
@@ -105,10 +106,11 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
     return out, weights
 
 
-def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
+def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, with_full: bool = False):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
     finished, on these folds, for these classes and these tables (identity.tables of the columns the run read:
-    a text-only run blends with a metadata-only one)."""
+    a text-only run blends with a metadata-only one). `with_full`: a run with a refit (comp.train --full) adds
+    it to its test side as one more fold; the fourth value is the refit's test-output digest, or None."""
     member = cfg.replace("run", name=name)
     outputs = []
     for k in range(cfg.folds.n_splits):
@@ -118,8 +120,15 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds):
     if len(hashes) > 1:
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
     oof = metrics.activate(cfg.data.task, assemble_oof(comp, folds, outputs))
-    test = average_probabilities(test_logits_in_order(comp, outputs), cfg.data.task)
-    return oof, test, outputs[0].record
+    logits, refit = test_logits_in_order(comp, outputs), None
+    if with_full and (member.full_dir / "metrics.json").is_file():
+        own = read_config(member.full_dir / "config.toml", cfg.root)
+        refit = read_full(member, identity.tables(own, comp))["sha256"]["test_logits.npy"]
+        if not np.array_equal(read_npy(member.full_dir / "test_ids.npy"), comp.test_ids):
+            raise CompError(f"the test table changed after the refit of run {name!r} was trained: retrain it with "
+                            "python -m comp.train --full --force")
+        logits.append(read_npy(member.full_dir / "test_logits.npy"))
+    return oof, average_probabilities(logits, cfg.data.task), outputs[0].record, refit
 
 
 def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: list[np.ndarray],
@@ -136,7 +145,7 @@ def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: l
 
 
 def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
-          stack_with: str | None = None, decide_labels: bool = False) -> dict:
+          stack_with: str | None = None, decide_labels: bool = False, with_full: bool = False) -> dict:
     """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
     CV, the blend's and its weights; write the blend's submission (submissions/<run.name>.csv) and its record
     (folds/<run.name>/blend.json)."""
@@ -154,7 +163,11 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"--stack needs data.task = \"single_label\" (this one is {task!r}): blend with --weights")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
-    members = [load_member(cfg, n, folds_fp, comp, folds) for n in names]
+    members = [load_member(cfg, n, folds_fp, comp, folds, with_full) for n in names]
+    refits = {n: m[3] for n, m in zip(names, members, strict=True) if m[3]}
+    if with_full:  # the test side only: weights and stacks are fitted on the OOF rows, where no refit is
+        console.print("with the refits of " + (", ".join(refits) or "no run (none has one)")
+                      + " as one more fold of their test predictions; the CV below is the folds' alone")
     y = comp.y
     oofs, tests = [m[0] for m in members], [m[1] for m in members]
 
@@ -207,6 +220,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
               "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
               "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
               "member_outputs": {n: outputs_stamp(cfg.replace("run", name=n)) for n in names},
+              "with_full": refits,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_sealed_json(cfg.run_dir / "blend.json", record)
     with atomic_path(cfg.submission_path) as tmp:
@@ -228,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="choose the labels by per-class weights on the probabilities fitted to data.metric on the "
                              "OOF rows (cross-fitted: the CV of the rule is honest); label submissions only")
     parser.add_argument("--name", default="blend", help="the blend's run name (submission file name); default blend")
+    parser.add_argument("--with-full", action="store_true", help="add each run's full-data refit (comp.train --full) "
+                        "to its test predictions as one more fold (the CV, weights and stacks stay the folds')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     console = cli.console(args.quiet)
     args.set = [*args.set, f"run.name={args.name}"]
     cfg = cli.load_config(args, console)
-    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack, args.decide)
+    blend(cfg, [n.strip() for n in args.runs.split(",") if n.strip()], args.weights, console, args.stack, args.decide,
+          args.with_full)
     console.print(f"blend took {time.perf_counter() - started:.1f}s")
     return 0
 

@@ -38,8 +38,8 @@ def members_of(cfg: Config, run: str | None, blend: str | None,
         one = cfg.replace("run", name=run or cfg.run.name)
         return [Member(one.run.name, 1.0, run_folds(one, with_full))], None, run_decision(one)
     if with_full:
-        raise CompError("--with-full adds one run's refit; a blend's members are its runs' folds: export the run "
-                        "with --run NAME --with-full")
+        raise CompError("--with-full adds one run's refit; a blend carries the refits it was made with (comp.blend "
+                        "--with-full): drop --with-full")
     folder = cfg.replace("run", name=blend).run_dir
     if not (folder / "blend.json").is_file():
         raise CompError(f"blend {blend!r} has no {folder / 'blend.json'}: make it first with "
@@ -57,8 +57,13 @@ def members_of(cfg: Config, run: str | None, blend: str | None,
         if stamps.get(name) != outputs_stamp(cfg.replace("run", name=name)):
             raise CompError(f"run {name!r} was retrained (or is unfinished) since blend {blend!r} was made: its weights, "
                             f"stack or decision would not fit it; make the blend again with python -m comp.blend")
+    refits = record.get("with_full") or {}
+    for name, digest in refits.items():
+        if recorded_sums_full(cfg.replace("run", name=name)) != digest:
+            raise CompError(f"the refit of run {name!r} was retrained (or removed) since blend {blend!r} was made: make "
+                            "the blend again with python -m comp.blend ... --with-full")
     weights = record["weights"] or [0.0] * len(record["runs"])
-    members = [Member(name, float(w), run_folds(cfg.replace("run", name=name)))
+    members = [Member(name, float(w), run_folds(cfg.replace("run", name=name), name in refits))
                for name, w in zip(record["runs"], weights, strict=True)]
     return members, folder if stack else None, record.get("decision")
 
@@ -172,6 +177,12 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     console.print(f"wrote {out}: " + ", ".join(f"{m.name} ({len(m.folds)} folds)" for m in members)
                   + f", {how}; {size / 2**20:.1f} MiB")
     return {"path": str(out), "bytes": size}
+
+
+def recorded_sums_full(cfg: Config) -> str | None:
+    """The digest of a run's refit test outputs, as its metrics.json records it (None without a refit)."""
+    path = cfg.full_dir / "metrics.json"
+    return read_json(path).get("sha256", {}).get("test_logits.npy") if path.is_file() else None
 
 
 def base_digest(m: Member, base: Path) -> str:

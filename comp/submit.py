@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     blend.add_arguments(parser, required=False)
     parser.add_argument("--seeds", type=int, metavar="N", help="a seed bag (comp.train --seeds N): score each seed "
                         "and their equal-weight average; the same as --set run.seeds=N")
-    parser.add_argument("--with-full", action="store_true", help="add the run's full-data refit (comp.train --full) "
-                        "to the test predictions, as one more fold")
     args = parser.parse_args(argv)
     if args.seeds is not None:
         args.set.append(f"run.seeds={args.seeds}")
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cli.load_config(args, console)
         if cfg.run.seeds > 1:  # a seed bag: each seed's CV and the honest CV of their equal-weight average
             blend.blend(cfg.replace("run", name=cfg.bag_name), [m.run.name for m in cfg.bag()], "equal", console,
-                        None, args.decide)
+                        None, args.decide, args.with_full)
         else:
             submit(cfg, console, args.decide, args.with_full)
         console.print(f"submit took {time.perf_counter() - started:.1f}s")

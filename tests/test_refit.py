@@ -59,3 +59,27 @@ def test_a_refit_before_the_folds_or_submit_without_it_is_one_line(project, caps
     assert train.main(["--config", str(project), "--all", "--quiet", "--set", "train.epochs=1"]) == 0
     assert_user_error(submit.main(["--config", str(project), "--quiet", "--set", "train.epochs=1", "--with-full"]),
                       capsys, "no finished refit")
+
+
+def test_a_blend_with_refits_keeps_its_weights_and_cv_and_exports_them(tmp_path, tiny_model):
+    from comp import blend
+
+    cfg = write_project(tmp_path, tiny_model, make_tables(n_train=48, n_test=10))
+    q = ["--quiet"]
+    assert folds.main(["--config", str(cfg), *q]) == 0
+    for kind in ("linear", "gbm"):
+        sets = [*q, "--set", f"model.kind={kind}", "--set", f"run.name={kind}"]
+        assert train.main(["--config", str(cfg), "--all", *sets]) == 0
+    assert train.main(["--config", str(cfg), "--full", *q, "--set", "model.kind=linear", "--set", "run.name=linear"]) == 0
+    assert blend.main(["--config", str(cfg), *q, "--runs", "linear,gbm", "--name", "plain"]) == 0
+    assert blend.main(["--config", str(cfg), *q, "--runs", "linear,gbm", "--name", "full", "--with-full"]) == 0
+    plain, full = (json.loads((tmp_path / "folds" / n / "blend.json").read_text()) for n in ("plain", "full"))
+    assert plain["cv"] == full["cv"] and plain["weights"] == full["weights"]  # fitted on the OOF rows alone
+    assert list(full["with_full"]) == ["linear"] and not plain["with_full"]
+    assert export.main(["--config", str(cfg), *q, "--blend", "full", "--out", str(tmp_path / "b")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [m["folds"] for m in manifest["members"]] == [4, 3]  # the refit travels as the linear run's 4th fold
+    data = tmp_path / "data"
+    assert predict.main(["--bundle", str(tmp_path / "b"), *q, "--test", str(data / "test.csv"),
+                         "--out", str(tmp_path / "p.csv"), "--sample", str(data / "sample_submission.csv")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "submissions" / "full.csv"))
