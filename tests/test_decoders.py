@@ -296,3 +296,16 @@ def test_lora_trains_under_ddp_like_one_process(qwen, tmp_path):
         assert eb["val_loss"] == pytest.approx(ea["val_loss"], rel=0.05)
     saved = load_file(str(two.parent / "folds" / "tiny" / "fold_0" / "model.safetensors"))
     assert all("lora_" in k for k in saved if k.startswith("encoder."))
+
+
+def test_lora_with_gradient_checkpointing_learns_what_it_learns_without(qwen, tmp_path):
+    tables, logits = make_tables(n_train=48, n_test=10), []
+    for name, flag in (("plain", "false"), ("checkpointed", "true")):
+        cfg = write_project(tmp_path / name, qwen, tables)
+        sets = [*LORA, "--set", f"train.gradient_checkpointing={flag}", "--set", "model.attention_dropout=0"]
+        assert folds.main(["--config", str(cfg), *sets]) == 0
+        assert train.main(["--config", str(cfg), "--fold", "0", *sets]) == 0
+        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+        weights = load_file(str(cfg.parent / "folds" / "tiny" / "fold_0" / "model.safetensors"))
+        assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # the adapters left zero: they learned
+    assert np.allclose(logits[0], logits[1], atol=1e-4)
