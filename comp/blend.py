@@ -13,7 +13,7 @@ from rich.table import Table
 from scipy.optimize import minimize
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, read_npy, sha256, write_sealed_json
+from comp.artifacts import atomic_path, sha256, write_sealed_json
 from comp.classical import stacking
 from comp.classical.baselines import class_weight
 from comp.config import Config
@@ -27,7 +27,7 @@ from comp.outputs.collect import (
     outputs_stamp,
     read_config,
     read_fold,
-    read_full,
+    refit_test_logits,
     submission_frame,
     test_logits_in_order,
 )
@@ -121,13 +121,11 @@ def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, with_full: b
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
     oof = metrics.activate(cfg.data.task, assemble_oof(comp, folds, outputs))
     logits, refit = test_logits_in_order(comp, outputs), None
-    if with_full and (member.full_dir / "metrics.json").is_file():
+    if with_full and is_complete(member, "full"):
         own = read_config(member.full_dir / "config.toml", cfg.root)
-        refit = read_full(member, identity.tables(own, comp))["sha256"]["test_logits.npy"]
-        if not np.array_equal(read_npy(member.full_dir / "test_ids.npy"), comp.test_ids):
-            raise CompError(f"the test table changed after the refit of run {name!r} was trained: retrain it with "
-                            "python -m comp.train --full --force")
-        logits.append(read_npy(member.full_dir / "test_logits.npy"))
+        record, full = refit_test_logits(member, comp, identity.tables(own, comp))
+        refit = record["sha256"]["test_logits.npy"]
+        logits.append(full)
     return oof, average_probabilities(logits, cfg.data.task), outputs[0].record, refit
 
 

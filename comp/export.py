@@ -23,7 +23,7 @@ from comp.errors import CompError, run_cli
 from comp.nn.hardware import resolve_device
 from comp.nn.model import load_encoder, load_tokenizer
 from comp.outputs import bundle
-from comp.outputs.collect import MODEL_FILES, outputs_stamp
+from comp.outputs.collect import MODEL_FILES, outputs_stamp, recorded_sums
 from comp.outputs.decide import portable
 from comp.predict import FoldModel, Member, estimate, run_decision, run_folds
 from comp.tables import identity
@@ -59,7 +59,7 @@ def members_of(cfg: Config, run: str | None, blend: str | None,
                             f"stack or decision would not fit it; make the blend again with python -m comp.blend")
     refits = record.get("with_full") or {}
     for name, digest in refits.items():
-        if recorded_sums_full(cfg.replace("run", name=name)) != digest:
+        if (recorded_sums(cfg.replace("run", name=name), "full") or {}).get("test_logits.npy") != digest:
             raise CompError(f"the refit of run {name!r} was retrained (or removed) since blend {blend!r} was made: make "
                             "the blend again with python -m comp.blend ... --with-full")
     weights = record["weights"] or [0.0] * len(record["runs"])
@@ -177,12 +177,6 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
     console.print(f"wrote {out}: " + ", ".join(f"{m.name} ({len(m.folds)} folds)" for m in members)
                   + f", {how}; {size / 2**20:.1f} MiB")
     return {"path": str(out), "bytes": size}
-
-
-def recorded_sums_full(cfg: Config) -> str | None:
-    """The digest of a run's refit test outputs, as its metrics.json records it (None without a refit)."""
-    path = cfg.full_dir / "metrics.json"
-    return read_json(path).get("sha256", {}).get("test_logits.npy") if path.is_file() else None
 
 
 def base_digest(m: Member, base: Path) -> str:

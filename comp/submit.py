@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from comp import cli, metrics, report
-from comp.artifacts import atomic_path, read_npy, write_sealed_json
+from comp.artifacts import atomic_path, write_sealed_json
 from comp.config import Config
-from comp.errors import CompError, run_cli
+from comp.errors import run_cli
 from comp.outputs import decide
 from comp.outputs.collect import (
     average_probabilities,
@@ -20,7 +20,7 @@ from comp.outputs.collect import (
     leaderboard,
     load_run,
     outputs_stamp,
-    read_full,
+    refit_test_logits,
     submission_frame,
     test_logits_in_order,
 )
@@ -105,11 +105,7 @@ def submit(cfg: Config, console: Console | None = None, decide_labels: bool = Fa
 
 def full_test_logits(cfg: Config, comp, console: Console) -> np.ndarray:
     """The refit's test logits, checked against the current test table."""
-    record = read_full(cfg, identity.content(cfg, comp))
-    ids, logits = read_npy(cfg.full_dir / "test_ids.npy"), read_npy(cfg.full_dir / "test_logits.npy")
-    if not np.array_equal(ids, comp.test_ids):
-        raise CompError("the test table changed after the refit was trained: retrain it with python -m comp.train "
-                        "--full --force")
+    record, logits = refit_test_logits(cfg, comp, identity.content(cfg, comp))
     console.print(f"with the refit on all {record['n_train']} rows as one more fold of the test predictions (it has "
                   "no OOF rows: the CV below is the folds' alone)")
     return logits

@@ -18,7 +18,7 @@ from comp.nn.hardware import resolve_device
 from comp.nn.model import check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
-from comp.outputs.collect import config_matches, is_complete, read_config, stale_teacher, verify_fold
+from comp.outputs.collect import config_matches, is_complete, read_config, stale_teacher, teacher_fold, verify_fold
 from comp.outputs.runs import (
     Distill,
     refit_config,
@@ -176,14 +176,7 @@ def teacher_outputs(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp:
     name = cfg.train.teacher
     if not name:
         return None
-    teacher = cfg.replace("run", name=name)
-    if not is_complete(teacher, fold):
-        raise CompError(f"train.teacher {name!r} has no finished fold {fold} ({teacher.fold_dir(fold)}): train that "
-                        f"run first (python -m comp.train --all --set run.name={name} ...)")
-    record = verify_fold(teacher, fold)
-    if record.get("folds_fingerprint") != folds_fp or record.get("classes") != comp.classes:
-        raise CompError(f"train.teacher {name!r} was trained on another split or other classes: retrain it on the "
-                        "current folds, or pick another run")
+    teacher, record = teacher_fold(cfg, "teacher", fold, folds_fp, comp.classes)
     own = read_config(teacher.fold_dir(fold) / "config.toml", cfg.root, record)  # the teacher's model and text
     if "content" in record and identity.changed(record["content"], {"model": identity.model_digest(own)}):
         raise CompError(f"train.teacher {name!r}: its model {own.model.name_or_path!r} changed since it trained: "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +130,25 @@ def trained_project(root: Path, model: Path) -> Path:
     assert folds.main(["--config", str(cfg)]) == 0
     assert train.main(["--config", str(cfg), "--all"]) == 0
     return cfg
+
+
+def tokenizer_variant(model: Path, out: Path, edit) -> Path:
+    """A copy of a model folder at `out` whose tokenizer_config.json `edit` changed in place."""
+    shutil.copytree(model, out)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    edit(settings)
+    (out / "tokenizer_config.json").write_text(json.dumps(settings))
+    return out
+
+
+def fold0_oof(root: Path, model: Path, tables: dict, args: list[str]) -> np.ndarray:
+    """A project at `root` on `model`: folds made, fold 0 trained with `args`; its OOF logits."""
+    from comp import folds, train
+
+    cfg = write_project(root, model, tables)
+    assert folds.main(["--config", str(cfg), *args]) == 0
+    assert train.main(["--config", str(cfg), "--fold", "0", *args]) == 0
+    return np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy")
 
 
 def snapshot(root: Path) -> dict[str, float]:

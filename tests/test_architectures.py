@@ -17,7 +17,7 @@ from comp.config import ModelConfig
 from comp.errors import CompError
 from comp.nn import batching, model, state
 from comp.tables.read import PAIR
-from tests.conftest import assert_user_error, make_tables, snapshot, write_project
+from tests.conftest import assert_user_error, fold0_oof, make_tables, snapshot, tokenizer_variant, write_project
 
 SMALL = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "intermediate_size": 37, "pad_token_id": 0}
@@ -115,25 +115,11 @@ def test_position_limits_follow_the_architecture(arch):
             model.build_model(ModelConfig(name_or_path=str(path), max_length=LIMITS[name] + 1), 0, 3)
 
 
-def _tokenizer_variant(tiny_model, tmp_path, edit):
-    out = tmp_path / "model"
-    shutil.copytree(tiny_model, out)
-    settings = json.loads((out / "tokenizer_config.json").read_text())
-    edit(settings)
-    (out / "tokenizer_config.json").write_text(json.dumps(settings))
-    return out
-
-
 def test_a_left_padding_tokenizer_trains_like_a_right_padding_one(tiny_model, tmp_path):
     """comp pads batches itself (on the right, with the mask), so the tokenizer's padding side changes nothing."""
-    left = _tokenizer_variant(tiny_model, tmp_path, lambda s: s.update(padding_side="left"))
+    left = tokenizer_variant(tiny_model, tmp_path / "model", lambda s: s.update(padding_side="left"))
     tables = make_tables(n_train=48, n_test=10)
-    logits = []
-    for name, path in (("right", tiny_model), ("left", left)):
-        cfg = write_project(tmp_path / name, path, tables)
-        assert folds.main(["--config", str(cfg), *RUN]) == 0
-        assert train.main(["--config", str(cfg), "--fold", "0", *RUN]) == 0
-        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+    logits = [fold0_oof(tmp_path / name, path, tables, RUN) for name, path in (("right", tiny_model), ("left", left))]
     assert np.allclose(logits[0], logits[1], atol=1e-6)
 
 
@@ -141,16 +127,11 @@ def test_a_left_padding_tokenizer_trains_like_a_right_padding_one(tiny_model, tm
 def test_a_tokenizer_without_a_padding_token_or_padding_with_its_end_token_trains_alike(tiny_model, tmp_path, pad):
     """No padding token (Llama-3), or padding with the end-of-text token (SmolLM2, Qwen base): batches are padded
     with another id, and since masks come from row lengths the fold learns exactly what it does with [PAD]."""
-    variant = _tokenizer_variant(tiny_model, tmp_path, lambda s: s.update(pad_token=pad, eos_token="[SEP]"))
+    variant = tokenizer_variant(tiny_model, tmp_path / "model", lambda s: s.update(pad_token=pad, eos_token="[SEP]"))
     tok = model.load_tokenizer(ModelConfig(name_or_path=str(variant)))
     assert tok.pad_token_id in (None, tok.eos_token_id) and model.pad_id(tok) not in (None, tok.eos_token_id)
     tables = make_tables(n_train=48, n_test=10)
-    logits = []
-    for name, path in (("pad", tiny_model), ("variant", variant)):
-        cfg = write_project(tmp_path / name, path, tables)
-        assert folds.main(["--config", str(cfg), *RUN]) == 0
-        assert train.main(["--config", str(cfg), "--fold", "0", *RUN]) == 0
-        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+    logits = [fold0_oof(tmp_path / name, path, tables, RUN) for name, path in (("pad", tiny_model), ("variant", variant))]
     assert np.allclose(logits[0], logits[1], atol=1e-5)
 
 

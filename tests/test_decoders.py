@@ -16,7 +16,7 @@ from comp import config, export, folds, predict, submit, train
 from comp.config import LoraConfig, ModelConfig
 from comp.errors import CompError
 from comp.nn import model, state
-from tests.conftest import assert_user_error, make_tables, snapshot, write_project
+from tests.conftest import assert_user_error, fold0_oof, make_tables, snapshot, tokenizer_variant, write_project
 
 LORA = ["--quiet", "--set", "model.pooling=auto", "--set", "model.lora.r=4", "--set", "folds.n_splits=2",
         "--set", "train.epochs=2", "--set", "train.batch_size=8", "--set", "train.patience=2",
@@ -266,17 +266,10 @@ def test_a_bad_template_is_one_line_and_writes_nothing(project, capsys, template
 
 def test_a_left_padding_decoder_tokenizer_trains_like_a_right_padding_one(qwen, tmp_path):
     """comp pads on the right itself and pools the last real token by position: the tokenizer's side is moot."""
-    left = tmp_path / "left"
-    shutil.copytree(qwen, left)
-    settings = json.loads((left / "tokenizer_config.json").read_text())
-    (left / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    left = tokenizer_variant(qwen, tmp_path / "left", lambda s: s.update(padding_side="left"))
     assert model.load_tokenizer(ModelConfig(name_or_path=str(left))).padding_side == "left"
-    tables, logits = make_tables(n_train=48, n_test=10), []
-    for name, path in (("right", qwen), ("left", left)):
-        cfg = write_project(tmp_path / name, path, tables)
-        assert folds.main(["--config", str(cfg), *LORA]) == 0
-        assert train.main(["--config", str(cfg), "--fold", "0", *LORA]) == 0
-        logits.append(np.load(cfg.parent / "folds" / "tiny" / "fold_0" / "oof_logits.npy"))
+    tables = make_tables(n_train=48, n_test=10)
+    logits = [fold0_oof(tmp_path / name, path, tables, LORA) for name, path in (("right", qwen), ("left", left))]
     assert np.allclose(logits[0], logits[1], atol=1e-6)
 
 

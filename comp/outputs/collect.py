@@ -33,17 +33,22 @@ def checked_files(kind: str, full: bool = False) -> tuple[str, ...]:
 FILES = (*checked_files("encoder"), "config.toml", "metrics.json", "train.log")  # an encoder fold's folder
 
 
-def is_complete(cfg: Config, fold: int) -> bool:
-    """A fold is finished when its metrics.json (written last) says so."""
-    path = cfg.fold_dir(fold) / "metrics.json"
+def fold_path(cfg: Config, fold: int | str) -> Path:
+    """A fold's folder; fold "full": the run's refit (comp.train --full), as its record names it."""
+    return cfg.full_dir if fold == "full" else cfg.fold_dir(fold)
+
+
+def is_complete(cfg: Config, fold: int | str) -> bool:
+    """A fold (or "full": the refit) is finished when its metrics.json (written last) says so."""
+    path = fold_path(cfg, fold) / "metrics.json"
     return path.is_file() and read_json(path).get("status") == "complete"
 
 
-def recorded_sums(cfg: Config, fold: int) -> dict | None:
-    """The sha256 of each file a finished fold recorded (None while the fold is unfinished)."""
+def recorded_sums(cfg: Config, fold: int | str) -> dict | None:
+    """The sha256 of each file a finished fold (or "full": the refit) recorded (None while it is unfinished)."""
     if not is_complete(cfg, fold):
         return None
-    return read_json(cfg.fold_dir(fold) / "metrics.json").get("sha256") or {}
+    return read_json(fold_path(cfg, fold) / "metrics.json").get("sha256") or {}
 
 
 def outputs_stamp(cfg: Config) -> str | None:
@@ -172,6 +177,30 @@ def read_full(cfg: Config, now: dict | None = None) -> dict:
         raise CompError(f"{change} changed after the refit of run {cfg.run.name!r} was trained: retrain it with "
                         "python -m comp.train --full --force")
     return record
+
+
+def refit_test_logits(cfg: Config, comp: Competition, now: dict | None = None) -> tuple[dict, np.ndarray]:
+    """The refit's record (read_full) and its test logits, checked against the current test table."""
+    record = read_full(cfg, now)
+    if not np.array_equal(read_npy(cfg.full_dir / "test_ids.npy"), comp.test_ids):
+        raise CompError(f"the test table changed after the refit of run {cfg.run.name!r} was trained: retrain it "
+                        "with python -m comp.train --full --force")
+    return record, read_npy(cfg.full_dir / "test_logits.npy")
+
+
+def teacher_fold(cfg: Config, key: str, fold: int, folds_fp: str, classes: list) -> tuple[Config, dict]:
+    """The fold `fold` of the run a train.<key> names (pseudo_run, teacher), checked: finished, its files as
+    recorded, on this split and these classes. Returns that run's config and the fold's record."""
+    name = getattr(cfg.train, key)
+    teacher = cfg.replace("run", name=name)
+    if not is_complete(teacher, fold):
+        raise CompError(f"train.{key} {name!r} has no finished fold {fold} ({teacher.fold_dir(fold)}): train that "
+                        f"run first (python -m comp.train --all --set run.name={name} ...)")
+    record = verify_fold(teacher, fold)
+    if record.get("folds_fingerprint") != folds_fp or record.get("classes") != classes:
+        raise CompError(f"train.{key} {name!r} was trained on another split or other classes: retrain it on the "
+                        "current folds, or pick another run")
+    return teacher, record
 
 
 def assemble_oof(comp: Competition, folds: np.ndarray, outputs: list[FoldOutputs]) -> np.ndarray:

@@ -25,7 +25,7 @@ from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import make_progress
 from comp.nn.model import build_model, load_tokenizer, pad_id
 from comp.nn.state import Checkpoint, seed_everything
-from comp.outputs.collect import checked_files, is_complete, split, verify_fold
+from comp.outputs.collect import checked_files, fold_path, split, teacher_fold
 from comp.tables import identity
 from comp.tables.features import MetaEncoder
 from comp.tables.read import Competition
@@ -50,14 +50,7 @@ def pseudo_labels(cfg: Config, comp: Competition, folds_fp: str, fold: int) -> P
     if name == cfg.run.name:
         raise CompError(f"train.pseudo_run names this run ({name!r}): name the finished run to take labels from "
                         "and give this one another run.name")
-    teacher = cfg.replace("run", name=name)
-    if not is_complete(teacher, fold):
-        raise CompError(f"train.pseudo_run {name!r} has no finished fold {fold} ({teacher.fold_dir(fold)}): train "
-                        f"that run first (python -m comp.train --all --set run.name={name} ...)")
-    record = verify_fold(teacher, fold)
-    if record.get("folds_fingerprint") != folds_fp or record.get("classes") != comp.classes:
-        raise CompError(f"train.pseudo_run {name!r} was trained on another split or other classes: retrain it on "
-                        "the current folds, or pick another run")
+    teacher, record = teacher_fold(cfg, "pseudo_run", fold, folds_fp, comp.classes)
     ids, logits = read_npy(teacher.fold_dir(fold) / "test_ids.npy"), read_npy(teacher.fold_dir(fold) / "test_logits.npy")
     if not np.array_equal(ids, comp.test_ids):
         raise CompError(f"train.pseudo_run {name!r} predicted another test table: retrain it on the current one")
@@ -194,30 +187,38 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
         d.barrier()  # rank 0 writes
         return record
 
-    def write_model(out):
-        with atomic_path(out / "model.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
-        encoder.save(out / "encoders.json")
-
-    write_fold(cfg, comp, va, fold, record, write_model, result.val_logits, result.test_logits)
+    write_fold(cfg, comp, fold, record, encoder_writer(result, encoder), result.test_logits, va, result.val_logits)
     checkpoint.delete()
     d.barrier()
     return record
 
 
-def write_fold(cfg: Config, comp: Competition, va: np.ndarray, fold: int, record: dict,
-               write_model: Callable[[Path], None], val_logits: np.ndarray, test_logits: np.ndarray) -> None:
-    """Write a fold's model files, OOF and test logits and config, then metrics.json (last, with the sha256
-    of every checked file): the fold counts as finished only once that is in place."""
-    out = cfg.fold_dir(fold)
+def encoder_writer(result: FoldResult, encoder: MetaEncoder) -> Callable[[Path], None]:
+    """What writes an encoder fold's model files: its trained state (safetensors) and metadata encoders."""
+
+    def write_model(out: Path) -> None:
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
+        encoder.save(out / "encoders.json")
+
+    return write_model
+
+
+def write_fold(cfg: Config, comp: Competition, fold: int | str, record: dict, write_model: Callable[[Path], None],
+               test_logits: np.ndarray, va: np.ndarray | None = None, val_logits: np.ndarray | None = None) -> None:
+    """Write a fold's model files, OOF (a refit, fold "full": none) and test logits and config, then
+    metrics.json (last, with the sha256 of every checked file): the fold counts as finished only once that is
+    in place."""
+    out = fold_path(cfg, fold)
     write_model(out)
-    write_npy(out / "oof_logits.npy", val_logits)
-    write_npy(out / "oof_ids.npy", comp.train_ids[va])
+    if va is not None:
+        write_npy(out / "oof_logits.npy", val_logits)
+        write_npy(out / "oof_ids.npy", comp.train_ids[va])
     write_npy(out / "test_logits.npy", test_logits)
     write_npy(out / "test_ids.npy", comp.test_ids)
     write_text(out / "config.toml", to_toml(cfg))
     record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind, content=identity.content(cfg, comp),
-                  sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind)})
+                  sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind, full=va is None)})
     write_json(out / "metrics.json", record)
 
 
@@ -253,12 +254,7 @@ def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | Non
                             pair_sep=tokens.sep_id if cfg.data.text_pair else None)
         result = fit_fold(cfg, model, Fold(cfg.folds.n_splits, train_rows, None, test_rows, tokens.pad_id, checkpoint),
                           console, d)
-        test_logits = result.test_logits
-
-        def write_model(path):
-            with atomic_path(path / "model.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(tmp))
-            encoder.save(path / "encoders.json")
+        test_logits, write_model = result.test_logits, encoder_writer(result, encoder)
     else:
         model = fit_classical(cfg, comp.train, list(comp.train_text), comp.y, len(comp.classes), seed)
         test_logits, write_model = model.logits(comp.test, comp.test_text), model.save
@@ -268,14 +264,7 @@ def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | Non
               "processes": d.world, "seconds": round(time.perf_counter() - started, 1),
               "precision": precision_name(cfg) if cfg.model.kind == "encoder" else None}
     if d.is_main:
-        write_model(out)
-        write_npy(out / "test_logits.npy", test_logits)
-        write_npy(out / "test_ids.npy", comp.test_ids)
-        write_text(out / "config.toml", to_toml(cfg))
-        record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind,
-                      content=identity.content(cfg, comp),
-                      sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind, full=True)})
-        write_json(out / "metrics.json", record)
+        write_fold(cfg, comp, "full", record, write_model, test_logits)
         if cfg.model.kind == "encoder":
             checkpoint.delete()
     d.barrier()
@@ -314,7 +303,7 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     record["tfidf"] = {**text, "C": model.model.c} if linear else text
     if not linear:
         record["rounds"] = model.model.rounds
-    write_fold(cfg, comp, va, fold, record, model.save, val_logits, test_logits)
+    write_fold(cfg, comp, fold, record, model.save, test_logits, va, val_logits)
     how = (f"; TF-IDF {text['analyzer']} (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})"
            + (f", C {model.model.c:g}" if linear else f", {model.model.rounds} rounds"))
     console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows{how}")
