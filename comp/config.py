@@ -690,8 +690,9 @@ def _for_model(model: ModelConfig, root: Path) -> ModelConfig:
         return model
     if not model.gguf_file and model.name_or_path in PACKAGED and PACKAGED[model.name_or_path][2]:
         model = dataclasses.replace(model, gguf_file=PACKAGED[model.name_or_path][2])
-    if model.pooling == "auto":
-        kind = _model_type(resolve_model_path(model.name_or_path, root), model.gguf_file)
+    path = resolve_model_path(model.name_or_path, root)
+    if model.pooling == "auto" and Path(path).is_dir():  # a hub id is not fetched here: the encoder resolves it
+        kind = _model_type(path, model.gguf_file)
         if kind is not None:
             model = dataclasses.replace(model, pooling=pooling_for(kind))
     return model
