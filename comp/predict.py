@@ -22,7 +22,7 @@ from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import loop
 from comp.nn.batching import Rows, Truncation, tokenize
-from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.hardware import layer_split, resolve_device, resolve_precision
 from comp.nn.model import build_model, load_tokenizer, pad_id
 from comp.outputs import bundle
 from comp.outputs.collect import (
@@ -132,7 +132,8 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     the texts' token ids by tokenizer and truncation, shared by the folds of a prediction (a run's folds share
     both, so its table is tokenized once). `bases`: LoRA folds' models by their [model] settings, shared the
     same way, so the base model is loaded once and each fold only loads its adapters and head into it."""
-    cfg = fm.cfg if device_name is None else fm.cfg.replace("train", device=device_name)
+    devices = device_name.split(",") if device_name else []
+    cfg = fm.cfg if not devices else fm.cfg.replace("train", device=devices[0])
     if cfg.model.kind != "encoder":
         model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
         meta = getattr(model.model, "meta", None)  # a linear run's metadata encoder (gbm: its own ordinal codes)
@@ -147,12 +148,18 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     encoder = MetaEncoder.load(fm.path / "encoders.json")
     tokenizer = load_tokenizer(cfg.model, cfg.root)
     lora = cfg.model.lora.r > 0  # its folds hold only what trained: the base comes from model.name_or_path
-    key = (cfg.model, cfg.root, cfg.data.task, cfg.data.text_pair, str(device), encoder.width, len(fm.classes))
+    # several devices: a LoRA run's base is split over them by layers; a fold trained in full fits the first
+    placement = layer_split(devices) if lora and len(devices) > 1 else None
+    key = (cfg.model, cfg.root, cfg.data.task, cfg.data.text_pair, device_name, encoder.width, len(fm.classes))
     model = (bases or {}).get(key) if lora else None
     if model is None:
         model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=lora, root=cfg.root,
-                            task=cfg.data.task, pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None)
-        model.to(device)
+                            task=cfg.data.task, pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None,
+                            placement=placement)
+        if placement:
+            model.place(device)
+        else:
+            model.to(device)
         if lora and bases is not None:
             bases[key] = model
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--estimate", type=int, metavar="ROWS", help="only measure rows/s per fold on a sample of "
                         "the table and print the projected time for ROWS rows")
     parser.add_argument("--sample", help="a sample submission whose columns and id order the output takes")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's train.device)")
+    parser.add_argument("--device", "--devices", dest="device", help="cpu, cuda or cuda:N (default: the run's "
+                        "train.device); cuda:0,cuda:1 splits a LoRA run's base model by layers over those GPUs")
     parser.add_argument("--save-logits", metavar="DIR", help="also write each fold's logits (<run>/fold_<k>.npy, ids.npy)")
     parser.add_argument("--base", metavar="DIR", help="the base model folder of a bundle exported with --base")
     parser.add_argument("--with-full", action="store_true", help="with --run: add the run's full-data refit as one "

@@ -302,3 +302,62 @@ def test_lora_with_gradient_checkpointing_learns_what_it_learns_without(qwen, tm
         weights = load_file(str(cfg.parent / "folds" / "tiny" / "fold_0" / "model.safetensors"))
         assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # the adapters left zero: they learned
     assert np.allclose(logits[0], logits[1], atol=1e-4)
+
+
+def test_a_lora_base_placed_by_a_device_map_predicts_what_submit_wrote(lora_run, tmp_path, monkeypatch):
+    """--device cuda:0,cuda:1 hands from_pretrained a device map (hardware.layer_split): here a map that puts the
+    whole base on the CPU runs the same path (the base placed by the map, the head moved beside the inputs)."""
+    placed = []
+
+    def on_cpu(devices):
+        placed.append(devices)
+        return {"device_map": {"": "cpu"}, "dtype": torch.float32}
+
+    monkeypatch.setattr(predict, "layer_split", on_cpu)
+    data = lora_run.parent / "data"
+    assert predict.main(["--config", str(lora_run), *LORA, "--devices", "cpu,cpu", "--test", str(data / "test.csv"),
+                         "--sample", str(data / "sample_submission.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert placed == [["cpu", "cpu"]] * 2  # each fold asks; the base is built once and shared
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"),
+                                  pd.read_csv(lora_run.parent / "submissions" / "tiny.csv"))
+
+
+def _gpus(monkeypatch, capabilities):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 16 * 2**30}))
+
+
+@pytest.mark.parametrize("capabilities, dtype", [([(7, 5), (7, 5)], torch.float16),  # Kaggle's 2×T4
+                                                 ([(8, 0), (9, 0)], torch.bfloat16),
+                                                 ([(7, 5), (8, 0)], torch.float16)])
+def test_a_layer_split_holds_the_weights_in_what_every_gpu_runs_natively(monkeypatch, capabilities, dtype):
+    from comp.nn import hardware
+    _gpus(monkeypatch, capabilities)
+    split = hardware.layer_split(["cuda:0", "cuda:1"])
+    assert split["dtype"] == dtype and split["device_map"] == "balanced"
+    assert split["max_memory"] == {0: int(0.9 * 16 * 2**30), 1: int(0.9 * 16 * 2**30)}
+
+
+@pytest.mark.parametrize("devices, gpus, needle", [(["cuda:0", "cuda:1"], [], "no CUDA GPU is visible"),
+                                                   (["cpu", "cpu"], [(7, 5)], "not all of these are"),
+                                                   (["cuda:0", "cuda:0"], [(7, 5)] * 2, "at most once"),
+                                                   (["cuda:0", "cuda:2"], [(7, 5)] * 2, "at most once")])
+def test_a_layer_split_without_those_gpus_is_one_line(monkeypatch, devices, gpus, needle):
+    from comp.nn import hardware
+    if gpus:
+        _gpus(monkeypatch, gpus)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CompError, match=needle):
+        hardware.layer_split(devices)
+
+
+def test_predicting_over_gpus_that_are_absent_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys):
+    data = lora_run.parent / "data"
+    before = snapshot(tmp_path)
+    assert_user_error(predict.main(["--config", str(lora_run), *LORA, "--devices", "cuda:0,cuda:1", "--test",
+                                    str(data / "test.csv"), "--out", str(tmp_path / "p.csv")]), capsys,
+                      "no CUDA GPU is visible")
+    assert snapshot(tmp_path) == before

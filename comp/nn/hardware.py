@@ -50,3 +50,21 @@ def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | 
         return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tcfg.precision]
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     return native_precision(device.type, capability, set(cpu_flags()))
+
+
+def layer_split(devices: list[str]) -> dict:
+    """from_pretrained's keys that place one model's layers over several CUDA devices (a balanced map), its
+    weights in the half precision every one of them runs natively: how a notebook's two T4s hold a 9B model
+    in fp16. Asking for it without those GPUs is a CompError."""
+    named = ",".join(devices)
+    if not torch.cuda.is_available() or not all(d.startswith("cuda:") for d in devices):
+        raise CompError(f"--device {named} splits a model over CUDA GPUs named cuda:N, and "
+                        f"{'no CUDA GPU is visible' if not torch.cuda.is_available() else 'not all of these are'}: "
+                        "give one device (--device cpu) or CUDA GPUs (--device cuda:0,cuda:1)")
+    index = [torch.device(d).index for d in devices]
+    if len(set(index)) < len(index) or max(index) >= torch.cuda.device_count():
+        raise CompError(f"--device {named}: name each of the {torch.cuda.device_count()} visible GPUs at most once")
+    natives = {native_precision("cuda", torch.cuda.get_device_capability(i), set()) for i in index}
+    memory = {i: int(0.9 * torch.cuda.get_device_properties(i).total_memory) for i in index}
+    return {"device_map": "balanced", "max_memory": memory,
+            "dtype": torch.bfloat16 if natives == {torch.bfloat16} else torch.float16}

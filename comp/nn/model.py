@@ -64,8 +64,10 @@ def encoder_config(mcfg: ModelConfig, path: str):
     return config
 
 
-def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path(".")) -> nn.Module:
-    """The encoder with its pretrained weights (or only its architecture, to load saved weights into)."""
+def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("."),
+                 placement: dict | None = None) -> nn.Module:
+    """The encoder with its pretrained weights (or only its architecture, to load saved weights into).
+    `placement`: from_pretrained's keys that place it over devices (hardware.layer_split)."""
     path = resolve_model_path(mcfg.name_or_path, root)
     try:
         config = encoder_config(mcfg, path)
@@ -75,7 +77,8 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
         kwargs["dtype"] = torch.float32
         if pretrained:
-            return AutoModel.from_pretrained(path, config=config, **kwargs, **_gguf(mcfg), **quantized(mcfg))
+            kwargs |= _gguf(mcfg) | quantized(mcfg) | (placement or {})
+            return AutoModel.from_pretrained(path, config=config, **kwargs)
         return AutoModel.from_config(config, **kwargs)
     except CompError:
         raise
@@ -231,7 +234,7 @@ class TextMetaClassifier(nn.Module):
         with torch.autocast(input_ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             types = {} if self.pair_sep is None else {"token_type_ids": self.token_types(input_ids)}
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
-        hidden = hidden.float()
+        hidden = hidden.float().to(attention_mask.device)  # from the last device of a layer split
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         elif self.pooling == "last":
@@ -303,6 +306,13 @@ class TextMetaClassifier(nn.Module):
             return text + ratio.clamp(max=1.0) * shift
         return torch.cat([text, meta], dim=1)
 
+    def place(self, device: torch.device) -> TextMetaClassifier:
+        """Everything but an encoder already placed over several devices (a layer split) to `device`."""
+        self.head_modules().to(device)
+        for name, buffer in self._buffers.items():
+            self._buffers[name] = buffer.to(device)
+        return self
+
     def head_modules(self) -> nn.ModuleList:
         """Everything but the encoder (trained at head_lr)."""
         return nn.ModuleList([m for name, m in self.named_children() if name != "encoder"])
@@ -370,11 +380,13 @@ def position_limit(config) -> int | None:
 
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
-                root: Path = Path("."), task: str = SINGLE, pair_sep: int | None = None) -> TextMetaClassifier:
+                root: Path = Path("."), task: str = SINGLE, pair_sep: int | None = None,
+                placement: dict | None = None) -> TextMetaClassifier:
     """The full classifier for a fold; checks max_length against the encoder's positions. `pair_sep`: text pairs,
     the tokenizer's separator id, which marks the second side's token types on an encoder that has them (BERT,
-    ELECTRA, ...; RoBERTa-style encoders tell the sides apart by their separators alone)."""
-    encoder = load_encoder(mcfg, pretrained, root)
+    ELECTRA, ...; RoBERTa-style encoders tell the sides apart by their separators alone). `placement`: where
+    the pretrained encoder's layers go (hardware.layer_split)."""
+    encoder = load_encoder(mcfg, pretrained, root, placement)
     limit = position_limit(encoder.config)
     if limit is not None and mcfg.max_length > limit:
         raise CompError(f"model.max_length = {mcfg.max_length}, but {mcfg.name_or_path!r} supports at most {limit} "
