@@ -20,7 +20,7 @@ COMBINE := $(if $(filter multi_label regression,$(call config_key,task)),--weigh
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
-.PHONY: install data folds train submit tune bench baseline demo export wheelhouse test lint clean
+.PHONY: install data folds train submit tune bench bench-gpu baseline demo export wheelhouse test lint clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ tune: install
 
 bench: install data
 	$(PY) -m comp.bench $(ARGS)
+
+# on a GPU machine: comp against the Trainer, a plain loop and pipeline at bert-base and DeBERTa-v3 shapes
+bench-gpu: install data
+	$(PY) -m comp.bench_gpu $(ARGS)
 
 # the demo: folds, the encoder run, a linear run on the same folds, and their stack (the submission to send)
 demo: install data

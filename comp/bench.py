@@ -181,9 +181,10 @@ def seed_predict(model, dataset, device) -> tuple[np.ndarray, float]:
 # --- (c) Hugging Face Trainer ----------------------------------------------------------------------
 
 def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, epochs=1, max_steps=-1,
-                eval_rows=None, patience=None, mcfg=None, seed=0):
+                eval_rows=None, patience=None, mcfg=None, seed=0, collator=None, attention=None):
     """A text-only Trainer with dynamic padding and length-grouped sampling, on the same encoder config
-    (the [model] overrides) as comp."""
+    (the [model] overrides) as comp; `collator` and `attention` (an attn_implementation) replace the padding
+    collator and the default attention."""
     from transformers import (
         AutoConfig,
         AutoModelForSequenceClassification,
@@ -195,7 +196,8 @@ def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, 
 
     config = encoder_config(mcfg, path) if mcfg else AutoConfig.from_pretrained(path)
     config.num_labels = n_classes
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, **({"attn_implementation": attention} if attention else {}))
     quality = eval_rows is not None
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=bs, per_device_eval_batch_size=128,
@@ -208,7 +210,7 @@ def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, 
         save_total_limit=2 if quality else None)
     callbacks = [EarlyStoppingCallback(early_stopping_patience=patience)] if quality else []
     return Trainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
-                   data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
+                   data_collator=collator or DataCollatorWithPadding(tokenizer), callbacks=callbacks)
 
 
 def hf_rows(tokens, labels):

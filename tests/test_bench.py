@@ -67,3 +67,25 @@ def test_bench_refuses_a_count_below_one(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--rounds must be at least 1 (got 0)" in err[0]
     assert not out.exists()
+
+
+def test_the_gpu_bench_times_every_loop_cold_and_warm_on_each_shape(tmp_path, tiny_model, capsys):
+    from comp import bench_gpu
+    from tests.conftest import assert_user_error
+    cfg = write_project(tmp_path, tiny_model, make_tables(n_train=40, n_test=4))
+    out = tmp_path / "gpu.json"
+    assert bench_gpu.main(["--config", str(cfg), "--tiny", "--models", "bert-base,deberta-v3-base,demo",
+                           "--lengths", "16,32", "--train-rows", "12", "--inference-rows", "10", "--quiet",
+                           "--out", str(out), "--set", "train.batch_size=4"]) == 0
+    r = json.loads(out.read_text())
+    assert [(x["model"], x["max_length"]) for x in r["runs"]] == [
+        (m, n) for m in ("bert-base", "deberta-v3-base", "demo") for n in (16, 32)]
+    for x in r["runs"]:
+        assert x["train_rows"] == 12 and x["inference_rows"] == 10 and x["flop_params"] > 0
+        assert 0 < x["useful_tokens_per_row"] <= x["max_length"]  # the demo's own length mix, cut at max_length
+        loops = [x["comp"], x["trainer"], *x["inference"].values()]
+        for loop in loops:
+            assert loop["cold"]["samples_per_s"] > 0 and loop["warm"]["samples_per_s"] > 0 and loop["mfu"] > 0
+        assert "skipped" in x["trainer_flat"]  # no flash-attn on a CPU: said, not timed
+        assert x["ratios"]["comp_over_trainer"] == x["comp"]["warm"]["samples_per_s"] / x["trainer"]["warm"]["samples_per_s"]
+    assert_user_error(bench_gpu.main(["--config", str(cfg), "--models", "gpt-5"]), capsys, "unknown 'gpt-5'")

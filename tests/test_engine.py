@@ -330,3 +330,32 @@ def test_tail_and_head_tail_keep_the_ends_of_a_long_text_between_its_specials(ti
     tail, hit = batching.cached_tokenize(tok, text, Truncation(10, "tail"), cache)
     assert not hit and list(tail[0]) == [cls, *body[-8:], sep]  # another truncation, another cache entry
     assert batching.cached_tokenize(tok, text, Truncation(10, "tail"), cache)[1]
+
+
+def test_batches_made_ahead_are_the_same_batches_in_the_same_order():
+    import threading
+    made = lambda i: (i, threading.current_thread().name)  # noqa: E731
+    ahead = list(batching.ahead(made, range(6), torch.device("cuda")))  # the GPU's way: a helper thread makes them
+    assert [i for i, _ in ahead] == list(range(6)) and {t for _, t in ahead} == {"comp-batches_0"}
+    inline = list(batching.ahead(made, range(6), torch.device("cpu")))
+    assert [i for i, _ in inline] == list(range(6)) and {t for _, t in inline} == {threading.current_thread().name}
+    assert list(batching.ahead(made, [], torch.device("cuda"))) == []
+
+
+def test_a_fold_trained_on_batches_made_ahead_is_the_fold_trained_without(tmp_path, tiny_model, monkeypatch):
+    import threading
+
+    from tests.conftest import fold0_oof
+    args = ["--quiet", "--set", "train.epochs=2", "--set", "train.batch_size=4"]
+    plain = fold0_oof(tmp_path / "plain", tiny_model, None, args)
+    threads = set()
+    collate = loop.collate
+
+    def watched(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return collate(*a, **kw)
+
+    monkeypatch.setattr(loop, "collate", watched)
+    monkeypatch.setattr(batching, "PREFETCH_ON", {"cpu", "cuda"})
+    np.testing.assert_array_equal(fold0_oof(tmp_path / "ahead", tiny_model, None, args), plain)
+    assert threads == {"comp-batches_0"}  # every batch, training and prediction, was made by the helper

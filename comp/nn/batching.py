@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,6 +320,26 @@ def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, mu
     if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)
+
+
+PREFETCH_ON = {"cuda"}  # device types whose batches are made ahead: on a CPU the helper thread would take a core
+
+
+def ahead(make, items, device: torch.device):
+    """make(item) for each item, in order. On a GPU the next item's batch is made on a helper thread while the
+    caller's step runs: the padding on the host and the pinned, non-blocking copy overlap the device's work."""
+    if device.type not in PREFETCH_ON:
+        yield from map(make, items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="comp-batches") as pool:
+        pending = None
+        for item in items:
+            upcoming = pool.submit(make, item)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
 
 
 @functools.cache
