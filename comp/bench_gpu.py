@@ -72,9 +72,11 @@ def timed(device: torch.device, work) -> tuple[float, PeakMemory]:
 
 
 def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> dict:
-    """comp's epoch over the rows, twice: cold (the first pass, with its one-time costs) and warm."""
+    """comp's epoch over the rows, twice: cold (the first pass, with its one-time costs) and warm; with
+    train.packing as configured ("auto": packed where FlashAttention-2 runs; the JSON says which)."""
     seed_everything(0)
-    model = build_model(cfg.model, rows.meta.shape[1], int(rows.y.max()) + 1, root=cfg.root).to(device)
+    model = build_model(cfg.model, rows.meta.shape[1], int(rows.y.max()) + 1, root=cfg.root, tcfg=cfg.train)
+    model.to(device)
     opt = make_optimizer(model, cfg.train)
     state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     rt = Runtime(cfg.train, device, amp, tok_pad, nn.CrossEntropyLoss())
@@ -85,7 +87,7 @@ def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> dict:
             shares = shard_batches(batches, SINGLE, cfg.train.grad_accum_steps)
             seconds, mem = timed(device, lambda: train_one_epoch(state, rows, shares, rt, progress))  # noqa: B023
             out[phase] = _speed(len(rows), useful, seconds, mem)
-    out["flop_params"] = flop_params(model.encoder)
+    out["flop_params"], out["packed"] = flop_params(model.encoder), model.packs
     return out
 
 
@@ -122,7 +124,7 @@ def inference(path: Path, tokenizer, cfg: Config, rows: Rows, texts: list[str], 
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
 
     useful, n_classes, out = int(rows.lengths.sum()), int(rows.y.max()) + 1, {}
-    model = build_model(cfg.model, rows.meta.shape[1], n_classes, root=cfg.root).to(device)
+    model = build_model(cfg.model, rows.meta.shape[1], n_classes, root=cfg.root, tcfg=cfg.train).to(device)
 
     def comp_loop():
         predict(model, rows, cfg.train.eval_batch_size, pad_id(tokenizer), device, amp)

@@ -275,6 +275,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     compile: bool = False
     gradient_checkpointing: bool = False
+    packing: str = "auto"             # padding-free batches: auto = where the encoder runs FlashAttention-2
     log_every: int = 20
     checkpoint_every: int = 500
     max_tokens_per_batch: int = 0
@@ -313,6 +314,7 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.pad_to_multiple_of >= 1, "train.pad_to_multiple_of must be >= 1 (1 = pad to the longest row only)")
+        _require(self.packing in ("auto", "on", "off"), "train.packing must be 'auto', 'on' or 'off'")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
         _require(self.max_tokens_per_batch >= 0, "train.max_tokens_per_batch must be >= 0 (0 = no token cap)")
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
@@ -437,7 +439,7 @@ SECTIONS = {"data": DataConfig, "folds": FoldsConfig, "run": RunConfig, "model":
 # Keys that do not change what a fold learns; they stay out of the config hash.
 UNHASHED = {"data": {"sample_submission", "solution", "metric"},
             "run": {"submissions_dir", "reports_dir", "params", "seeds"},
-            "train": {"eval_batch_size", "log_every", "checkpoint_every", "gradient_checkpointing"}}
+            "train": {"eval_batch_size", "log_every", "checkpoint_every", "gradient_checkpointing", "packing"}}
 # Where the inputs live: outside the hash, since folds record what those files hold.
 LOCATIONS = (("data", "train"), ("data", "test"), ("model", "name_or_path"))
 # Keys added after folds were first trained: at these defaults they stay out of the hash, so such folds stay valid.

@@ -155,7 +155,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     if model is None:
         model = build_model(cfg.model, encoder.width, len(fm.classes), pretrained=lora, root=cfg.root,
                             task=cfg.data.task, pair_sep=tokenizer.sep_token_id if cfg.data.text_pair else None,
-                            placement=placement)
+                            placement=placement, tcfg=cfg.train)
         if placement:
             model.place(device)
         else:

@@ -179,3 +179,26 @@ def test_text_pair_config_errors_are_one_line(project, capsys, sets, needle):
     before = snapshot(project.parent)
     assert_user_error(folds.main(["--config", str(project), *(a for s in sets for a in ("--set", s))]), capsys, needle)
     assert snapshot(project.parent) == before
+
+
+def test_a_packed_batch_gives_each_row_the_logits_of_the_padded_batch(arch):
+    """train.packing: the rows end to end, no padding, positions restarting, a block-diagonal mask (causal in a
+    decoder) standing in on the CPU for FlashAttention-2's variable-length kernel."""
+    from comp.config import TrainConfig
+    from comp.nn import packing
+    name, path = arch
+    pooling = "last" if name in DECODERS else "cls"
+    built = model.build_model(ModelConfig(name_or_path=str(path), pooling=pooling, max_length=48, head_hidden=(8,)),
+                              2, 3, tcfg=TrainConfig(packing="on", device="cpu"))
+    if not built.packs:  # a family whose encoder takes no position_ids keeps its padded batches
+        assert name in packing.UNPACKED
+        return
+    built.eval()
+    rng = np.random.default_rng(0)
+    seqs = [np.concatenate([[2], rng.integers(5, 200, n), [3]]) for n in (3, 17, 9, 30)]
+    rows = batching.Rows(seqs, rng.normal(size=(4, 2)).astype(np.float32), np.zeros(4, np.int64))
+    index = np.arange(4)
+    with torch.no_grad():
+        padded = built(*batching.collate(rows, index, 0, torch.device("cpu")))
+        packed = built(*batching.batch_maker(rows, 0, torch.device("cpu"), packed=True)(index))
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)

@@ -349,13 +349,50 @@ def test_a_fold_trained_on_batches_made_ahead_is_the_fold_trained_without(tmp_pa
     args = ["--quiet", "--set", "train.epochs=2", "--set", "train.batch_size=4"]
     plain = fold0_oof(tmp_path / "plain", tiny_model, None, args)
     threads = set()
-    collate = loop.collate
+    collate = batching.collate
 
     def watched(*a, **kw):
         threads.add(threading.current_thread().name)
         return collate(*a, **kw)
 
-    monkeypatch.setattr(loop, "collate", watched)
+    monkeypatch.setattr(batching, "collate", watched)
     monkeypatch.setattr(batching, "PREFETCH_ON", {"cpu", "cuda"})
     np.testing.assert_array_equal(fold0_oof(tmp_path / "ahead", tiny_model, None, args), plain)
     assert threads == {"comp-batches_0"}  # every batch, training and prediction, was made by the helper
+
+
+def test_a_fold_trained_on_packed_batches_learns_what_it_learns_on_padded_ones(tmp_path, tiny_model):
+    """Without dropout (whose masks are drawn over other shapes) the two paths take the same steps."""
+    import json
+    import shutil
+
+    from tests.conftest import fold0_oof
+    still = tmp_path / "still"
+    shutil.copytree(tiny_model, still)
+    config = json.loads((still / "config.json").read_text())
+    (still / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0}))
+    args = ["--quiet", "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "model.dropout=0.0",
+            "--set", "model.attention_dropout=0.0"]
+    padded = fold0_oof(tmp_path / "padded", still, None, [*args, "--set", "train.packing=off"])
+    packed = fold0_oof(tmp_path / "packed", still, None, [*args, "--set", "train.packing=on"])
+    assert not np.array_equal(packed, padded)  # another path, other roundings ...
+    np.testing.assert_allclose(packed, padded, atol=1e-4)  # ... the same fold
+
+
+@pytest.mark.parametrize(("packing", "capability", "flash", "expected"), [
+    ("auto", (8, 0), True, "flash_attention_2"), ("auto", (7, 5), True, None),  # a T4: no FlashAttention-2
+    ("auto", (9, 0), False, None), ("off", (9, 0), True, None), ("on", (9, 0), True, "flash_attention_2")])
+def test_packing_loads_flash_attention_only_where_it_runs(monkeypatch, packing, capability, flash, expected):
+    import importlib.util
+
+    from comp.nn import packing as packing_module
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if flash else None) if name == "flash_attn" else find_spec(name, *a))
+    tcfg = TrainConfig(packing=packing)
+    assert packing_module.attention_for(tcfg, torch.device("cuda")) == expected
+    assert packing_module.attention_for(tcfg, torch.device("cpu")) is None
+    encoder = type("E", (), {"config": type("C", (), {"model_type": "bert", "_attn_implementation": expected or "sdpa"})})
+    assert packing_module.packs(tcfg, encoder, chunked=False, paired=False) == (packing == "on" or expected is not None)
+    assert not packing_module.packs(tcfg, encoder, chunked=True, paired=False)  # windows keep their padded batches

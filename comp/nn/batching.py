@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from comp.artifacts import atomic_path
 from comp.config import TrainConfig
+from comp.nn import packing
 from comp.nn.distributed import SINGLE, Dist, shard_batches, shard_rows
 from comp.tables.read import PAIR, SEGMENT
 
@@ -320,6 +321,19 @@ def collate(rows: Rows, index: np.ndarray, pad_id: int, device: torch.device, mu
     if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's kernels
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
     return tuple(t.to(device) for t in tensors)
+
+
+def batch_maker(rows: Rows, pad_id: int, device: torch.device, packed: bool, multiple: int = 1, cap: int = 0):
+    """index -> the batch's tensors: collate()'s padded ones, or (packed) a padding-free packing.Packed in the
+    place of input_ids, no attention mask, and the metadata."""
+    if not packed:
+        return lambda index: collate(rows, index, pad_id, device, multiple, cap)
+
+    def make(index: np.ndarray) -> tuple:
+        meta = torch.from_numpy(rows.meta[index])
+        meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta.to(device)
+        return packing.pack([rows.tokens[i] for i in index], device), None, meta
+    return make
 
 
 PREFETCH_ON = {"cuda"}  # device types whose batches are made ahead: on a CPU the helper thread would take a core

@@ -13,7 +13,7 @@ from torch import nn
 
 from comp.config import TrainConfig
 from comp.errors import CompError
-from comp.nn.batching import Rows, ahead, collate, inference_batches, release_free_memory
+from comp.nn.batching import Rows, ahead, batch_maker, inference_batches, release_free_memory
 from comp.nn.distributed import SINGLE, Dist
 from comp.nn.model import TextMetaClassifier
 from comp.nn.state import AWP, TrainState
@@ -85,8 +85,8 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
     awp = (AWP(state.model, tcfg.awp_lr, tcfg.awp_eps, tcfg.awp_params)
            if tcfg.awp_lr > 0 and fit.epoch >= tcfg.awp_start_epoch else None)
     steps = range(fit.step + 1, len(shares) + 1)
-    batches = ahead(lambda step: collate(rows, shares[step - 1][0], rt.pad_id, rt.device, tcfg.pad_to_multiple_of,
-                                         longest), steps, rt.device)
+    make = batch_maker(rows, rt.pad_id, rt.device, state.model.packs, tcfg.pad_to_multiple_of, longest)
+    batches = ahead(lambda step: make(shares[step - 1][0]), steps, rt.device)
     for step, (input_ids, mask, meta, *owner) in zip(steps, batches, strict=True):
         index, scale = shares[step - 1]
         boundary = step % tcfg.grad_accum_steps == 0 or step == len(shares)
@@ -129,7 +129,7 @@ def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int,
     batches = inference_batches(rows.lengths, batch_size, d, rows.windows)
     mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     task = progress.add_task(description, total=len(batches), info="") if progress else None
-    made = ahead(lambda index: collate(rows, index, pad_id, device), batches, device)
+    made = ahead(batch_maker(rows, pad_id, device, model.packs), batches, device)
     outputs = []  # kept on the device: one copy back at the end, no host sync per batch
     for step, (input_ids, mask, meta, *owner) in enumerate(made, 1):
         outputs.append(model(input_ids, mask, meta, amp_dtype, *owner).float())

@@ -12,10 +12,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from comp.classical.baselines import linear_outputs
-from comp.config import LoraConfig, ModelConfig, pooling_for, resolve_model_path
+from comp.config import LoraConfig, ModelConfig, TrainConfig, pooling_for, resolve_model_path
 from comp.errors import CompError
 from comp.metrics import MULTI, REGRESSION, SINGLE
-from comp.nn import fastpath
+from comp.nn import fastpath, packing
+from comp.nn.hardware import resolve_device
 
 NO_POOLER = {"bert", "roberta", "xlm-roberta", "ernie", "camembert"}
 # Names the encoder configs of transformers give to the dropout on attention probabilities.
@@ -65,9 +66,10 @@ def encoder_config(mcfg: ModelConfig, path: str):
 
 
 def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("."),
-                 placement: dict | None = None) -> nn.Module:
+                 placement: dict | None = None, attention: str | None = None) -> nn.Module:
     """The encoder with its pretrained weights (or only its architecture, to load saved weights into).
-    `placement`: from_pretrained's keys that place it over devices (hardware.layer_split)."""
+    `placement`: from_pretrained's keys that place it over devices (hardware.layer_split); `attention`: an
+    attention implementation to load it with (packing.attention_for)."""
     path = resolve_model_path(mcfg.name_or_path, root)
     try:
         config = encoder_config(mcfg, path)
@@ -76,6 +78,8 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         # keeps fp32 master weights and autocast picks the compute precision.
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
         kwargs["dtype"] = torch.float32
+        if attention is not None and _supports_flash(config):
+            kwargs["attn_implementation"] = attention
         if pretrained:
             kwargs |= _gguf(mcfg) | quantized(mcfg) | (placement or {})
             return AutoModel.from_pretrained(path, config=config, **kwargs)
@@ -84,6 +88,13 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         raise
     except Exception as exc:  # noqa: BLE001
         raise CompError(_bad_model(mcfg.name_or_path, exc)) from None
+
+
+def _supports_flash(config) -> bool:
+    try:
+        return bool(getattr(AutoModel._model_mapping[type(config)], "_supports_flash_attn", False))
+    except KeyError:
+        return False
 
 
 def quantized(mcfg: ModelConfig) -> dict:
@@ -204,6 +215,7 @@ class TextMetaClassifier(nn.Module):
         self.frozen = {f"encoder.{n}" for n, p in encoder.named_parameters() if not p.requires_grad} | \
             {f"encoder.{n}" for n, _ in encoder.named_buffers()} if mcfg.lora.r else set()
         self.msd_samples = mcfg.msd_samples
+        self.packs = False  # whether its batches are packed (train.packing; build_model decides)
         hidden = encoder.config.hidden_size
         self.fusion = mcfg.fusion if n_meta else "concat"
         if self.fusion == "gated":
@@ -231,11 +243,16 @@ class TextMetaClassifier(nn.Module):
         """Logits (regression: values) in fp32; only the encoder runs under autocast when amp_dtype is given.
         `owner` (model.chunks > 1): input_ids holds windows, owner[w] the row of window w; each row's windows'
         vectors are pooled into one before the head."""
-        with torch.autocast(input_ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            types = {} if self.pair_sep is None else {"token_type_ids": self.token_types(input_ids)}
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
-        hidden = hidden.float().to(attention_mask.device)  # from the last device of a layer split
-        if self.pooling == "cls":
+        with torch.autocast(meta.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            if isinstance(input_ids, packing.Packed):  # a padding-free batch (train.packing)
+                hidden = packing.hidden_states(input_ids, self.encoder)
+            else:
+                types = {} if self.pair_sep is None else {"token_type_ids": self.token_types(input_ids)}
+                hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
+        hidden = hidden.float().to(meta.device)  # from the last device of a layer split
+        if isinstance(input_ids, packing.Packed):
+            pooled = packing.pool(hidden, input_ids, self.pooling)
+        elif self.pooling == "cls":
             pooled = hidden[:, 0]
         elif self.pooling == "last":
             pooled = last_token(hidden, attention_mask)
@@ -381,12 +398,14 @@ def position_limit(config) -> int | None:
 
 def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool = True,
                 root: Path = Path("."), task: str = SINGLE, pair_sep: int | None = None,
-                placement: dict | None = None) -> TextMetaClassifier:
+                placement: dict | None = None, tcfg: TrainConfig | None = None) -> TextMetaClassifier:
     """The full classifier for a fold; checks max_length against the encoder's positions. `pair_sep`: text pairs,
     the tokenizer's separator id, which marks the second side's token types on an encoder that has them (BERT,
     ELECTRA, ...; RoBERTa-style encoders tell the sides apart by their separators alone). `placement`: where
-    the pretrained encoder's layers go (hardware.layer_split)."""
-    encoder = load_encoder(mcfg, pretrained, root, placement)
+    the pretrained encoder's layers go (hardware.layer_split). `tcfg`: the run's train.packing, which may load
+    the encoder with FlashAttention-2 and decides whether its batches are packed."""
+    attention = packing.attention_for(tcfg, resolve_device(tcfg)) if tcfg is not None else None
+    encoder = load_encoder(mcfg, pretrained, root, placement, attention)
     limit = position_limit(encoder.config)
     if limit is not None and mcfg.max_length > limit:
         raise CompError(f"model.max_length = {mcfg.max_length}, but {mcfg.name_or_path!r} supports at most {limit} "
@@ -397,4 +416,6 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
         encoder = with_lora(encoder, mcfg.lora)
     if (getattr(encoder.config, "type_vocab_size", 0) or 0) < 2:
         pair_sep = None
-    return TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task, pair_sep)
+    model = TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task, pair_sep)
+    model.packs = tcfg is not None and packing.packs(tcfg, encoder, mcfg.chunks > 1, pair_sep is not None)
+    return model

@@ -128,7 +128,7 @@ def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray
     encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo, soft)
     seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
-                        pair_sep=tokens.sep_id if cfg.data.text_pair else None)
+                        pair_sep=tokens.sep_id if cfg.data.text_pair else None, tcfg=cfg.train)
     console.print(f"fold {index}: {len(part[0])} train rows, {len(part[1])} validation rows, "
                   f"{0 if test_rows is None else len(test_rows)} test rows, {encoder.width} metadata features"
                   + (f", {d.world} processes (DDP)" if d.enabled else ""))
@@ -251,7 +251,7 @@ def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | Non
         encoder, train_rows, _, test_rows = prepare_fold(cfg, comp, every, every[:0], tokens)
         seed_everything(seed)
         model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
-                            pair_sep=tokens.sep_id if cfg.data.text_pair else None)
+                            pair_sep=tokens.sep_id if cfg.data.text_pair else None, tcfg=cfg.train)
         result = fit_fold(cfg, model, Fold(cfg.folds.n_splits, train_rows, None, test_rows, tokens.pad_id, checkpoint),
                           console, d)
         test_logits, write_model = result.test_logits, encoder_writer(result, encoder)
