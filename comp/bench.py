@@ -24,9 +24,9 @@ from comp.config import Config, resolve_model_path
 from comp.errors import CompError, run_cli
 from comp.nn.batching import Rows, Truncation, tokenize, train_batches
 from comp.nn.distributed import SINGLE, shard_batches
-from comp.nn.hardware import resolve_device, resolve_precision
+from comp.nn.hardware import eval_rows, resolve_device, resolve_precision
 from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
-from comp.nn.model import build_model, encoder_config, load_encoder, load_tokenizer, pad_id
+from comp.nn.model import build_model, encoder_config, hold_for_inference, load_encoder, load_tokenizer, pad_id
 from comp.nn.state import TrainState, make_optimizer, seed_everything
 from comp.outputs.runs import Tokens, fit_split
 from comp.tables.features import MetaEncoder
@@ -417,13 +417,15 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
     useful = int(sum(len(t) for t in tokens))
     enc = MetaEncoder.from_config(cfg).fit(comp.train)
     rows = Rows(tokens, enc.transform(comp.test.iloc[:n_rows]))
-    out: dict = {"rows": len(texts), "useful_tokens": useful, "batch_size": 128,
+    out: dict = {"rows": len(texts), "useful_tokens": useful, "batch_size": eval_rows(cfg.train.eval_batch_size, device),
                  "precision": str(amp).replace("torch.", "") if amp else "fp32"}
-    model = build_model(cfg.model, enc.width, len(comp.classes), root=cfg.root).to(device).eval()
-    predict(model, Rows(tokens[:8], rows.meta[:8]), 128, pad_id(tokenizer), device, amp)  # warm-up
+    model = build_model(cfg.model, enc.width, len(comp.classes), root=cfg.root, tcfg=cfg.train).to(device).eval()
+    hold_for_inference(model, amp)  # as comp.predict loads a fold
+    batch = cfg.train.eval_batch_size
+    predict(model, Rows(tokens[:8], rows.meta[:8]), batch, pad_id(tokenizer), device, amp)  # warm-up
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        predict(model, rows, 128, pad_id(tokenizer), device, amp)
+        predict(model, rows, batch, pad_id(tokenizer), device, amp)
         _sync(device)
         seconds = time.perf_counter() - t0
     out["comp"] = _speed(len(texts), useful, seconds, mem)
@@ -456,7 +458,8 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
 
 
 def print_inference(r: dict, console: Console) -> None:
-    table = Table(title=f"inference: {r['rows']} test rows, {r['precision']} for comp, batch {r['batch_size']}")
+    table = Table(title=f"inference: {r['rows']} test rows, {r['precision']} and batch {r['batch_size']} for comp, "
+                        "batch 128 for the others")
     for col in ("loop", "rows/s", "useful tokens/s", "peak RSS MB"):
         table.add_column(col, justify="right")
     for key, name in (("comp", "(b) comp.predict"), ("plain_loop", "(p) plain HF loop"), ("pipeline", "(q) pipeline")):

@@ -29,7 +29,7 @@ from comp.nn.batching import Rows, Truncation, tokenize, train_batches
 from comp.nn.distributed import SINGLE, shard_batches
 from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
-from comp.nn.model import build_model, load_tokenizer, pad_id
+from comp.nn.model import build_model, hold_for_inference, load_tokenizer, pad_id
 from comp.nn.state import TrainState, make_optimizer, seed_everything
 from comp.tables.read import load_competition
 
@@ -124,7 +124,8 @@ def inference(path: Path, tokenizer, cfg: Config, rows: Rows, texts: list[str], 
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
 
     useful, n_classes, out = int(rows.lengths.sum()), int(rows.y.max()) + 1, {}
-    model = build_model(cfg.model, rows.meta.shape[1], n_classes, root=cfg.root, tcfg=cfg.train).to(device)
+    model = hold_for_inference(build_model(cfg.model, rows.meta.shape[1], n_classes, root=cfg.root,
+                                           tcfg=cfg.train).to(device).eval(), amp)  # as comp.predict loads a fold
 
     def comp_loop():
         predict(model, rows, cfg.train.eval_batch_size, pad_id(tokenizer), device, amp)

@@ -261,7 +261,7 @@ class TrainConfig:
 
     epochs: int = 3
     batch_size: int = 32
-    eval_batch_size: int = 128
+    eval_batch_size: int | str = "auto"  # auto: 128 rows on a GPU, 16 on a CPU (faster there: see docs/benchmarks.md)
     encoder_lr: float = 5e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
@@ -299,7 +299,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.epochs >= 1, "train.epochs must be >= 1")
-        _require(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _require(self.eval_batch_size == "auto" if isinstance(self.eval_batch_size, str) else self.eval_batch_size >= 1,
+                 "train.eval_batch_size must be >= 1 or \"auto\" (128 on a GPU, 16 on a CPU)")
         _require(self.encoder_lr > 0 and self.head_lr > 0, "train learning rates must be > 0")
         _require(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")

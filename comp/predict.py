@@ -23,7 +23,7 @@ from comp.errors import CompError, run_cli
 from comp.nn import loop
 from comp.nn.batching import Rows, Truncation, tokenize
 from comp.nn.hardware import layer_split, resolve_device, resolve_precision
-from comp.nn.model import build_model, load_tokenizer, pad_id
+from comp.nn.model import build_model, hold_for_inference, load_tokenizer, pad_id
 from comp.outputs import bundle
 from comp.outputs.collect import (
     average_probabilities,
@@ -163,6 +163,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
         if lora and bases is not None:
             bases[key] = model
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
+    hold_for_inference(model, resolve_precision(cfg.train, device))
 
     def logits(table, texts: list[str], console: Console) -> np.ndarray:
         encoder.check_seen(table, "the table to predict")

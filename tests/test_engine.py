@@ -396,3 +396,20 @@ def test_packing_loads_flash_attention_only_where_it_runs(monkeypatch, packing, 
     encoder = type("E", (), {"config": type("C", (), {"model_type": "bert", "_attn_implementation": expected or "sdpa"})})
     assert packing_module.packs(tcfg, encoder, chunked=False, paired=False) == (packing == "on" or expected is not None)
     assert not packing_module.packs(tcfg, encoder, chunked=True, paired=False)  # windows keep their padded batches
+
+
+def test_linear_layers_held_in_the_autocast_dtype_predict_the_same_bits(tiny):
+    from comp.nn.model import hold_for_inference
+    mcfg, tok, rows = tiny
+    built = build_model(mcfg, 2, 3).eval()
+    cpu = torch.device("cpu")
+    before = loop.predict(built, rows, 4, tok.pad_token_id, cpu, torch.bfloat16)
+    hold_for_inference(built, torch.bfloat16)
+    assert {m.weight.dtype for m in built.encoder.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
+    np.testing.assert_array_equal(loop.predict(built, rows, 4, tok.pad_token_id, cpu, torch.bfloat16), before)
+
+
+def test_the_inference_batch_follows_the_device_unless_set():
+    assert hardware.eval_rows("auto", torch.device("cpu")) == 16
+    assert hardware.eval_rows("auto", torch.device("cuda")) == 128
+    assert hardware.eval_rows(40, torch.device("cpu")) == 40

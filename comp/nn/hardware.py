@@ -44,6 +44,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+EVAL_ROWS = {"cuda": 128, "cpu": 16}  # train.eval_batch_size = "auto": on a CPU small batches stay in cache
+
+
+def eval_rows(value: int | str, device: torch.device) -> int:
+    """Rows per inference batch: train.eval_batch_size, or for "auto" what runs fastest on this kind of device."""
+    return EVAL_ROWS.get(device.type, EVAL_ROWS["cuda"]) if value == "auto" else int(value)
+
+
 def resolve_precision(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the encoder: train.precision, or for "auto" what the hardware runs natively."""
     if tcfg.precision != "auto":

@@ -15,6 +15,7 @@ from comp.config import TrainConfig
 from comp.errors import CompError
 from comp.nn.batching import Rows, ahead, batch_maker, inference_batches, release_free_memory
 from comp.nn.distributed import SINGLE, Dist
+from comp.nn.hardware import eval_rows
 from comp.nn.model import TextMetaClassifier
 from comp.nn.state import AWP, TrainState
 
@@ -119,14 +120,14 @@ def train_one_epoch(state: TrainState, rows: Rows, shares: list[tuple[np.ndarray
 
 
 @torch.inference_mode()
-def predict(model: TextMetaClassifier, rows: Rows, batch_size: int, pad_id: int, device: torch.device,
+def predict(model: TextMetaClassifier, rows: Rows, batch_size: int | str, pad_id: int, device: torch.device,
             amp_dtype: torch.dtype | None, progress: Progress | None = None, description: str = "predict",
             d: Dist = SINGLE) -> np.ndarray:
     """fp32 logits for every row, in the rows' original order. Under DDP each rank predicts every
     world-th row of the length order and every rank gets all the logits back."""
     model.eval()
     out = np.zeros((len(rows), model.out.out_features), dtype=np.float32)
-    batches = inference_batches(rows.lengths, batch_size, d, rows.windows)
+    batches = inference_batches(rows.lengths, eval_rows(batch_size, device), d, rows.windows)
     mine = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     task = progress.add_task(description, total=len(batches), info="") if progress else None
     made = ahead(batch_maker(rows, pad_id, device, model.packs), batches, device)

@@ -335,6 +335,16 @@ class TextMetaClassifier(nn.Module):
         return nn.ModuleList([m for name, m in self.named_children() if name != "encoder"])
 
 
+def hold_for_inference(model: TextMetaClassifier, dtype: torch.dtype | None) -> TextMetaClassifier:
+    """For prediction only: the encoder's linear layers held in the autocast dtype, which autocast casts their fp32
+    weights to on every batch. The outputs are the same, bit for bit; the casts are made once."""
+    if dtype is not None:
+        for module in model.encoder.modules():
+            if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+                module.to(dtype)
+    return model
+
+
 @torch.no_grad()
 def init_wide(model: TextMetaClassifier, meta: np.ndarray, y: np.ndarray, n_classes: int, balanced: bool,
               seed: int) -> None:
