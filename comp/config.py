@@ -261,7 +261,7 @@ class TrainConfig:
 
     epochs: int = 3
     batch_size: int = 32
-    eval_batch_size: int | str = "auto"  # auto: 128 rows on a GPU, 16 on a CPU (faster there: see docs/benchmarks.md)
+    eval_batch_size: int | str = "auto"  # auto: 128 rows on a GPU, 16 on a CPU (faster there)
     encoder_lr: float = 5e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.01
