@@ -90,6 +90,23 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def timed(device: torch.device, work) -> tuple[float, PeakMemory]:
+    """Seconds and peak memory of work()."""
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        work()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    return seconds, mem
+
+
+def median_round(runs: list[dict]) -> dict:
+    """The median of several timed rounds (_speed dicts), with the highest memory and every round's samples/s."""
+    ranked = sorted(runs, key=lambda t: t["samples_per_s"])
+    return {**ranked[len(ranked) // 2], "peak_rss_mb": max(t["peak_rss_mb"] for t in runs),
+            "rounds_samples_per_s": [round(t["samples_per_s"], 2) for t in runs]}
+
+
 def flop_params(encoder: nn.Module) -> int:
     """Encoder parameters without the embedding tables (the ones every token multiplies through)."""
     return sum(p.numel() for name, p in encoder.named_parameters() if "embeddings" not in name)
@@ -317,9 +334,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     del model, opt, state
     gc.collect()
     for key, runs in timings.items():
-        ranked = sorted(runs, key=lambda t: t["samples_per_s"])
-        result[key] = {**ranked[len(ranked) // 2], "peak_rss_mb": max(t["peak_rss_mb"] for t in runs),
-                       "rounds_samples_per_s": [round(t["samples_per_s"], 2) for t in runs]}
+        result[key] = median_round(runs)
 
     b, a, c = result["comp"], result["seed_loop"], result["trainer"]
     peak = result["matmul_tflops"]["bf16" if amp == torch.bfloat16 else "fp32"] * 1e12
@@ -399,12 +414,12 @@ def quality(cfg, comp, tokens, idx, epochs, tokenizer, path, device, amp, consol
 
 # --- inference: comp.predict's loop against a plain Hugging Face loop and the pipeline -------------------
 
-def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
+def inference_bench(cfg: Config, n_rows: int, console: Console, rounds: int = 3) -> dict:
     """Rows/s, useful tokens/s and peak RSS of prediction on the same test rows and device: (b) comp's
-    predict (length-sorted batches, the config's precision), (p) a plain Hugging Face loop
+    predict (length-sorted batches, the config's precision and eval batch), (p) a plain Hugging Face loop
     (AutoModelForSequenceClassification, DataCollatorWithPadding, batch 128, table order) and (q)
-    transformers.pipeline("text-classification", batch 128); comp's share of the matmul peak of its
-    precision at 2 × encoder parameters without embeddings per useful token."""
+    transformers.pipeline("text-classification", batch 128), each the median of `rounds` passes; comp's share
+    of the matmul peak of its precision at 2 × encoder parameters without embeddings per useful token."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, pipeline
 
     device = resolve_device(cfg.train)
@@ -418,37 +433,30 @@ def inference_bench(cfg: Config, n_rows: int, console: Console) -> dict:
     enc = MetaEncoder.from_config(cfg).fit(comp.train)
     rows = Rows(tokens, enc.transform(comp.test.iloc[:n_rows]))
     out: dict = {"rows": len(texts), "useful_tokens": useful, "batch_size": eval_rows(cfg.train.eval_batch_size, device),
-                 "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+                 "precision": str(amp).replace("torch.", "") if amp else "fp32", "rounds": rounds}
+
+    def speed(work) -> dict:
+        return median_round([_speed(len(texts), useful, *timed(device, work)) for _ in range(rounds)])
     model = build_model(cfg.model, enc.width, len(comp.classes), root=cfg.root, tcfg=cfg.train).to(device).eval()
     hold_for_inference(model, amp)  # as comp.predict loads a fold
     batch = cfg.train.eval_batch_size
     predict(model, Rows(tokens[:8], rows.meta[:8]), batch, pad_id(tokenizer), device, amp)  # warm-up
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        predict(model, rows, batch, pad_id(tokenizer), device, amp)
-        _sync(device)
-        seconds = time.perf_counter() - t0
-    out["comp"] = _speed(len(texts), useful, seconds, mem)
+    out["comp"] = speed(lambda: predict(model, rows, batch, pad_id(tokenizer), device, amp))
     out["encoder_flop_params"] = flop_params(model.encoder)
-    del model
+    model = None  # its memory back before the plain model loads
 
     plain = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(comp.classes)).to(device).eval()
     collator = DataCollatorWithPadding(tokenizer)
-    with PeakMemory(device) as mem, torch.inference_mode():
-        t0 = time.perf_counter()
+
+    @torch.inference_mode()
+    def plain_loop():
         for start in range(0, len(texts), 128):
             enc_batch = tokenizer(texts[start:start + 128], truncation=True, max_length=cfg.model.max_length)
             batch = collator([{k: enc_batch[k][i] for k in enc_batch} for i in range(len(enc_batch["input_ids"]))])
             plain(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-        _sync(device)
-        seconds = time.perf_counter() - t0
-    out["plain_loop"] = _speed(len(texts), useful, seconds, mem)
+    out["plain_loop"] = speed(plain_loop)
     classify = pipeline("text-classification", model=plain, tokenizer=tokenizer, device=device)
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        classify(texts, batch_size=128, truncation=True, max_length=cfg.model.max_length)
-        seconds = time.perf_counter() - t0
-    out["pipeline"] = _speed(len(texts), useful, seconds, mem)
+    out["pipeline"] = speed(lambda: classify(texts, batch_size=128, truncation=True, max_length=cfg.model.max_length))
     peak = matmul_peak(device, amp or torch.float32)
     out["matmul_peak_tflops"] = peak / 1e12
     out["comp_mfu"] = 2 * out["encoder_flop_params"] * out["comp"]["useful_tokens_per_s"] / peak
@@ -537,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.quality_patience, args.rounds, args.quality_seeds)
             print_result(result, console)
         console.print("inference ...")
-        result["inference"] = inference_bench(cfg, args.inference_rows, console)
+        result["inference"] = inference_bench(cfg, args.inference_rows, console, args.rounds)
         print_inference(result["inference"], console)
         write_json(Path(args.out), result)
         console.print(f"wrote {args.out}")

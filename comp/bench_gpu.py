@@ -11,7 +11,6 @@ import gc
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import nn
 
 from comp import cli
 from comp.artifacts import write_json
-from comp.bench import PeakMemory, _speed, _sync, flop_params, hf_rows, matmul_peak, trainer_for
+from comp.bench import _speed, flop_params, hf_rows, matmul_peak, timed, trainer_for
 from comp.config import Config, resolve_model_path
 from comp.errors import CompError, run_cli
 from comp.nn.batching import Rows, Truncation, tokenize, train_batches
@@ -60,15 +59,6 @@ def model_folder(name: str, cfg: Config, tokenizer, tmp: Path, tiny: bool) -> Pa
     transformers.AutoModel.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def timed(device: torch.device, work) -> tuple[float, PeakMemory]:
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        work()
-        _sync(device)
-        seconds = time.perf_counter() - t0
-    return seconds, mem
 
 
 def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> dict:
