@@ -361,3 +361,24 @@ def test_predicting_over_gpus_that_are_absent_is_one_line_and_writes_nothing(lor
                                     str(data / "test.csv"), "--out", str(tmp_path / "p.csv")]), capsys,
                       "no CUDA GPU is visible")
     assert snapshot(tmp_path) == before
+
+
+def test_an_empty_text_under_a_tokenizer_without_specials_reads_as_one_token(qwen, tmp_path):
+    """A decoder's tokenizer adds no [CLS]/[SEP]: an empty text (a loan with no job title) would be a row of no
+    tokens, and a batch of such rows would have no width. It reads as the end-of-text token instead, and trains."""
+    from comp.nn import batching
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen, bare)
+    spec = json.loads((bare / "tokenizer.json").read_text())
+    (bare / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    tok = model.load_tokenizer(ModelConfig(name_or_path=str(bare)))
+    assert tok("")["input_ids"] == []
+    tokens = batching.tokenize(tok, ["", "north south", ""], 16)
+    assert [len(t) for t in tokens] == [1, len(tok("north south")["input_ids"]), 1]
+    assert tokens[0][0] in (tok.bos_token_id, tok.eos_token_id, tok.cls_token_id, tok.unk_token_id)
+    tables = make_tables(n_train=40, n_test=8)
+    tables["train.csv"].loc[::2, ["title", "body"]] = ""
+    cfg = write_project(tmp_path / "p", bare, tables)
+    run = [*LORA, "--set", "data.allow_empty_text=true", "--set", "train.batch_size=2"]
+    assert folds.main(["--config", str(cfg), *run]) == 0
+    assert train.main(["--config", str(cfg), "--fold", "0", *run]) == 0

@@ -121,7 +121,17 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int | 
             progress.update(task, completed=len(out))
     if progress:
         progress.remove_task(task)
-    return out
+    return never_empty(out, tokenizer)
+
+
+def never_empty(tokens: list[np.ndarray], tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
+    """Each row at least one token: an empty text under a tokenizer that adds no special token (most decoder
+    LLMs) reads as its begin- or end-of-text token, so every row has a position to pool and no batch is empty."""
+    if all(len(t) for t in tokens):
+        return tokens
+    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id, tokenizer.unk_token_id]
+    stand_in = np.asarray([next(i for i in ids if i is not None)], dtype=np.int32)
+    return [t if len(t) else stand_in for t in tokens]
 
 
 def _keep_ends(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: Truncation) -> list[np.ndarray]:
@@ -222,7 +232,7 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit:
         try:
             with np.load(path, allow_pickle=False) as z:
                 flat, offsets = z["ids"], z["offsets"]
-            return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], True
+            return never_empty([flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], tokenizer), True
         except (OSError, ValueError, KeyError, EOFError):
             pass  # a broken cache file is rebuilt below
     tokens = tokenize(tokenizer, texts, limit, progress=progress)
