@@ -413,3 +413,14 @@ def test_the_inference_batch_follows_the_device_unless_set():
     assert hardware.eval_rows("auto", torch.device("cpu")) == 16
     assert hardware.eval_rows("auto", torch.device("cuda")) == 128
     assert hardware.eval_rows(40, torch.device("cpu")) == 40
+
+
+def test_an_encoder_that_cannot_load_flash_attention_keeps_its_attention_and_padded_batches(tiny, monkeypatch):
+    """train.packing = "auto" asks for FlashAttention-2 where it should run; where loading it fails (here: a CPU
+    without flash-attn), the encoder loads as before and its batches stay padded."""
+    from comp.nn import model as model_module
+    from comp.nn import packing
+    mcfg, _, _ = tiny
+    monkeypatch.setattr(packing, "attention_for", lambda tcfg, device: "flash_attention_2")
+    built = model_module.build_model(mcfg, 2, 3, tcfg=TrainConfig(device="cpu"))
+    assert built.encoder.config._attn_implementation not in packing.FLASH and not built.packs

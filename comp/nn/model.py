@@ -78,12 +78,19 @@ def load_encoder(mcfg: ModelConfig, pretrained: bool = True, root: Path = Path("
         # keeps fp32 master weights and autocast picks the compute precision.
         kwargs = {"add_pooling_layer": False} if config.model_type in NO_POOLER else {}
         kwargs["dtype"] = torch.float32
-        if attention is not None and _supports_flash(config):
-            kwargs["attn_implementation"] = attention
         if pretrained:
             kwargs |= _gguf(mcfg) | quantized(mcfg) | (placement or {})
-            return AutoModel.from_pretrained(path, config=config, **kwargs)
-        return AutoModel.from_config(config, **kwargs)
+
+        def load(**extra) -> nn.Module:
+            if pretrained:
+                return AutoModel.from_pretrained(path, config=config, **kwargs, **extra)
+            return AutoModel.from_config(config, **kwargs, **extra)
+        if attention is not None and _supports_flash(config):
+            try:
+                return load(attn_implementation=attention)
+            except (ImportError, ValueError, RuntimeError):  # the kernel cannot run here: the default attention
+                pass
+        return load()
     except CompError:
         raise
     except Exception as exc:  # noqa: BLE001
