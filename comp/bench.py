@@ -195,6 +195,16 @@ def seed_predict(model, dataset, device) -> tuple[np.ndarray, float]:
     return out, metrics.score(np.asarray(dataset.labels), out)["log_loss"]
 
 
+def comp_training_state(cfg: Config, n_meta: int, n_classes: int, device: torch.device, amp: torch.dtype | None,
+                        pad: int) -> tuple[TrainState, Runtime]:
+    """comp's model as a fold builds it, its optimizer at a constant learning rate, and the loop's runtime: what
+    the benches time comp's training with."""
+    model = build_model(cfg.model, n_meta, n_classes, root=cfg.root, tcfg=cfg.train).to(device)
+    opt = make_optimizer(model, cfg.train)
+    state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    return state, Runtime(cfg.train, device, amp, pad, nn.CrossEntropyLoss())
+
+
 # --- (c) Hugging Face Trainer ----------------------------------------------------------------------
 
 def trainer_for(path, tokenizer, n_classes, rows, bs, amp, device, lr, out_dir, epochs=1, max_steps=-1,
@@ -298,10 +308,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
     enc, meta = meta_for(speed_idx)
     rows = Rows([tokens[i] for i in speed_idx], meta, comp.y[speed_idx])
     seed_everything(0)
-    model = build_model(cfg.model, enc.width, n_classes, root=cfg.root).to(device)
-    opt = make_optimizer(model, cfg.train)
-    state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    rt = Runtime(cfg.train, device, amp, pad_id(tokenizer), nn.CrossEntropyLoss())
+    state, rt = comp_training_state(cfg, enc.width, n_classes, device, amp, pad_id(tokenizer))
 
     def shares(batches):
         return shard_batches(batches, SINGLE, cfg.train.grad_accum_steps)
@@ -331,7 +338,7 @@ def run_bench(cfg: Config, n_samples: int, quality_rows: int, quality_epochs: in
             del trainer
             gc.collect()
             timings["trainer"].append(_speed(n_samples, useful, dt, mem))
-    del model, opt, state
+    del state
     gc.collect()
     for key, runs in timings.items():
         result[key] = median_round(runs)

@@ -17,19 +17,18 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from comp import cli
 from comp.artifacts import write_json
-from comp.bench import _speed, flop_params, hf_rows, matmul_peak, timed, trainer_for
+from comp.bench import _speed, comp_training_state, flop_params, hf_rows, matmul_peak, timed, trainer_for
 from comp.config import Config, resolve_model_path
 from comp.errors import CompError, run_cli
 from comp.nn.batching import Rows, Truncation, tokenize, train_batches
 from comp.nn.distributed import SINGLE, shard_batches
 from comp.nn.hardware import resolve_device, resolve_precision
-from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
+from comp.nn.loop import make_progress, predict, train_one_epoch
 from comp.nn.model import build_model, hold_for_inference, load_tokenizer, pad_id
-from comp.nn.state import TrainState, make_optimizer, seed_everything
+from comp.nn.state import seed_everything
 from comp.tables.read import load_competition
 
 # the shapes' configs: (class name, its keys); --tiny keeps the kind and shrinks it to 2 layers of width 32
@@ -61,15 +60,12 @@ def model_folder(name: str, cfg: Config, tokenizer, tmp: Path, tiny: bool) -> Pa
     return out
 
 
-def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> dict:
+def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> tuple[dict, int]:
     """comp's epoch over the rows, twice: cold (the first pass, with its one-time costs) and warm; with
-    train.packing as configured ("auto": packed where FlashAttention-2 runs; the JSON says which)."""
+    train.packing as configured ("auto": packed where FlashAttention-2 runs; the JSON says which). Returns the
+    timings and the encoder's parameters without embeddings (for the MFU)."""
     seed_everything(0)
-    model = build_model(cfg.model, rows.meta.shape[1], int(rows.y.max()) + 1, root=cfg.root, tcfg=cfg.train)
-    model.to(device)
-    opt = make_optimizer(model, cfg.train)
-    state = TrainState.bare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    rt = Runtime(cfg.train, device, amp, tok_pad, nn.CrossEntropyLoss())
+    state, rt = comp_training_state(cfg, rows.meta.shape[1], int(rows.y.max()) + 1, device, amp, tok_pad)
     useful, out = int(rows.lengths.sum()), {}
     with make_progress(Console(quiet=True)) as progress:
         for phase, seed in (("cold", 0), ("warm", 1)):
@@ -77,8 +73,8 @@ def comp_training(cfg: Config, rows: Rows, device, amp, tok_pad: int) -> dict:
             shares = shard_batches(batches, SINGLE, cfg.train.grad_accum_steps)
             seconds, mem = timed(device, lambda: train_one_epoch(state, rows, shares, rt, progress))  # noqa: B023
             out[phase] = _speed(len(rows), useful, seconds, mem)
-    out["flop_params"], out["packed"] = flop_params(model.encoder), model.packs
-    return out
+    out["packed"] = state.model.packs
+    return out, flop_params(state.model.encoder)
 
 
 def trainer_training(path: Path, tokenizer, rows: Rows, cfg: Config, device, amp, tmp: Path, flat: bool) -> dict:
@@ -148,7 +144,7 @@ def bench_one(cfg: Config, name: str, length: int, texts: list[str], y: np.ndarr
     test = Rows(tokens[train_rows:], meta[train_rows:], y[train_rows:])
     result = {"model": name, "max_length": length, "train_rows": len(train), "inference_rows": len(test),
               "useful_tokens_per_row": float(np.mean(train.lengths))}
-    result["comp"] = comp_training(run, train, device, amp, pad_id(tokenizer))
+    result["comp"], result["flop_params"] = comp_training(run, train, device, amp, pad_id(tokenizer))
     result["trainer"] = trainer_training(path, tokenizer, train, run, device, amp, tmp, flat=False)
     result["trainer_flat"] = trainer_training(path, tokenizer, train, run, device, amp, tmp, flat=True)
     result["inference"] = inference(path, tokenizer, run, test, texts[train_rows:], device, amp)
@@ -157,18 +153,19 @@ def bench_one(cfg: Config, name: str, length: int, texts: list[str], y: np.ndarr
 
 def add_mfu(result: dict, peak: float) -> None:
     """Useful-token MFU of every warm pass: 6 (training) or 2 (inference) × parameters × useful tokens/s ÷ peak."""
-    params = result["comp"].pop("flop_params")
-    result["flop_params"] = params
+    params = result["flop_params"]
     for loop in ("comp", "trainer", "trainer_flat"):
-        if "warm" in result[loop]:
+        if "warm" in result[loop]:  # a skipped loop has no passes
             result[loop]["mfu"] = 6 * params * result[loop]["warm"]["useful_tokens_per_s"] / peak
     for loop in result["inference"].values():
         loop["mfu"] = 2 * params * loop["warm"]["useful_tokens_per_s"] / peak
-    warm = {k: v["warm"]["samples_per_s"] for k, v in result.items() if isinstance(v, dict) and "warm" in v}
-    inf = {k: v["warm"]["samples_per_s"] for k, v in result["inference"].items()}
-    result["ratios"] = {"comp_over_trainer": warm["comp"] / warm["trainer"],
-                        "comp_over_pipeline": inf["comp"] / inf["pipeline"],
-                        "comp_over_plain_loop": inf["comp"] / inf["plain_loop"]}
+
+    def warm(loop: dict) -> float:
+        return loop["warm"]["samples_per_s"]
+    inf = result["inference"]
+    result["ratios"] = {"comp_over_trainer": warm(result["comp"]) / warm(result["trainer"]),
+                        "comp_over_pipeline": warm(inf["comp"]) / warm(inf["pipeline"]),
+                        "comp_over_plain_loop": warm(inf["comp"]) / warm(inf["plain_loop"])}
 
 
 def run(cfg: Config, models: list[str], lengths: list[int], train_rows: int, inference_rows: int, tiny: bool,
