@@ -179,6 +179,15 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     return logits
 
 
+def member_inputs(cfg: Config, test: Path, inputs: dict) -> tuple:
+    """The table to predict as a run's config reads it: its rows, its texts (the run's own data.text, separator,
+    pair and template) and a cache of their token ids. Runs that read the same text share one entry of `inputs`."""
+    key = (cfg.data, cfg.model.kind == "encoder")  # the template is read by encoder runs only
+    if key not in inputs:
+        inputs[key] = (*load_table(cfg, test), {})
+    return inputs[key]
+
+
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
             logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None,
             decision: dict | None = None) -> dict:
@@ -191,9 +200,9 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
     if any(fm.classes != classes or fm.cfg.data.task != cfg.data.task for m in members for fm in m.folds):
         raise CompError("the folds to predict with were trained with different classes or tasks: retrain them with "
                         "--force")
-    table, texts = load_table(cfg, test)
-    logits, per_run, tokens, bases = {}, [], {}, {}
+    logits, per_run, inputs, bases = {}, [], {}, {}
     for m in members:
+        table, texts, tokens = member_inputs(m.folds[0].cfg, test, inputs)
         logits[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()
@@ -228,10 +237,10 @@ def estimate(members: list[Member], test: Path, rows: int, device: str | None = 
     that the first batches' one-time costs go into), and the projected time for `rows` rows (load + rows /
     speed); prints a table, writes nothing."""
     console = console or cli.console()
-    table, texts = load_table(members[0].folds[0].cfg, test)
-    table, texts = table.iloc[:sample_rows], texts[:sample_rows]
-    speeds, total = {}, 0.0
+    speeds, total, inputs = {}, 0.0, {}
     for m in members:
+        table, texts, _ = member_inputs(m.folds[0].cfg, test, inputs)
+        table, texts = table.iloc[:sample_rows], texts[:sample_rows]
         speeds[m.name] = []
         for fm in m.folds:
             started = time.perf_counter()

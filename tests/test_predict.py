@@ -273,3 +273,27 @@ def test_an_altered_decision_or_blend_record_is_refused(trained, tmp_path, capsy
     capsys.readouterr()
     assert_user_error(main(["--config", str(cfg), *command]), capsys, name, "altered")
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_blend_bundle_feeds_each_member_its_own_text_and_predicts_the_blends_file(trained, tmp_path):
+    """Members that read other text columns, separators and a template: the bundle predicts what comp.blend wrote,
+    each fold's logits bit for bit (fp32)."""
+    from comp import blend
+
+    cfg, linear = own_copy(trained, tmp_path), ("--set", "model.kind=linear")
+    runs = {"tpl": ("--set", "data.text=['body']", "--set", "data.template='title {shop} north {text} east'"),
+            "lin-t": (*linear, "--set", "data.text=['title']", "--set", "data.allow_empty_text=true"),
+            "lin-sep": (*linear, "--set", "data.text=['body', 'title']", "--set", "data.text_separator=' south '")}
+    for name, sets in runs.items():
+        assert cli(cfg, train.main, "--all", "--set", f"run.name={name}", *sets) == 0
+    assert cli(cfg, blend.main, "--runs", "tiny,lin,tpl,lin-t,lin-sep", "--weights", "equal", "--name", "mix") == 0
+    assert cli(cfg, export.main, "--blend", "mix", "--out", str(tmp_path / "b")) == 0
+    data = cfg.parent / "data"
+    assert predict.main(["--bundle", str(tmp_path / "b"), "--test", str(data / "test.csv"), "--quiet", "--sample",
+                         str(data / "sample_submission.csv"), "--out", str(tmp_path / "p.csv"),
+                         "--save-logits", str(tmp_path / "lg")]) == 0
+    for name in ("tiny", "lin", *runs):
+        for k in range(3):
+            written = np.load(cfg.parent / "folds" / name / f"fold_{k}" / "test_logits.npy")
+            assert np.array_equal(np.load(tmp_path / "lg" / name / f"fold_{k}.npy"), written), (name, k)
+    assert pd.read_csv(tmp_path / "p.csv").equals(pd.read_csv(cfg.parent / "submissions" / "mix.csv"))
