@@ -106,27 +106,36 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
     return out, weights
 
 
-def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, with_full: bool = False):
+def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, with_full: bool = False,
+                expected: Config | None = None):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
     finished, on these folds, for these classes and these tables (identity.tables of the columns the run read:
-    a text-only run blends with a metadata-only one). `with_full`: a run with a refit (comp.train --full) adds
-    it to its test side as one more fold; the fourth value is the refit's test-output digest, or None."""
-    member = cfg.replace("run", name=name)
+    a text-only run blends with a metadata-only one). `expected`: the config the run must have trained with (a
+    seed bag's member), checked as submit checks a run; else its folds' own. `with_full`: a run with a refit
+    (comp.train --full) adds it to its test side as one more fold; the fourth value is the refit's test-output
+    digest, or None."""
+    member = expected or cfg.replace("run", name=name)
     outputs = []
     for k in range(cfg.folds.n_splits):
-        own = read_config(member.fold_dir(k) / "config.toml", cfg.root) if is_complete(member, k) else cfg
-        outputs.append(read_fold(member, k, folds_fp, check_config=False, now=identity.tables(own, comp)))
+        own = trained_config(member, k) if expected is None and is_complete(member, k) else member
+        outputs.append(read_fold(member, k, folds_fp, check_config=expected is not None,
+                                 now=identity.tables(own, comp)))
     hashes = {o.record.get("config_hash") for o in outputs}
     if len(hashes) > 1:
         raise CompError(f"run {name!r} mixes folds trained with different configs: retrain it with --all --force")
     oof = metrics.activate(cfg.data.task, assemble_oof(comp, folds, outputs))
     logits, refit = test_logits_in_order(comp, outputs), None
-    if with_full and is_complete(member, "full"):
-        own = read_config(member.full_dir / "config.toml", cfg.root)
-        record, full = refit_test_logits(member, comp, identity.tables(own, comp))
+    if with_full and is_complete(member, "full"):  # the refit of the config the folds trained with
+        own = expected or trained_config(member, 0)
+        record, full = refit_test_logits(own, comp, identity.tables(own, comp))
         refit = record["sha256"]["test_logits.npy"]
         logits.append(full)
     return oof, average_probabilities(logits, cfg.data.task), outputs[0].record, refit
+
+
+def trained_config(member: Config, fold: int) -> Config:
+    """The config fold `fold` of a run was trained with (its config.toml), under the run's name and root."""
+    return read_config(member.fold_dir(fold) / "config.toml", member.root).replace("run", name=member.run.name)
 
 
 def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: list[np.ndarray],
@@ -143,10 +152,11 @@ def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: l
 
 
 def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
-          stack_with: str | None = None, decide_labels: bool = False, with_full: bool = False) -> dict:
+          stack_with: str | None = None, decide_labels: bool = False, with_full: bool = False,
+          expected: dict[str, Config] | None = None) -> dict:
     """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
     CV, the blend's and its weights; write the blend's submission (submissions/<run.name>.csv) and its record
-    (folds/<run.name>/blend.json)."""
+    (folds/<run.name>/blend.json). `expected`: the configs some runs must have trained with (a seed bag's)."""
     console = console or cli.console()
     if not names:
         raise CompError("--runs is empty: name the runs to blend, e.g. --runs a,b,c")
@@ -161,7 +171,7 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         raise CompError(f"--stack needs data.task = \"single_label\" (this one is {task!r}): blend with --weights")
     comp = load_competition(cfg)
     folds, folds_fp = load_folds(cfg, comp)
-    members = [load_member(cfg, n, folds_fp, comp, folds, with_full) for n in names]
+    members = [load_member(cfg, n, folds_fp, comp, folds, with_full, (expected or {}).get(n)) for n in names]
     refits = {n: m[3] for n, m in zip(names, members, strict=True) if m[3]}
     if with_full:  # the test side only: weights and stacks are fitted on the OOF rows, where no refit is
         console.print("with the refits of " + (", ".join(refits) or "no run (none has one)")

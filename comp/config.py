@@ -523,9 +523,13 @@ class Config:
         for section in sorted(set(mine) | set(theirs)):
             a, b = mine.get(section, {}), theirs.get(section, {})
             for key in sorted(set(a) | set(b)):
-                if a.get(key) != b.get(key):
-                    return f"{section}.{key} = {_toml_value(a.get(key, LATER.get(section, {}).get(key)))} here, " \
-                           f"{_toml_value(b.get(key, LATER.get(section, {}).get(key)))} there"
+                x, y = (side.get(key, LATER.get(section, {}).get(key)) for side in (a, b))
+                name = f"{section}.{key}"
+                while isinstance(x, dict) and isinstance(y, dict) and x != y:  # a nested table: its first key that differs
+                    inner = next(k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k))
+                    x, y, name = x.get(inner), y.get(inner), f"{name}.{inner}"
+                if x != y:
+                    return f"{name} = {_toml_value(x)} here, {_toml_value(y)} there"
         return None
 
     def hashed(self, paths: bool = False) -> dict:

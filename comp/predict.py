@@ -75,8 +75,8 @@ def run_folds(cfg: Config, with_full: bool = False) -> list[FoldModel]:
                 raise CompError(f"model.name_or_path {cfg.model.name_or_path!r} does not hold the model fold {k} of "
                                 f"run {cfg.run.name!r} was trained from: point it at that model's folder")
         folds.append(FoldModel(trained, cfg.fold_dir(k), record["classes"]))
-    if with_full:
-        record = read_full(cfg)
+    if with_full:  # the refit of the config the folds trained with
+        record = read_full(folds[0].cfg.replace("run", name=cfg.run.name))
         trained = read_config(cfg.full_dir / "config.toml", cfg.root, record)
         folds.append(FoldModel(trained.replace("model", name_or_path=cfg.model.name_or_path), cfg.full_dir,
                                record["classes"]))

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         console = cli.console(args.quiet)
         cfg = cli.load_config(args, console)
         if cfg.run.seeds > 1:  # a seed bag: each seed's CV and the honest CV of their equal-weight average
-            blend.blend(cfg.replace("run", name=cfg.bag_name), [m.run.name for m in cfg.bag()], "equal", console,
-                        None, args.decide, args.with_full)
+            bag = {m.run.name: m for m in cfg.bag()}  # each seed checked against its own config, as submit checks
+            blend.blend(cfg.replace("run", name=cfg.bag_name), list(bag), "equal", console, None, args.decide,
+                        args.with_full, bag)
         else:
             submit(cfg, console, args.decide, args.with_full)
         console.print(f"submit took {time.perf_counter() - started:.1f}s")

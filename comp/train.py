@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from comp import cli, metrics
-from comp.artifacts import read_json, write_text
+from comp.artifacts import write_text
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
@@ -18,10 +18,16 @@ from comp.nn.hardware import resolve_device
 from comp.nn.model import check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
-from comp.outputs.collect import config_matches, is_complete, read_config, stale_teacher, teacher_fold, verify_fold
+from comp.outputs.collect import (
+    is_complete,
+    read_config,
+    stale,
+    teacher_fold,
+    unrefittable,
+    verify_fold,
+)
 from comp.outputs.runs import (
     Distill,
-    refit_config,
     tokenize_tables,
     train_classical_fold,
     train_fold,
@@ -98,14 +104,10 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     skipped = [k for k in todo if is_complete(cfg, k) and not args.force]
     now = identity.content(cfg, comp) if skipped else {}
     for k in skipped:
-        record = verify_fold(cfg, k)
-        if (not config_matches(cfg, record) or record.get("folds_fingerprint") != folds_fp
-                or identity.changed(record.get("content"), now)):
-            raise CompError(f"fold {k} of run {cfg.run.name!r} is already trained with another config, split or "
-                            f"input (tables, model): pass --force to retrain it, or set another run.name to keep both")
-        teacher = stale_teacher(cfg, record)
-        if teacher:
-            raise CompError(teacher)
+        why = stale(cfg, k, verify_fold(cfg, k), folds_fp, now)
+        if why:
+            raise CompError(f"fold {k} is already trained, but {why}: pass --force to retrain it, or set another "
+                            "run.name to keep both")
         console.print(f"fold {k} of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
     todo = [k for k in todo if k not in skipped]
     d.barrier()  # every rank has decided what to train before rank 0 starts replacing files
@@ -145,18 +147,16 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
 def refit(cfg: Config, comp: Competition, args: argparse.Namespace, console, d: distributed.Dist) -> int:
     """comp.train --full: the refit on every training row, for --epochs or the median of the finished folds'
     best epochs (a gbm run's rounds; a linear run has none)."""
-    if args.epochs is not None and args.epochs < 1:
-        raise CompError(f"--epochs {args.epochs}: must be at least 1")
-    records = []
-    for k in range(cfg.folds.n_splits):
-        if not is_complete(cfg, k):
-            raise CompError(f"--full takes its epochs from the run's folds, and fold {k} of run {cfg.run.name!r} is "
-                            "not finished: train the folds first (python -m comp.train --all), or pass --epochs N")
-        records.append(verify_fold(cfg, k))
     key = {"encoder": "best_epoch", "gbm": "rounds"}.get(cfg.model.kind)
-    epochs = args.epochs or (int(np.median([r[key] for r in records])) if key else None)
-    done = cfg.full_dir / "metrics.json"
-    if done.is_file() and not args.force and read_json(done).get("config_hash") == refit_config(cfg, epochs).hash():
+    if args.epochs is not None and (args.epochs < 1 or key is None):
+        raise CompError(f"--epochs {args.epochs}: " + ("must be at least 1" if key else "a linear run has no epochs "
+                        "or rounds to set: drop --epochs"))
+    why = unrefittable(cfg)
+    if why:
+        raise CompError(f"{why}: drop --full (the run's submission is its folds' average)")
+    epochs = args.epochs or (refit_epochs(cfg, key) if key else None)
+    done = verify_fold(cfg, "full") if is_complete(cfg, "full") and not args.force else {}
+    if done.get("epochs") == epochs and not stale(cfg, "full", done, now=identity.content(cfg, comp)):
         console.print(f"the refit of run {cfg.run.name!r} is already trained; skipping (use --force to retrain)")
         return 0
     tokens = tokenize_tables(cfg, comp, console, d) if cfg.model.kind == "encoder" else None
@@ -165,6 +165,17 @@ def refit(cfg: Config, comp: Competition, args: argparse.Namespace, console, d: 
                   + (f", {epochs} {'epochs' if key == 'best_epoch' else 'rounds'}" if epochs else "")
                   + f", done in {record['seconds']:.0f}s -> {cfg.full_dir}")
     return 0
+
+
+def refit_epochs(cfg: Config, key: str) -> int:
+    """The median over the run's finished folds of their best epoch (gbm: rounds), what --full trains for."""
+    records = []
+    for k in range(cfg.folds.n_splits):
+        if not is_complete(cfg, k):
+            raise CompError(f"--full takes its epochs from the run's folds, and fold {k} of run {cfg.run.name!r} is "
+                            "not finished: train the folds first (python -m comp.train --all), or pass --epochs N")
+        records.append(verify_fold(cfg, k))
+    return int(np.median([r[key] for r in records]))
 
 
 def teacher_outputs(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,

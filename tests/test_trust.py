@@ -231,3 +231,59 @@ def test_predict_refuses_a_table_whose_categories_are_mostly_unseen(split_projec
                          "--out", str(tmp_path / "p.csv")])
     assert_user_error(code, capsys, "categorical column 'shop'", "the table to predict")
     assert not (tmp_path / "p.csv").exists()
+
+
+# Round three: refits and seed bags are checked as folds are ----------------------------------------------------
+
+C100 = ("--set", "model.tfidf.C=100")
+
+
+def test_a_refit_of_another_config_does_not_join_the_folds(split_project, tmp_path, capsys):
+    cfg = split_project
+    linear_run(cfg, "tiny")
+    assert train.main(["--config", str(cfg), "--full", "--quiet", *LINEAR]) == 0  # C = 1
+    linear_run(cfg, "tiny", "--force", *C100)  # the folds now C = 100, the refit still C = 1
+    capsys.readouterr()
+    before = snapshot(cfg.parent)
+    assert_user_error(submit.main(["--config", str(cfg), *LINEAR, *C100, "--with-full"]), capsys,
+                      "the refit of run 'tiny'", "another config", "model.tfidf.C", "--full --force")
+    assert_user_error(predict.main(["--config", str(cfg), *LINEAR, *C100, "--with-full", "--test",
+                                    str(cfg.parent / "data" / "test.csv"), "--out", str(tmp_path / "p.csv")]),
+                      capsys, "the refit of run 'tiny'", "another config")
+    assert_user_error(export.main(["--config", str(cfg), *LINEAR, *C100, "--with-full", "--out", str(tmp_path / "b")]),
+                      capsys, "the refit of run 'tiny'", "another config")
+    assert snapshot(cfg.parent) == before and not (tmp_path / "p.csv").exists() and not (tmp_path / "b").exists()
+    assert train.main(["--config", str(cfg), "--full", "--quiet", *LINEAR, *C100]) == 0  # refitted: it joins again
+    assert submit.main(["--config", str(cfg), "--quiet", *LINEAR, *C100, "--with-full"]) == 0
+
+
+def test_a_seed_bag_refuses_a_seed_trained_with_another_config(split_project, capsys):
+    cfg = split_project
+    linear_run(cfg, "bag", "--seeds", "2")
+    linear_run(cfg, "bag", "--force", *C100)  # seed 0 alone retrained with C = 100; bag-s1 keeps C = 1
+    capsys.readouterr()
+    code = submit.main(["--config", str(cfg), "--seeds", "2", "--set", "run.name=bag", *LINEAR, *C100])
+    assert_user_error(code, capsys, "run 'bag-s1'", "another config", "model.tfidf.C")
+    assert not (cfg.parent / "folds" / "bag-bag2").exists()
+    linear_run(cfg, "bag", "--seeds", "2", "--force", *C100)
+    assert submit.main(["--config", str(cfg), "--quiet", "--seeds", "2", "--set", "run.name=bag", *LINEAR, *C100]) == 0
+
+
+def test_the_refit_of_a_student_or_a_pseudo_label_run_is_refused(split_project, capsys):
+    cfg = split_project
+    linear_run(cfg, "teacher")
+    for sets in (["--set", "train.teacher=teacher"], ["--pseudo", "teacher"]):
+        before = snapshot(cfg.parent)
+        code = train.main(["--config", str(cfg), "--full", "--set", "train.epochs=1", *sets])
+        assert_user_error(code, capsys, "a refit on every row cannot reproduce", "drop --full")
+        assert snapshot(cfg.parent) == before
+
+
+def test_a_refit_with_epochs_needs_no_folds_and_a_linear_refit_takes_no_epochs(split_project, capsys):
+    cfg = split_project
+    assert train.main(["--config", str(cfg), "--full", "--epochs", "1", "--quiet"]) == 0
+    assert json.loads((cfg.parent / "folds" / "tiny" / "full" / "metrics.json").read_text())["epochs"] == 1
+    before = snapshot(cfg.parent)
+    assert_user_error(train.main(["--config", str(cfg), "--full", "--epochs", "7", *LINEAR]), capsys,
+                      "--epochs 7", "a linear run has no epochs", "drop --epochs")
+    assert snapshot(cfg.parent) == before

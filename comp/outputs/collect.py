@@ -3,6 +3,7 @@ test probabilities, and shape a submission. submit, blend, report and predict re
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tomllib
 from dataclasses import dataclass
@@ -62,8 +63,8 @@ def outputs_stamp(cfg: Config) -> str | None:
 
 
 def stale_teacher(cfg: Config, record: dict) -> str | None:
-    """Why a fold no longer matches the run it learned from (pseudo-labels or distillation), retrained or
-    removed since, or None."""
+    """Why a fold no longer matches the run it learned from (pseudo-labels or distillation): that run was
+    retrained or removed since; None when it still matches."""
     fold = record.get("fold")
     for key, what in (("pseudo", "pseudo-label teacher"), ("distill", "distillation teacher (train.teacher)")):
         source = record.get(key)
@@ -72,8 +73,76 @@ def stale_teacher(cfg: Config, record: dict) -> str | None:
         sums = recorded_sums(cfg.replace("run", name=source["from"]), fold)
         if sums is None or sums.get("test_logits.npy") != source.get("teacher_sha256"):
             return (f"the {what} run {source['from']!r} was retrained or removed after fold {fold} of run "
-                    f"{cfg.run.name!r} learned from it: retrain this run with python -m comp.train --all --force")
+                    f"{cfg.run.name!r} learned from it")
     return None
+
+
+def refit_config(cfg: Config, epochs: int | None) -> Config:
+    """What a refit trains: the run's config with `epochs` epochs and no weight averaging (no validation rows to
+    choose by), or for a gbm run `epochs` rounds; a linear run's as it is."""
+    if cfg.model.kind == "encoder":
+        return cfg.replace("train", epochs=epochs, swa="off")
+    if cfg.model.kind == "gbm":
+        return cfg.replace("model", gbm=dataclasses.replace(cfg.model.gbm, rounds=epochs))
+    return cfg
+
+
+def unrefittable(cfg: Config) -> str | None:
+    """Why a run's folds learn what a refit on every row cannot: a teacher's outputs or pseudo-labels come from
+    fold k's own teacher model, and the refit has no fold (None when a refit learns what its folds learned)."""
+    for key in ("teacher", "pseudo_run"):
+        if getattr(cfg.train, key):
+            return (f"run {cfg.run.name!r} learns from train.{key} = {getattr(cfg.train, key)!r} fold by fold (each "
+                    "fold from the teacher's own fold model), which a refit on every row cannot reproduce")
+    return None
+
+
+def stale(cfg: Config, fold: int | str, record: dict, folds_fp: str | None = None, now: dict | None = None,
+          check_config: bool = True) -> str | None:
+    """The one answer to why a finished fold (or "full": the refit) is no longer cfg's run's: another split of
+    the folds, another config (unless check_config is off; a refit's is refit_config's), a teacher retrained
+    since, or other inputs than `now` (identity.content: tables, model). None when it is still the run's."""
+    what = f"{'the refit' if fold == 'full' else f'fold {fold}'} of run {cfg.run.name!r}"
+    if folds_fp is not None and fold != "full" and record.get("folds_fingerprint") != folds_fp:
+        return f"{what} was trained on another split of the folds"
+    if check_config:
+        expected = refit_config(cfg, record.get("epochs")) if fold == "full" else cfg
+        if not config_matches(expected, record):
+            return (f"{what} was trained with another config "
+                    f"({trained_difference(expected, fold_path(cfg, fold) / 'config.toml')})")
+    if fold == "full" and unrefittable(cfg):
+        return unrefittable(cfg)
+    teacher = stale_teacher(cfg, record)
+    if teacher:
+        return teacher
+    change = identity.changed(record.get("content"), now or {})
+    return f"{change} changed after {what} was trained" if change else None
+
+
+def retrain(fold: int | str, run: bool = False) -> str:
+    """The command that trains a fold (or "full": the refit) again; `run`: every fold of the run."""
+    return ("python -m comp.train --full --force" if fold == "full" else
+            "python -m comp.train --all --force" if run else f"python -m comp.train --fold {fold} --force")
+
+
+def checked_record(cfg: Config, fold: int | str, folds_fp: str | None = None, now: dict | None = None,
+                   check_config: bool = True) -> dict:
+    """A finished fold's (or "full": the refit's) record, after checking its files against their recorded
+    sha256 and that it is still the run's (stale); every reader of a fold or refit comes through here."""
+    if not is_complete(cfg, fold):
+        path = fold_path(cfg, fold) / "metrics.json"
+        raise CompError(f"run {cfg.run.name!r} has no finished refit ({path} missing): train it with python -m "
+                        "comp.train --full, or drop --with-full" if fold == "full" else
+                        f"fold {fold} of run {cfg.run.name!r} is not trained ({path} missing): run python -m "
+                        f"comp.train --fold {fold} (or --all)")
+    record = verify_fold(cfg, fold)
+    why = stale(cfg, fold, record, folds_fp, now, check_config)
+    if why and fold == "full" and unrefittable(cfg):
+        raise CompError(f"{why}: drop --with-full")
+    if why:
+        raise CompError(f"{why}: use the same config (and --params) and inputs as for training, or retrain with "
+                        f"{retrain(fold, run=True)}")
+    return record
 
 
 def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,16 +150,17 @@ def split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
 
 
-def verify_fold(cfg: Config, fold: int) -> dict:
-    """The fold's record, after checking every artifact against the checksum recorded when it was written."""
-    out = cfg.fold_dir(fold)
+def verify_fold(cfg: Config, fold: int | str) -> dict:
+    """The fold's (or "full": the refit's) record, after checking every artifact against the checksum recorded
+    when it was written."""
+    out = fold_path(cfg, fold)
     record = read_json(out / "metrics.json")
     sums = record.get("sha256") or {}
-    for name in checked_files(record.get("kind", "encoder")):
+    for name in checked_files(record.get("kind", "encoder"), full=fold == "full"):
         path = out / name
         if not path.is_file() or sums.get(name) != sha256(path):
             raise CompError(f"{path} is missing or does not match the checksum recorded when it was written "
-                            f"(corrupted or replaced): retrain with python -m comp.train --fold {fold} --force")
+                            f"(corrupted or replaced): retrain with {retrain(fold)}")
     return record
 
 
@@ -135,48 +205,17 @@ def trained_difference(cfg: Config, path: Path) -> str:
 
 
 def read_fold(cfg: Config, fold: int, folds_fp: str, check_config: bool = True, now: dict | None = None) -> FoldOutputs:
-    """Read a finished fold's outputs, refusing one that is missing or belongs to another split, (unless
-    check_config is off) another config, or other inputs than `now` (identity.content: tables, model)."""
+    """Read a finished fold's outputs, refusing one that is missing, altered or stale (checked_record)."""
     out = cfg.fold_dir(fold)
-    if not is_complete(cfg, fold):
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} is not trained ({out / 'metrics.json'} missing): "
-                        f"run python -m comp.train --fold {fold} (or --all)")
-    record = verify_fold(cfg, fold)
-    if record.get("folds_fingerprint") != folds_fp:
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained on another split of the folds: "
-                        f"retrain it with python -m comp.train --fold {fold} --force")
-    if check_config and not config_matches(cfg, record):
-        raise CompError(f"fold {fold} of run {cfg.run.name!r} was trained with another config "
-                        f"({trained_difference(cfg, out / 'config.toml')}): use the same config (and --params) as for "
-                        f"training, or retrain with python -m comp.train --fold {fold} --force")
-    teacher = stale_teacher(cfg, record)
-    if teacher:
-        raise CompError(teacher)
-    change = identity.changed(record.get("content"), now or {})
-    if change:
-        raise CompError(f"{change} changed after fold {fold} of run {cfg.run.name!r} was trained: point the config "
-                        f"at the files it was trained on, or retrain with python -m comp.train --all --force")
+    record = checked_record(cfg, fold, folds_fp, now, check_config)
     return FoldOutputs(fold, record, read_npy(out / "oof_ids.npy"), read_npy(out / "oof_logits.npy"),
                        read_npy(out / "test_ids.npy"), read_npy(out / "test_logits.npy"))
 
 
 def read_full(cfg: Config, now: dict | None = None) -> dict:
-    """The run's full-data refit (comp.train --full), checked like a fold: finished, its files as recorded, its
-    inputs (`now`) unchanged; returns its record."""
-    out = cfg.full_dir
-    record = read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
-    if record.get("status") != "complete":
-        raise CompError(f"run {cfg.run.name!r} has no finished refit ({out / 'metrics.json'} missing): train it "
-                        "with python -m comp.train --full, or drop --with-full")
-    for name in checked_files(record.get("kind", "encoder"), full=True):
-        if not (out / name).is_file() or record["sha256"].get(name) != sha256(out / name):
-            raise CompError(f"{out / name} is missing or does not match the checksum recorded when it was written: "
-                            "retrain with python -m comp.train --full --force")
-    change = identity.changed(record.get("content"), now or {})
-    if change:
-        raise CompError(f"{change} changed after the refit of run {cfg.run.name!r} was trained: retrain it with "
-                        "python -m comp.train --full --force")
-    return record
+    """The run's full-data refit (comp.train --full), checked like a fold (checked_record): finished, its files
+    as recorded, trained with refit_config of cfg, its inputs (`now`) unchanged; returns its record."""
+    return checked_record(cfg, "full", now=now)
 
 
 def refit_test_logits(cfg: Config, comp: Competition, now: dict | None = None) -> tuple[dict, np.ndarray]:

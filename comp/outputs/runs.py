@@ -25,7 +25,7 @@ from comp.nn.hardware import resolve_device, resolve_precision
 from comp.nn.loop import make_progress
 from comp.nn.model import build_model, load_tokenizer, pad_id
 from comp.nn.state import Checkpoint, seed_everything
-from comp.outputs.collect import checked_files, fold_path, split, teacher_fold
+from comp.outputs.collect import checked_files, fold_path, refit_config, split, teacher_fold
 from comp.tables import identity
 from comp.tables.features import MetaEncoder
 from comp.tables.read import Competition
@@ -220,16 +220,6 @@ def write_fold(cfg: Config, comp: Competition, fold: int | str, record: dict, wr
     record.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), kind=cfg.model.kind, content=identity.content(cfg, comp),
                   sha256={name: sha256(out / name) for name in checked_files(cfg.model.kind, full=va is None)})
     write_json(out / "metrics.json", record)
-
-
-def refit_config(cfg: Config, epochs: int | None) -> Config:
-    """What a refit trains: the run's config with `epochs` epochs and no weight averaging (no validation rows to
-    choose by), or for a gbm run `epochs` rounds; a linear run's as it is."""
-    if cfg.model.kind == "encoder":
-        return cfg.replace("train", epochs=epochs, swa="off")
-    if cfg.model.kind == "gbm":
-        return cfg.replace("model", gbm=dataclasses.replace(cfg.model.gbm, rounds=epochs))
-    return cfg
 
 
 def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | None, console: Console,
