@@ -15,7 +15,7 @@ from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
 from comp.nn.hardware import resolve_device
-from comp.nn.model import check_quantize
+from comp.nn.model import check_packing, check_quantize
 from comp.nn.parallel import make_slots, run_folds
 from comp.nn.state import optimizer_class
 from comp.outputs.collect import (
@@ -83,6 +83,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
     if cfg.model.kind == "encoder":
         optimizer_class(cfg.train)  # an optimizer that cannot load is refused before anything is written
         check_quantize(cfg.model, resolve_device(cfg.train))  # so is k-bit on a CPU
+        check_packing(cfg.model, cfg.train, cfg.root)  # and packing that would drop a sliding window
     n = cfg.folds.n_splits
     if args.fold is not None and not 0 <= args.fold < n:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")

@@ -202,3 +202,51 @@ def test_a_packed_batch_gives_each_row_the_logits_of_the_padded_batch(arch):
         padded = built(*batching.collate(rows, index, 0, torch.device("cpu")))
         packed = built(*batching.batch_maker(rows, 0, torch.device("cpu"), packed=True)(index))
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)
+
+
+WINDOWED = {  # a sliding window of 8 tokens: on every layer (Mistral), every other layer (Gemma-2, ModernBERT)
+    "mistral": lambda: T.MistralConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8),
+    "gemma2": lambda: T.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                     sliding_window=8),
+}
+if hasattr(T, "ModernBertConfig"):
+    WINDOWED["modernbert"] = lambda: T.ModernBertConfig(**SMALL, max_position_embeddings=64, global_attn_every_n_layers=2,
+                                                        local_attention=16, bos_token_id=2, cls_token_id=2,
+                                                        eos_token_id=3, sep_token_id=3)
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_packing_keeps_a_sliding_window_or_is_refused_in_one_line(name, tmp_path, tiny_model, capsys):
+    """The block-diagonal mask of a packed batch has no window: packing = "on" is refused where the window is shorter
+    than max_length, and where it is not (max_length <= window) packed and padded logits agree."""
+    from comp.config import TrainConfig
+    from comp.nn import packing
+
+    path = tmp_path / name
+    shutil.copytree(tiny_model, path)
+    T.AutoModel.from_config(WINDOWED[name]()).save_pretrained(path)
+    pooling = "cls" if name == "modernbert" else "last"
+    built = model.build_model(ModelConfig(name_or_path=str(path), pooling=pooling, max_length=48),
+                              2, 3, tcfg=TrainConfig(packing="off", device="cpu"))
+    assert packing.attention_window(built.encoder.config) == 8
+    with pytest.raises(CompError, match="sliding window of 8 tokens, shorter than model.max_length = 48"):
+        model.build_model(ModelConfig(name_or_path=str(path), pooling=pooling, max_length=48),
+                          2, 3, tcfg=TrainConfig(packing="on", device="cpu"))
+    cfg = write_project(tmp_path / "p", path)
+    assert folds.main(["--config", str(cfg), "--quiet"]) == 0
+    before = snapshot(cfg.parent)
+    capsys.readouterr()
+    code = train.main(["--config", str(cfg), "--fold", "0", *RUN, "--set", "train.packing=on"])
+    assert_user_error(code, capsys, "train.packing", "sliding window of 8")
+    assert snapshot(cfg.parent) == before
+    short = model.build_model(ModelConfig(name_or_path=str(path), pooling=pooling, max_length=8, head_hidden=(8,)),
+                              2, 3, tcfg=TrainConfig(packing="on", device="cpu"))
+    assert short.packs
+    short.eval()
+    rng = np.random.default_rng(0)
+    seqs = [np.concatenate([[2], rng.integers(5, 200, n), [3]]) for n in (3, 6, 1, 5)]  # rows within the window
+    rows = batching.Rows(seqs, rng.normal(size=(4, 2)).astype(np.float32), np.zeros(4, np.int64))
+    with torch.no_grad():
+        padded = short(*batching.collate(rows, np.arange(4), 0, torch.device("cpu")))
+        packed = short(*batching.batch_maker(rows, 0, torch.device("cpu"), packed=True)(np.arange(4)))
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-4)

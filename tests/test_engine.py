@@ -394,8 +394,9 @@ def test_packing_loads_flash_attention_only_where_it_runs(monkeypatch, packing, 
     assert packing_module.attention_for(tcfg, torch.device("cuda")) == expected
     assert packing_module.attention_for(tcfg, torch.device("cpu")) is None
     encoder = type("E", (), {"config": type("C", (), {"model_type": "bert", "_attn_implementation": expected or "sdpa"})})
-    assert packing_module.packs(tcfg, encoder, chunked=False, paired=False) == (packing == "on" or expected is not None)
-    assert not packing_module.packs(tcfg, encoder, chunked=True, paired=False)  # windows keep their padded batches
+    packed = packing_module.packs(tcfg, encoder, chunked=False, paired=False, max_length=48)
+    assert packed == (packing == "on" or expected is not None)
+    assert not packing_module.packs(tcfg, encoder, chunked=True, paired=False, max_length=48)  # windows stay padded
 
 
 def test_linear_layers_held_in_the_autocast_dtype_predict_the_same_bits(tiny):

@@ -117,6 +117,14 @@ def quantized(mcfg: ModelConfig) -> dict:
     return {"quantization_config": bits, "device_map": {"": torch.cuda.current_device()}}
 
 
+def check_packing(mcfg: ModelConfig, tcfg: TrainConfig, root: Path) -> None:
+    """train.packing = "on" for an encoder whose batches it cannot pack exactly (packing.refuse_window) is one
+    line before anything is written."""
+    if tcfg.packing == "on":
+        config = encoder_config(mcfg, resolve_model_path(mcfg.name_or_path, root))
+        packing.refuse_window(config, mcfg.max_length, packing.attention_for(tcfg, resolve_device(tcfg)))
+
+
 def check_quantize(mcfg: ModelConfig, device: torch.device) -> None:
     """model.quantize needs a CUDA device and the bitsandbytes package: one line otherwise."""
     if mcfg.quantize == "off":
@@ -434,5 +442,6 @@ def build_model(mcfg: ModelConfig, n_meta: int, n_classes: int, pretrained: bool
     if (getattr(encoder.config, "type_vocab_size", 0) or 0) < 2:
         pair_sep = None
     model = TextMetaClassifier(encoder, n_meta, n_classes, mcfg, task, pair_sep)
-    model.packs = tcfg is not None and packing.packs(tcfg, encoder, mcfg.chunks > 1, pair_sep is not None)
+    model.packs = tcfg is not None and packing.packs(tcfg, encoder, mcfg.chunks > 1, pair_sep is not None,
+                                                                 mcfg.max_length)
     return model

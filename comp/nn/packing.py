@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from comp.config import TrainConfig, is_decoder
+from comp.errors import CompError
 
 FLASH = ("flash_attention_2", "flash_attention_3")
 UNPACKED = {"distilbert"}  # model types whose encoders take no position_ids: their batches stay padded
@@ -106,10 +107,34 @@ def attention_for(tcfg: TrainConfig, device: torch.device) -> str | None:
     return "flash_attention_2" if tcfg.packing != "off" and flash_ready(device) else None
 
 
-def packs(tcfg: TrainConfig, encoder: nn.Module, chunked: bool, paired: bool) -> bool:
+def attention_window(config) -> int | None:
+    """The sliding window of the encoder's attention where any of its layers has one (Mistral, Gemma-2/3,
+    ModernBERT's local layers), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return window
+
+
+def packs(tcfg: TrainConfig, encoder: nn.Module, chunked: bool, paired: bool, max_length: int) -> bool:
     """Whether batches are packed: train.packing = "on" (any encoder; on a CPU or without FlashAttention-2 only a
     check, slower than buckets), "auto" where the encoder runs FlashAttention-2, never "off". Rows read in
-    windows (model.chunks) or as text pairs with token types keep their padded batches."""
-    if chunked or paired or tcfg.packing == "off" or encoder.config.model_type in UNPACKED:
+    windows (model.chunks) or as text pairs with token types keep their padded batches. "on" is refused for an
+    encoder whose sliding window is shorter than model.max_length: the block-diagonal mask would drop it."""
+    config = encoder.config
+    if chunked or paired or tcfg.packing == "off" or config.model_type in UNPACKED:
         return False
-    return tcfg.packing == "on" or encoder.config._attn_implementation in FLASH
+    if tcfg.packing == "on":
+        refuse_window(config, max_length, config._attn_implementation)
+    return tcfg.packing == "on" or config._attn_implementation in FLASH
+
+
+def refuse_window(config, max_length: int, attention: str | None) -> None:
+    """One line for an encoder whose sliding window is shorter than model.max_length where its batches would be
+    packed through the block-diagonal mask, which drops the window (FlashAttention-2 keeps it)."""
+    window = attention_window(config)
+    if attention not in FLASH and window and window < max_length:
+        raise CompError(f"train.packing = \"on\": {config.model_type} attends through a sliding window of {window} "
+                        f"tokens, shorter than model.max_length = {max_length}, which a packed batch's mask would "
+                        f"drop: set train.packing = \"auto\" (padded batches here) or model.max_length <= {window}")
