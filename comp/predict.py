@@ -171,10 +171,11 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
         cache = {} if tokens is None else tokens
         if key not in cache:
             cache[key] = tokenize(tokenizer, texts, Truncation.of(cfg.model))
-        rows = Rows(cache[key], encoder.transform(table))
+        rows, precision = Rows(cache[key], encoder.transform(table)), resolve_precision(cfg.train, device)
+        loop.check_packing(model, rows, pad_id(tokenizer), device, precision, console, f"predict {fm.path.name}")
         with loop.make_progress(console) as progress:
-            return loop.predict(model, rows, cfg.train.eval_batch_size, pad_id(tokenizer), device,
-                                  resolve_precision(cfg.train, device), progress, f"predict {fm.path.name}")
+            return loop.predict(model, rows, cfg.train.eval_batch_size, pad_id(tokenizer), device, precision,
+                                progress, f"predict {fm.path.name}")
 
     return logits
 

@@ -425,3 +425,34 @@ def test_an_encoder_that_cannot_load_flash_attention_keeps_its_attention_and_pad
     monkeypatch.setattr(packing, "attention_for", lambda tcfg, device: "flash_attention_2")
     built = model_module.build_model(mcfg, 2, 3, tcfg=TrainConfig(device="cpu"))
     assert built.encoder.config._attn_implementation not in packing.FLASH and not built.packs
+
+
+def test_a_wrong_packed_path_is_caught_on_its_first_batch_and_the_fold_trains_padded(project, monkeypatch, capsys):
+    """The packed path checks itself against padded batches before a fold trusts it: forced wrong here (positions
+    off by one), the fold says so in one line, records it, and trains exactly as with packing off."""
+    import json
+
+    from comp import folds, train
+    from comp.nn import packing
+
+    def fold0(name: str, mode: str) -> tuple[dict, np.ndarray]:
+        args = ["--config", str(project), "--fold", "0", "--set", f"run.name={name}", "--set", f"train.packing={mode}"]
+        assert train.main(args) == 0
+        out = project.parent / "folds" / name / "fold_0"
+        return json.loads((out / "metrics.json").read_text()), np.load(out / "oof_logits.npy")
+
+    assert folds.main(["--config", str(project), "--quiet"]) == 0
+    right, _ = fold0("right", "on")
+    assert right["packing"]["packed"] is True and right["packing"]["max_difference"] < 1e-4
+    real = packing.encoder_inputs
+    monkeypatch.setattr(packing, "encoder_inputs",
+                        lambda p, e: {**real(p, e), "position_ids": real(p, e)["position_ids"] + 1})
+    capsys.readouterr()
+    wrong, wrong_oof = fold0("wrong", "on")
+    said = [line for line in capsys.readouterr().out.splitlines() if "packed batches gave logits" in line]
+    assert len(said) == 1 and "padded batches from here on" in said[0]
+    assert wrong["packing"]["packed"] is False and wrong["packing"]["max_difference"] > 1e-3
+    monkeypatch.undo()
+    off, off_oof = fold0("off", "off")
+    assert off["packing"] is None
+    assert np.array_equal(wrong_oof, off_oof)

@@ -22,7 +22,7 @@ from comp.errors import CompError
 from comp.nn.batching import Rows, epoch_batches, planned_steps
 from comp.nn.distributed import SINGLE, Dist
 from comp.nn.hardware import resolve_device, resolve_precision
-from comp.nn.loop import Runtime, make_progress, predict, train_one_epoch
+from comp.nn.loop import Runtime, check_packing, make_progress, predict, train_one_epoch
 from comp.nn.model import TextMetaClassifier, init_wide
 from comp.nn.objective import Distilled, make_loss, row_weights, validation_loss
 from comp.nn.state import (
@@ -57,7 +57,8 @@ class Fold:
 @dataclass
 class FoldResult:
     """What fit_fold learned: the best weights, the validation row and logits they give, and the test logits.
-    `swa`: what train.swa averaged, and whether the average replaced the best epoch's weights."""
+    `swa`: what train.swa averaged, and whether the average replaced the best epoch's weights. `packing`: the
+    packed path's check of itself (loop.check_packing), where batches were packed."""
 
     best_epoch: int
     history: list[dict]
@@ -68,6 +69,7 @@ class FoldResult:
     seconds: float
     resumed_from: dict | None = None
     swa: dict | None = None
+    packing: dict | None = None
 
 
 def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Console, d: Dist = SINGLE) -> FoldResult:
@@ -78,6 +80,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
     rt = runtime(cfg.train, model, fold, d)
     state, rng = set_up(cfg.train, model, fold, rt)
     resumed_from = restore(state, fold, rt, console)
+    packing = check_packing(model, fold.train, fold.pad_id, rt.device, rt.amp, console, f"fold {fold.index}")
     weights = row_weights(cfg.train, fold.train.y, model.out.out_features)
 
     def save() -> None:
@@ -106,7 +109,7 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
             best_row = swa["row"]
         test_logits = finish(state, fold, rt, progress)
     return FoldResult(best, state.fit.history, best_row, state.best_val, test_logits,
-                      state.best_state, time.perf_counter() - started, resumed_from, swa)
+                      state.best_state, time.perf_counter() - started, resumed_from, swa, packing)
 
 
 def runtime(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, d: Dist) -> Runtime:

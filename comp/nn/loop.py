@@ -148,3 +148,30 @@ def predict(model: TextMetaClassifier, rows: Rows, batch_size: int | str, pad_id
         for index, logits in parts:
             out[index] = logits
     return out
+
+
+# How far packed logits may stray from padded ones before the packed path is taken to be wrong: in fp32 the
+# tolerance of the CPU tests; in half precision two attention kernels round differently, by about the dtype's step.
+PACKING_TOLERANCE = {None: (1e-5, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float16: (1e-2, 1e-2)}
+
+
+@torch.inference_mode()
+def check_packing(model: TextMetaClassifier, rows: Rows, pad_id: int, device: torch.device,
+                  amp_dtype: torch.dtype | None, console: Console, where: str) -> dict | None:
+    """A packed model checks its path once before it is trusted: the logits of the first rows, in eval mode,
+    packed against padded. Beyond PACKING_TOLERANCE it keeps padded batches from here on and says so in one
+    line. Returns what metrics.json records (None where batches are not packed)."""
+    if not model.packs or not len(rows):
+        return None
+    index, training = np.arange(min(len(rows), 8)), model.training
+    model.eval()
+    packed, padded = (model(*batch_maker(rows, pad_id, device, on)(index), amp_dtype).float() for on in (True, False))
+    model.train(training)
+    atol, rtol = PACKING_TOLERANCE.get(amp_dtype, PACKING_TOLERANCE[torch.bfloat16])
+    difference = float((packed - padded).abs().max())
+    trusted = bool(torch.all((packed - padded).abs() <= atol + rtol * padded.abs()))
+    if not trusted:
+        model.packs = False
+        console.print(f"{where}: packed batches gave logits up to {difference:.3g} away from padded ones (tolerance "
+                      f"{atol:g} + {rtol:g}·|logit|): padded batches from here on", highlight=False)
+    return {"packed": trusted, "max_difference": difference, "rows": len(index)}

@@ -179,7 +179,7 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
               "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
               "processes": d.world, "precision": precision_name(cfg), "pseudo": pseudo.record if pseudo else None,
-              "distill": distill.record if distill else None,
+              "distill": distill.record if distill else None, "packing": result.packing,
               "unseen_categories": unseen,
               "task": cfg.data.task, "oof": metrics.score(comp.y[va], result.val_logits, cfg.data.task),
               "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from}
@@ -252,7 +252,8 @@ def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | Non
               "config_hash": cfg.hash(), "model": cfg.model.name_or_path, "comp_version": __version__,
               "classes": comp.classes, "task": cfg.data.task, "n_train": len(every), "n_test": len(comp.test),
               "processes": d.world, "seconds": round(time.perf_counter() - started, 1),
-              "precision": precision_name(cfg) if cfg.model.kind == "encoder" else None}
+              "precision": precision_name(cfg) if cfg.model.kind == "encoder" else None,
+              "packing": result.packing if cfg.model.kind == "encoder" else None}
     if d.is_main:
         write_fold(cfg, comp, "full", record, write_model, test_logits)
         if cfg.model.kind == "encoder":
