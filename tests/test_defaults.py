@@ -106,3 +106,24 @@ def test_a_linear_fold_trained_before_tfidf_settings_still_predicts(tmp_path, ti
     code = predict.main(["--config", str(path), "--quiet", *before, "--test", str(tmp_path / "data" / "test.csv"),
                          "--out", str(tmp_path / "p.csv")])
     assert code == 0
+
+
+def test_the_inner_c_search_keeps_each_folds_group_on_one_side(tmp_path, tiny_model, monkeypatch):
+    """folds.group: rows of one group (here four copies of a row) must not sit on both sides of the inner split,
+    where copies of a validation row in training make memorising look best (the largest C)."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), 4)
+    y, x = rng.integers(0, 3, 60)[groups], sparse.csr_matrix(rng.normal(size=(60, 40))[groups])  # labels are noise
+    assert baselines.inner_cv_c(x, y, None, 0) > 1.0  # copies on both sides: memorising scores well
+    assert baselines.inner_cv_c(x, y, None, 0, groups) == min(baselines.C_GRID)  # groups apart: noise, smallest C
+    tables = make_tables()
+    tables["train.csv"]["batch"] = np.arange(len(tables["train.csv"])) // 3
+    cfg = config.load(write_project(tmp_path, tiny_model, tables), ["model.kind=linear", "folds.group=batch"])
+    comp = load_competition(cfg)
+    seen = []
+    real = baselines.inner_cv_c
+    monkeypatch.setattr(baselines, "inner_cv_c", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    LinearRun(cfg, 0).fit(comp.train, comp.train_text, comp.y)
+    assert np.array_equal(seen[0], comp.train["batch"].to_numpy())

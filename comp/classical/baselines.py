@@ -17,7 +17,7 @@ from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import FeatureUnion
 
 from comp import metrics
@@ -77,17 +77,20 @@ def tfidf(spec: dict, vocabularies: dict[str, list[str]] | None = None) -> Featu
                          for name, kw in kinds.items()])
 
 
-def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: int) -> float:
+def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: int,
+               groups: np.ndarray | None = None) -> float:
     """tfidf.C = "auto": the C of C_GRID whose logistic regression has the lowest log loss in an INNER_FOLDS-fold
     CV over these rows only (a fold's training rows: its validation rows never choose). The log loss, not
     data.metric: on a few hundred rows a label metric picks C by noise, and the probabilities are what blends,
     stacks and decision rules take from the run. Each inner fold fits
     the Cs in ascending order, each fit starting from the last one's coefficients, to a looser tolerance than
-    the final fit: the whole search costs about two plain fits."""
+    the final fit: the whole search costs about two plain fits. `groups` (folds.group): the inner split keeps
+    each group on one side, as the outer folds do."""
     counts = np.bincount(y)
-    if counts[counts > 0].min() < INNER_FOLDS:
+    if counts[counts > 0].min() < INNER_FOLDS or (groups is not None and len(set(groups)) < INNER_FOLDS):
         return 1.0
-    parts = list(StratifiedKFold(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y))
+    splitter = StratifiedKFold if groups is None else StratifiedGroupKFold
+    parts = list(splitter(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y, groups))
     probs = np.zeros((len(C_GRID), len(y), int(y.max()) + 1))
     for tr, va in parts:
         clf = LogisticRegression(max_iter=2000, class_weight=weight, random_state=seed, warm_start=True, tol=1e-3)
@@ -158,7 +161,9 @@ class LinearRun:
                             "data.categorical / data.numeric name no column")
         if self.task == SINGLE:
             c = self.cfg.model.tfidf.C
-            self.c = inner_cv_c(x, y, self.weight, self.seed) if c == "auto" else float(c)
+            group = self.cfg.folds.group
+            self.c = inner_cv_c(x, y, self.weight, self.seed, df[group].to_numpy() if group else None) \
+                if c == "auto" else float(c)
             self.clf.set_params(C=self.c).fit(x, y)
         else:
             self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
