@@ -71,7 +71,7 @@ def run_folds(cfg: Config, with_full: bool = False) -> list[FoldModel]:
         trained = read_config(cfg.fold_dir(k) / "config.toml", cfg.root, record)
         if "content" in record:  # older folds name their model by path, in their own config
             trained = trained.replace("model", name_or_path=cfg.model.name_or_path)
-            if identity.changed(record["content"], {"model": identity.model_digest(trained)}):
+            if identity.changed(record["content"], {"model": identity.model_digest(trained)}, trained):
                 raise CompError(f"model.name_or_path {cfg.model.name_or_path!r} does not hold the model fold {k} of "
                                 f"run {cfg.run.name!r} was trained from: point it at that model's folder")
         folds.append(FoldModel(trained, cfg.fold_dir(k), record["classes"]))
@@ -108,7 +108,7 @@ def external_base(member: dict, base: Path | None) -> Path:
     if base is None:
         raise CompError(f"run {member['name']!r} of this bundle was exported without its base model (digest "
                         f"{recorded}): pass --base with the folder of that model")
-    if not base.is_dir() or identity.folder_digest(base) != recorded:
+    if not identity.folder_matches(base, recorded):
         raise CompError(f"--base {base} is not the base model run {member['name']!r} trained on (its digest "
                         f"{identity.folder_digest(base) if base.is_dir() else 'missing'} is not {recorded}): pass "
                         "the folder of the model the run trained on")

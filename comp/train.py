@@ -190,7 +190,7 @@ def teacher_outputs(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp:
         return None
     teacher, record = teacher_fold(cfg, "teacher", fold, folds_fp, comp.classes)
     own = read_config(teacher.fold_dir(fold) / "config.toml", cfg.root, record)  # the teacher's model and text
-    if "content" in record and identity.changed(record["content"], {"model": identity.model_digest(own)}):
+    if "content" in record and identity.changed(record["content"], {"model": identity.model_digest(own)}, own):
         raise CompError(f"train.teacher {name!r}: its model {own.model.name_or_path!r} changed since it trained: "
                         "retrain the teacher, or restore its model")
     seen = load_competition(own, with_test=False)

@@ -297,3 +297,43 @@ def test_a_blend_bundle_feeds_each_member_its_own_text_and_predicts_the_blends_f
             written = np.load(cfg.parent / "folds" / name / f"fold_{k}" / "test_logits.npy")
             assert np.array_equal(np.load(tmp_path / "lg" / name / f"fold_{k}.npy"), written), (name, k)
     assert pd.read_csv(tmp_path / "p.csv").equals(pd.read_csv(cfg.parent / "submissions" / "mix.csv"))
+
+
+def test_a_model_fingerprint_reads_every_byte_once_and_folds_with_sampled_ones_stay_valid(trained, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A changed layer between the sampled blocks of a large weight file kept the old fingerprint; every byte is
+    hashed now, once per (path, size, modification time). Folds that recorded a sampled fingerprint still submit,
+    compared in their own scheme."""
+    from comp import config
+    from comp.tables import identity
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "big"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    data = bytearray(np.random.default_rng(0).bytes(16 << 20))
+    weights.write_bytes(bytes(data))
+    full, sampled = identity.folder_digest(folder), identity.folder_digest(folder, full=False)
+    step = (len(data) - identity.BLOCK) // (identity.BLOCKS - 1)
+    data[step // 2 + identity.BLOCK] ^= 1  # a byte between two sampled blocks, the size unchanged
+    weights.write_bytes(bytes(data))
+    assert identity.folder_digest(folder, full=False) == sampled  # what the sample missed
+    assert identity.folder_digest(folder) != full and identity.folder_digest(folder).startswith(identity.FULL)
+    cache = json.loads(identity.digest_cache().read_text())
+    assert [str(weights.resolve())] == list({key.split("|")[0] for key in cache})
+    key = next(k for k in cache if k.endswith(f"|{weights.stat().st_mtime_ns}"))
+    identity.digest_cache().write_text(json.dumps({key: "planted"}))
+    assert identity.file_digest(weights) == "planted"  # read from the cache, not from the file again
+
+    cfg_path = own_copy(trained, tmp_path)
+    cfg = config.load(cfg_path)
+    for k in range(3):  # what folds trained before whole-file fingerprints recorded
+        path = cfg_path.parent / "folds" / "tiny" / f"fold_{k}" / "metrics.json"
+        record = json.loads(path.read_text())
+        assert record["content"]["model"].startswith(identity.FULL)
+        record["content"]["model"] = identity.model_digest(cfg, full=False)
+        path.write_text(json.dumps(record))
+    assert cli(cfg_path, submit.main) == 0
+    record["content"]["model"] = "0123456789abcdef"  # another model, in the sampled scheme
+    path.write_text(json.dumps(record))
+    assert_user_error(cli(cfg_path, submit.main), capsys, "the model's files")

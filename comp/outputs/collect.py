@@ -115,7 +115,7 @@ def stale(cfg: Config, fold: int | str, record: dict, folds_fp: str | None = Non
     teacher = stale_teacher(cfg, record)
     if teacher:
         return teacher
-    change = identity.changed(record.get("content"), now or {})
+    change = identity.changed(record.get("content"), now or {}, cfg)
     return f"{change} changed after {what} was trained" if change else None
 
 
