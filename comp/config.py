@@ -529,7 +529,7 @@ class Config:
                     inner = next(k for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k))
                     x, y, name = x.get(inner), y.get(inner), f"{name}.{inner}"
                 if x != y:
-                    return f"{name} = {_toml_value(x)} here, {_toml_value(y)} there"
+                    return f"{name} = {toml_value(x)} here, {toml_value(y)} there"
         return None
 
     def hashed(self, paths: bool = False) -> dict:
@@ -867,7 +867,7 @@ def dump_toml(tables: dict[str, dict]) -> str:
     lines = []
     for section, values in tables.items():
         lines.append(f"[{section}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -876,7 +876,7 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -884,7 +884,7 @@ def _toml_value(v) -> str:
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
