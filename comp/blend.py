@@ -35,7 +35,8 @@ from comp.tables import identity
 from comp.tables.read import load_competition
 from comp.tables.splits import load_folds
 
-WEIGHTS = ("fit", "hill", "equal")  # --weights: how a blend weighs its runs
+WEIGHTS = ("auto", "fit", "hill", "equal")  # --weights: how a blend weighs its runs
+STACK_ROWS = 10  # the stack is an auto candidate where the OOF rows are at least this many per level-2 coefficient
 
 
 def fit_weights(y: np.ndarray, probs: list[np.ndarray], task: str = metrics.SINGLE) -> np.ndarray:
@@ -106,6 +107,100 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
     return out, weights
 
 
+class Candidate:
+    """One way to combine the runs' probabilities: fitted on some rows (fit), then applied to any (apply)."""
+
+    def __init__(self, name: str, fitter):
+        self.name, self.fitter = name, fitter
+
+    def fit(self, y: np.ndarray, probs: list[np.ndarray]):
+        """What apply() takes: a weight per run, or a fitted level-2 model."""
+        return self.fitter(y, probs)
+
+    @staticmethod
+    def apply(fitted, probs: list[np.ndarray]) -> np.ndarray:
+        if isinstance(fitted, stacking.Stacker):
+            return fitted.predict(probs)
+        return sum(w * p for w, p in zip(fitted, probs, strict=True))
+
+
+def signed_scores(y: np.ndarray, probs: list[np.ndarray], metric: str) -> np.ndarray:
+    """Each prediction's `metric` on these rows, signed so that higher is better."""
+    fn, sign = metrics.REGISTRY[metric].fn, 1.0 if metrics.DIRECTION[metric] == "max" else -1.0
+    return np.array([sign * fn(y, p) for p in probs])
+
+
+def kept(y: np.ndarray, probs: list[np.ndarray], metric: str, task: str) -> np.ndarray:
+    """Which runs a mean keeps: those at least half as far above a constant prediction (on `metric`) as the best
+    run; a run near the constant (noise) is dropped."""
+    floor = signed_scores(y, [metrics.constant(task, y, probs[0].shape[1])], metric)[0]
+    gains = signed_scores(y, probs, metric) - floor
+    return gains >= 0.5 * gains.max() if gains.max() > 0 else gains == gains.max()
+
+
+def cross_fitted(candidate: Candidate, y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
+    """The candidate's OOF probabilities: each fold's rows combined as fitted on the other folds' rows."""
+    out = np.zeros_like(probs[0], dtype=np.float64)
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        out[held] = candidate.apply(candidate.fit(y[fit], [p[fit] for p in probs]), [p[held] for p in probs])
+    return out
+
+
+def choose(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
+           metric: str) -> tuple[int, np.ndarray]:
+    """The candidate with the best cross-fitted `metric` on these rows (the first of a tie), and each one's score."""
+    scores = signed_scores(y, [cross_fitted(c, y, folds, probs) for c in cands], metric)
+    return int(np.argmax(scores)), scores
+
+
+def auto_ensemble(cfg: Config, y: np.ndarray, folds: np.ndarray, oofs: list[np.ndarray],
+                  tests: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict, object]:
+    """--weights auto: the combination chosen by a nested comparison. Fold k's rows are combined by the candidate
+    that scored best in a cross-fit over the other folds alone, fitted on them, so the CV of the choice is
+    honest about the choice itself; the test rows by the candidate that scores best over every fold, fitted on
+    every OOF row. Returns the honest OOF and test probabilities, what blend.json says, and the fitted choice."""
+    metric = cfg.data.metric
+    cands = candidates(cfg, len(y), len(oofs), oofs[0].shape[1])
+    out, picks = np.zeros_like(oofs[0], dtype=np.float64), []
+    for k in np.unique(folds):
+        fit, held = folds != k, folds == k
+        pick, _ = choose(cands, y[fit], folds[fit], [p[fit] for p in oofs], metric)
+        out[held] = cands[pick].apply(cands[pick].fit(y[fit], [p[fit] for p in oofs]), [p[held] for p in oofs])
+        picks.append(cands[pick].name)
+    pick, scores = choose(cands, y, folds, oofs, metric)
+    fitted = cands[pick].fit(y, oofs)
+    record = {"chosen": cands[pick].name, "fold_choices": picks,
+              "candidates": {c.name: float(abs(v)) for c, v in zip(cands, scores, strict=True)}}
+    return out, cands[pick].apply(fitted, tests), record, fitted
+
+
+def candidates(cfg: Config, n_rows: int, n_runs: int, n_classes: int) -> list[Candidate]:
+    """What --weights auto chooses among, simplest first (a tie goes to the simpler): the best run alone; the
+    mean, fitted weights and hill-climbing of the runs kept() (a run far below the best gets weight 0); and
+    (single_label, where the OOF rows number at least STACK_ROWS per coefficient of the level-2 model) the
+    logistic stack of every run."""
+    task, metric = cfg.data.task, cfg.data.metric
+
+    def on_kept(fitter):  # weights for the runs kept(), 0 for the others
+        def fit(y, probs):
+            mask, weights = kept(y, probs, metric, task), np.zeros(len(probs))
+            weights[mask] = fitter(y, [p for p, m in zip(probs, mask, strict=True) if m])
+            return weights
+        return fit
+
+    def best(y, probs):
+        return np.eye(len(probs))[int(np.argmax(signed_scores(y, probs, metric)))]
+
+    out = [Candidate("best run", best), Candidate("mean", on_kept(lambda y, p: np.full(len(p), 1 / len(p)))),
+           Candidate("fitted weights", on_kept(lambda y, p: fit_weights(y, p, task))),
+           Candidate("hill-climbing", on_kept(lambda y, p: hill_weights(y, p, metric)))]
+    if task == metrics.SINGLE and n_rows >= STACK_ROWS * n_classes * (n_classes * n_runs + 1):
+        weight, seed = class_weight(cfg), cfg.train.seed
+        out.append(Candidate("stack", lambda y, p: stacking.fit("logistic", y, p, n_classes, weight, seed)))
+    return out
+
+
 def load_member(cfg: Config, name: str, folds_fp: str, comp, folds, with_full: bool = False,
                 expected: Config | None = None):
     """One run's OOF probabilities (train-row order) and fold-averaged test probabilities, checked to be
@@ -145,13 +240,19 @@ def stack(cfg: Config, comp, folds: np.ndarray, oofs: list[np.ndarray], tests: l
     weight, n = class_weight(cfg), len(comp.classes)
     cv_oof, _ = stacking.cross_fit(kind, comp.y, folds, oofs, n, weight, cfg.train.seed)
     final = stacking.fit(kind, comp.y, oofs, n, weight, cfg.train.seed)
-    record = {"level2": kind, "class_weight": weight}
-    if kind == "logistic":  # saved without a pickle, so comp.export can carry it
+    return cv_oof, final.predict(tests), stack_record(cfg, final, kind)
+
+
+def stack_record(cfg: Config, final: stacking.Stacker, kind: str = "logistic") -> dict:
+    """What blend.json says of a fitted stack; a logistic one is saved beside it without a pickle, so comp.export
+    can carry it."""
+    record = {"level2": kind, "class_weight": class_weight(cfg)}
+    if kind == "logistic":
         record["sha256"] = {name: sha256(cfg.run_dir / name) for name in final.save(cfg.run_dir)}
-    return cv_oof, final.predict(tests), record
+    return record
 
 
-def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | None = None,
+def blend(cfg: Config, names: list[str], how: str = "auto", console: Console | None = None,
           stack_with: str | None = None, decide_labels: bool = False, with_full: bool = False,
           expected: dict[str, Config] | None = None) -> dict:
     """Blend the runs (weights fitted or equal, or a level-2 model when stack_with names one); print each run's
@@ -180,18 +281,23 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     oofs, tests = [m[0] for m in members], [m[1] for m in members]
 
     equal_oof = np.mean(oofs, axis=0)
-    stacked = None
+    stacked, chosen, fold_weights = None, None, []
     if stack_with:
         how = f"stack ({stack_with})"
         cv_oof, probs, stacked = stack(cfg, comp, folds, oofs, tests, stack_with)
-        weights, fold_weights = np.full(len(names), np.nan), []
+    elif how == "auto":
+        cv_oof, probs, chosen, fitted = auto_ensemble(cfg, y, folds, oofs, tests)
+        stacked = stack_record(cfg, fitted) if isinstance(fitted, stacking.Stacker) else None
+        weights = None if stacked else fitted
     elif how != "equal":
         fitter = {"fit": lambda yy, pp: fit_weights(yy, pp, task), "hill": lambda yy, pp: hill_weights(yy, pp, metric)}[how]
         weights = fitter(y, oofs)
         cv_oof, fold_weights = honest_oof(y, folds, oofs, fitter)
     else:
-        weights, cv_oof, fold_weights = np.full(len(names), 1.0 / len(names)), equal_oof, []
-    if not stack_with:
+        weights, cv_oof = np.full(len(names), 1.0 / len(names)), equal_oof
+    if stacked:
+        weights = np.full(len(names), np.nan)
+    elif how != "auto":
         probs = sum(w * t for w, t in zip(weights, tests, strict=True))
 
     table = Table(title=f"blend {cfg.run.name!r} of {len(names)} run(s) on {cfg.folds.n_splits} folds, {len(y)} OOF rows")
@@ -201,18 +307,23 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
     rows = {}
     for name, w, p in zip(names, weights, oofs, strict=True):
         rows[name] = metrics.score_predictions(y, p, task)
-        table.add_row(f"run {name}", "" if stack_with else f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in shown))
+        table.add_row(f"run {name}", "" if stacked else f"{w:.3f}", *(f"{rows[name][k]:.4f}" for k in shown))
     equal = metrics.score_predictions(y, equal_oof, task)
     table.add_row("equal weights", "", *(f"{equal[k]:.4f}" for k in shown))
     cv = metrics.score_predictions(y, cv_oof, task)
     if how != "equal":
-        label = "stacked (level-2 model from the other folds)" if stack_with else "fitted (weights from the other folds)"
+        label = (f"auto: {chosen['chosen']} (chosen and fitted on the other folds)" if chosen else
+                 "stacked (level-2 model from the other folds)" if stack_with else "fitted (weights from the other folds)")
         table.add_row(label, "", *(f"{cv[k]:.4f}" for k in shown), style="bold")
     console.print(table)
+    if chosen:
+        console.print(f"auto: each candidate's cross-fitted {metric}: " + ", ".join(
+            f"{c} {v:.4f}" for c, v in chosen["candidates"].items()) + f"; chosen for the test rows: {chosen['chosen']}"
+            + f"; per fold (chosen on the other folds): {', '.join(chosen['fold_choices'])}")
     console.print(f"blend CV {metrics.line(cv, metric, task)}"
                   f"  ({'equal weights' if how == 'equal' else how + ' fitted on k-1 folds, scored on the held-out fold'})"
-                  + ("" if stack_with else "; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights,
-                                                                                                     strict=True))))
+                  + ("" if stacked else "; weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights,
+                                                                                                  strict=True))))
     lb = leaderboard(cfg, comp, probs) if cfg.data.solution else None
     if lb:
         console.print(f"leaderboard {metrics.line(lb, metric, task)}  ({cfg.path(cfg.data.solution)})")
@@ -222,8 +333,8 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
         if lb:
             console.print(f"leaderboard {rule['metric']} after the decision rule {rule['leaderboard_after']:.4f}")
     frame = submission_frame(cfg, comp, probs)
-    record = {"runs": names, "weights_method": how, "stack": stacked, "decision": rule,
-              "weights": None if stack_with else weights.tolist(),
+    record = {"runs": names, "weights_method": how, "stack": stacked, "decision": rule, "auto": chosen,
+              "weights": None if stacked else np.asarray(weights).tolist(),
               "fold_weights": [w.tolist() for w in fold_weights], "cv": cv, "equal_weights_cv": equal,
               "member_cv": rows, "leaderboard": lb, "folds_fingerprint": folds_fp,
               "member_config_hashes": {n: m[2].get("config_hash") for n, m in zip(names, members, strict=True)},
@@ -240,9 +351,11 @@ def blend(cfg: Config, names: list[str], how: str = "fit", console: Console | No
 
 def add_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--runs", required=required, help="comma-separated run names trained on the same folds")
-    parser.add_argument("--weights", default="fit", choices=WEIGHTS,
-                        help="fit: weights minimising the OOF loss of the task (default); hill: greedy forward "
-                             "selection with replacement on data.metric; equal: plain average")
+    parser.add_argument("--weights", default="auto", choices=WEIGHTS,
+                        help="auto (default): the best run alone, the mean, fitted weights, hill-climbing or the "
+                             "stack, chosen by a nested cross-fit (its CV counts the choice); fit: weights minimising "
+                             "the OOF loss of the task; hill: greedy forward selection with replacement on "
+                             "data.metric; equal: plain average")
     parser.add_argument("--stack", nargs="?", const="logistic", choices=stacking.LEVEL2,
                         help="instead of weights, a level-2 model on the runs' OOF probabilities (cross-fitted): "
                              "logistic (default) or gbm")

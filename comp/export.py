@@ -64,7 +64,7 @@ def members_of(cfg: Config, run: str | None, blend: str | None,
                             "the blend again with python -m comp.blend ... --with-full")
     weights = record["weights"] or [0.0] * len(record["runs"])
     members = [Member(name, float(w), run_folds(cfg.replace("run", name=name), name in refits))
-               for name, w in zip(record["runs"], weights, strict=True)]
+               for name, w in zip(record["runs"], weights, strict=True) if stack or w > 0]  # a run of weight 0 adds nothing
     return members, folder if stack else None, record.get("decision")
 
 

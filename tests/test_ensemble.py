@@ -77,7 +77,7 @@ def test_hill_climbing_finds_the_known_optimum_and_is_honest():
 def test_blend_cli_prints_and_writes_and_self_blend_equals_the_run(two_runs, capsys):
     cfg = two_runs
     assert submit.main(["--config", str(cfg), "--quiet"]) == 0
-    assert blend.main(["--config", str(cfg), "--runs", "tiny,tiny-s5", "--name", "mix"]) == 0
+    assert blend.main(["--config", str(cfg), "--runs", "tiny,tiny-s5", "--weights", "fit", "--name", "mix"]) == 0
     out = capsys.readouterr().out
     assert "run tiny " in out and "run tiny-s5" in out and "fitted (weights from the other folds)" in out
     record = json.loads((cfg.parent / "folds" / "mix" / "blend.json").read_text())
@@ -145,3 +145,61 @@ def test_pseudo_from_an_untrained_run_is_one_line(two_runs, capsys):
     code = train.main(["--config", str(two_runs), "--fold", "0", "--pseudo", "nosuch", "--set", "run.name=x"])
     assert_user_error(code, capsys, "train.pseudo_run 'nosuch'", "train that run first")
     assert snapshot(two_runs.parent) == before
+
+
+def noise(rng, n: int, k: int) -> np.ndarray:
+    return softmax(rng.normal(size=(n, k)), axis=1)
+
+
+def test_the_auto_ensembles_cv_counts_its_own_choice_on_shuffled_labels():
+    """Members that know nothing: choosing the best of five combiners on all rows would flatter the CV; the nested
+    choice (each fold's combiner chosen on the other folds) stays at the permutation null."""
+    cfg = config.load(config_path(), ["data.metric=macro_f1"])
+    nested, naive = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        y, folds = rng.integers(0, 3, 600), rng.permutation(np.arange(600) % 5)
+        oofs = [noise(rng, 600, 3) for _ in range(3)]
+        out, _, record, _ = blend.auto_ensemble(cfg, y, folds, oofs, [noise(rng, 9, 3) for _ in range(3)])
+        null = np.mean([metrics.REGISTRY["macro_f1"].fn(rng.permutation(y), out) for _ in range(100)])
+        nested.append(metrics.REGISTRY["macro_f1"].fn(y, out) - null)
+        naive.append(max(record["candidates"].values()) - null)
+        assert len(record["fold_choices"]) == 5 and record["chosen"] in record["candidates"]
+    assert np.mean(nested) < 0.01 < np.mean(naive)  # the null's spread is 0.02
+
+
+def test_the_auto_ensemble_drops_a_noise_member_and_never_trails_the_best_one():
+    cfg = config.load(config_path(), ["data.metric=macro_f1"])
+    rng = np.random.default_rng(0)
+    y, folds = rng.integers(0, 4, 300), rng.permutation(np.arange(300) % 5)
+    good = [softmax(np.eye(4)[y] * s + rng.normal(size=(300, 4)), axis=1) for s in (1.5, 1.0)]
+    oofs = [good[0], noise(rng, 300, 4), good[1]]
+    tests = [noise(rng, 7, 4) for _ in oofs]
+    out, probs, record, fitted = blend.auto_ensemble(cfg, y, folds, oofs, tests)
+    assert "stack" not in record["candidates"]  # 300 rows, 4 classes, 3 runs: too few rows per coefficient
+    assert fitted[1] == 0 and probs.shape == (7, 4)
+    f1 = metrics.REGISTRY["macro_f1"].fn
+    assert f1(y, out) >= f1(y, good[0]) - 0.02
+
+
+def test_blend_chooses_by_default_and_its_bundle_predicts_its_file(two_runs, tmp_path, capsys):
+    from comp import export, predict
+
+    cfg = two_runs
+    capsys.readouterr()
+    assert blend.main(["--config", str(cfg), "--runs", "tiny,tiny-s5", "--name", "auto"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((cfg.parent / "folds" / "auto" / "blend.json").read_text())
+    assert record["weights_method"] == "auto" and record["auto"]["chosen"] in out and "cross-fitted" in out
+    assert set(record["auto"]["candidates"]) >= {"best run", "mean", "fitted weights", "hill-climbing"}
+    assert export.main(["--config", str(cfg), "--blend", "auto", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    data = cfg.parent / "data"
+    assert predict.main(["--bundle", str(tmp_path / "b"), "--test", str(data / "test.csv"), "--quiet", "--sample",
+                         str(data / "sample_submission.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert pd.read_csv(tmp_path / "p.csv").equals(pd.read_csv(cfg.parent / "submissions" / "auto.csv"))
+
+
+def config_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "comp.toml"
