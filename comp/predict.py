@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -127,18 +128,19 @@ def run_decision(cfg: Config) -> dict | None:
     return rule
 
 
-def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None = None, bases: dict | None = None):
-    """One fold's model, loaded: a function from (table, texts, console) to its logits for those rows. `tokens`:
-    the texts' token ids by tokenizer and truncation, shared by the folds of a prediction (a run's folds share
-    both, so its table is tokenized once). `bases`: LoRA folds' models by their [model] settings, shared the
-    same way, so the base model is loaded once and each fold only loads its adapters and head into it."""
+def fold_predictor(fm: FoldModel, device_name: str | None, bases: dict | None = None):
+    """One fold's model, loaded: a function from (table, texts, console[, tokens]) to its logits for those rows.
+    `tokens`: the texts' token ids by tokenizer and truncation, which the folds predicting the same rows share (a
+    run's folds share both, so its rows are tokenized once). `bases`: LoRA folds' models by their [model]
+    settings, shared the same way, so the base model is loaded once and each fold only loads its adapters and
+    head into it."""
     devices = device_name.split(",") if device_name else []
     cfg = fm.cfg if not devices else fm.cfg.replace("train", device=devices[0])
     if cfg.model.kind != "encoder":
         model = load_classical(cfg.model.kind, fm.path, len(fm.classes))
         meta = getattr(model.model, "meta", None)  # a linear run's metadata encoder (gbm: its own ordinal codes)
 
-        def classical_logits(table, texts: list[str], console: Console) -> np.ndarray:
+        def classical_logits(table, texts: list[str], console: Console, tokens: dict | None = None) -> np.ndarray:
             if meta is not None:
                 meta.check_seen(table, "the table to predict")
             return model.logits(table, texts)
@@ -165,7 +167,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     model.load_state_dict(load_file(str(fm.path / "model.safetensors")))
     hold_for_inference(model, resolve_precision(cfg.train, device))
 
-    def logits(table, texts: list[str], console: Console) -> np.ndarray:
+    def logits(table, texts: list[str], console: Console, tokens: dict | None = None) -> np.ndarray:
         encoder.check_seen(table, "the table to predict")
         key = (cfg.model.name_or_path, Truncation.of(cfg.model))
         cache = {} if tokens is None else tokens
@@ -180,21 +182,41 @@ def fold_predictor(fm: FoldModel, device_name: str | None, tokens: dict | None =
     return logits
 
 
-def member_inputs(cfg: Config, test: Path, inputs: dict) -> tuple:
-    """The table to predict as a run's config reads it: its rows, its texts (the run's own data.text, separator,
-    pair and template) and a cache of their token ids. Runs that read the same text share one entry of `inputs`."""
+CHUNK_ROWS = 100_000  # rows predicted at once: a table's tokens and features are made a chunk at a time
+
+
+def member_inputs(cfg: Config, test: Path, inputs: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The table to predict as a run's config reads it: its rows and its texts (the run's own data.text,
+    separator, pair and template). Runs that read the same text share one entry of `inputs`."""
     key = (cfg.data, cfg.model.kind == "encoder")  # the template is read by encoder runs only
     if key not in inputs:
-        inputs[key] = (*load_table(cfg, test), {})
+        inputs[key] = load_table(cfg, test)
     return inputs[key]
+
+
+def member_logits(m: Member, table: pd.DataFrame, texts: list[str], device: str | None, bases: dict,
+                  console: Console, chunk_rows: int = CHUNK_ROWS) -> list[np.ndarray]:
+    """Each fold's logits for the table, predicted chunk_rows rows at a time, so that no more than a chunk's
+    tokens and features are held at once; a table of one chunk is tokenized once for all the run's folds."""
+    starts = range(0, len(table), chunk_rows)
+    shared = {} if len(starts) == 1 else None
+    out = []
+    for fm in m.folds:
+        started, predictor = time.perf_counter(), fold_predictor(fm, device, bases)
+        parts = [predictor(table.iloc[i:i + chunk_rows], texts[i:i + chunk_rows], console,
+                           shared if shared is not None else {}) for i in starts]
+        out.append(np.concatenate(parts) if parts else np.zeros((0, len(fm.classes)), np.float32))
+        console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s"
+                      + (f" ({len(starts)} chunks)" if len(starts) > 1 else ""))
+    return out
 
 
 def predict(members: list[Member], test: Path, out: Path, sample: Path | None = None, device: str | None = None,
             logits_dir: Path | None = None, console: Console | None = None, stacker: Stacker | None = None,
-            decision: dict | None = None) -> dict:
-    """Predict `test` with every fold of every member: fold-averaged probabilities per run, weighted over runs
-    (or combined by the stack's level-2 model); write the submission (and each fold's logits under
-    logits_dir/<run>/)."""
+            decision: dict | None = None, chunk_rows: int = CHUNK_ROWS) -> dict:
+    """Predict `test` with every fold of every member (chunk_rows rows at a time): fold-averaged probabilities
+    per run, weighted over runs (or combined by the stack's level-2 model); write the submission (and each
+    fold's logits under logits_dir/<run>/)."""
     console = console or cli.console()
     cfg = members[0].folds[0].cfg
     classes = members[0].folds[0].classes
@@ -203,12 +225,8 @@ def predict(members: list[Member], test: Path, out: Path, sample: Path | None = 
                         "--force")
     logits, per_run, inputs, bases = {}, [], {}, {}
     for m in members:
-        table, texts, tokens = member_inputs(m.folds[0].cfg, test, inputs)
-        logits[m.name] = []
-        for fm in m.folds:
-            started = time.perf_counter()
-            logits[m.name].append(fold_predictor(fm, device, tokens, bases)(table, texts, console))
-            console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s")
+        table, texts = member_inputs(m.folds[0].cfg, test, inputs)
+        logits[m.name] = member_logits(m, table, texts, device, bases, console, chunk_rows)
         per_run.append(average_probabilities(logits[m.name], cfg.data.task))
     if stacker is not None:
         probs = stacker.predict(per_run)
@@ -240,7 +258,7 @@ def estimate(members: list[Member], test: Path, rows: int, device: str | None = 
     console = console or cli.console()
     speeds, total, inputs = {}, 0.0, {}
     for m in members:
-        table, texts, _ = member_inputs(m.folds[0].cfg, test, inputs)
+        table, texts = member_inputs(m.folds[0].cfg, test, inputs)
         table, texts = table.iloc[:sample_rows], texts[:sample_rows]
         speeds[m.name] = []
         for fm in m.folds:
@@ -278,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", metavar="DIR", help="the base model folder of a bundle exported with --base")
     parser.add_argument("--with-full", action="store_true", help="with --run: add the run's full-data refit as one "
                         "more fold")
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS, metavar="N", help="rows whose tokens and "
+                        f"features are made and predicted at once (default {CHUNK_ROWS:,}): bounds the memory of a "
+                        "large table")
     args = parser.parse_args(argv)
     return run_cli(lambda: _main(args))
 
@@ -299,8 +320,10 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise CompError("--out is missing: name the submission file to write (or pass --estimate ROWS)")
+    if args.chunk_rows < 1:
+        raise CompError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
     predict(members, Path(args.test), Path(args.out), Path(args.sample) if args.sample else None, args.device,
-            Path(args.save_logits) if args.save_logits else None, console, stacker, decision)
+            Path(args.save_logits) if args.save_logits else None, console, stacker, decision, args.chunk_rows)
     return 0
 
 

@@ -337,3 +337,22 @@ def test_a_model_fingerprint_reads_every_byte_once_and_folds_with_sampled_ones_s
     record["content"]["model"] = "0123456789abcdef"  # another model, in the sampled scheme
     path.write_text(json.dumps(record))
     assert_user_error(cli(cfg_path, submit.main), capsys, "the model's files")
+
+
+@pytest.mark.parametrize("run", ["tiny", "lin"])
+def test_chunked_prediction_writes_the_file_of_one_pass(trained, tmp_path, run, monkeypatch):
+    """--chunk-rows: a large table's tokens and features are made a chunk at a time; the file is the same."""
+    data, real, seen = trained.parent / "data", predict.tokenize, {}
+    for chunk in (1000, 7):
+        seen[chunk] = []
+        monkeypatch.setattr(predict, "tokenize", lambda tok, texts, *a, c=chunk: seen[c].append(len(texts))
+                            or real(tok, texts, *a))
+        assert cli(trained, predict.main, "--run", run, "--test", str(data / "test.csv"),
+                   "--out", str(tmp_path / f"{chunk}.csv"), "--sample", str(data / "sample_submission.csv"),
+                   "--chunk-rows", str(chunk), "--save-logits", str(tmp_path / str(chunk))) == 0
+    if run == "tiny":  # one chunk: tokenized once for the run's folds; chunks of 7: never more than 7 rows at once
+        assert seen[1000] == [30] and max(seen[7]) == 7 and sum(seen[7]) == 3 * 30
+    for k in range(3):
+        one, chunked = (np.load(tmp_path / str(c) / run / f"fold_{k}.npy") for c in (1000, 7))
+        assert np.allclose(one, chunked, atol=1e-5)
+    assert pd.read_csv(tmp_path / "7.csv").equals(pd.read_csv(tmp_path / "1000.csv"))
