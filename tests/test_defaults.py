@@ -127,3 +127,20 @@ def test_the_inner_c_search_keeps_each_folds_group_on_one_side(tmp_path, tiny_mo
     monkeypatch.setattr(baselines, "inner_cv_c", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     LinearRun(cfg, 0).fit(comp.train, comp.train_text, comp.y)
     assert np.array_equal(seen[0], comp.train["batch"].to_numpy())
+
+
+@pytest.mark.parametrize("kind", ["linear", "gbm"])
+def test_a_classical_fold_says_what_it_is_doing_on_screen_and_in_its_log(tmp_path, tiny_model, capsys, kind):
+    from comp import train
+
+    path = write_project(tmp_path, tiny_model)
+    assert folds.main(["--config", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "--fold", "0", "--set", f"model.kind={kind}",
+                       "--set", "model.gbm.rounds=150"]) == 0
+    shown = capsys.readouterr().out
+    log = (tmp_path / "folds" / "tiny" / "fold_0" / "train.log").read_text()
+    steps = {"linear": ["TF-IDF", "features in", "choosing C among", "chosen in", "fitted on"],
+             "gbm": ["TF-IDF", "SVD components", "rounds in"]}[kind]
+    for step in steps:
+        assert f"fold 0 ({kind}): " in shown and step in shown and step in log, step

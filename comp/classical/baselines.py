@@ -7,6 +7,7 @@ tasks: label logits or values)."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,8 @@ class LinearRun:
     """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression (single_label), a
     logistic regression per label (multi_label) or ridge regression (regression)."""
 
-    def __init__(self, cfg: Config, seed: int):
+    def __init__(self, cfg: Config, seed: int, say=None):
+        self.say = say or (lambda message: None)  # progress, one line at a time
         self.meta = MetaEncoder.from_config(cfg)
         self.text: FeatureUnion | None = None
         self.task, self.seed, self.weight = cfg.data.task, seed, class_weight(cfg)
@@ -148,6 +150,7 @@ class LinearRun:
         return sparse.hstack(parts, format="csr")
 
     def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> LinearRun:
+        started = time.perf_counter()
         self.meta.fit(df)
         self.spec = tfidf_spec(self.cfg, texts)
         if has_text(texts):
@@ -156,17 +159,26 @@ class LinearRun:
             except ValueError:  # no term kept (min_df): the text adds nothing
                 self.text = None
         x = self._features(df, texts)
+        self.say(f"TF-IDF {self.spec['analyzer']} and metadata of {len(texts)} rows: {x.shape[1]} features in "
+                 f"{time.perf_counter() - started:.1f}s")
         if x.shape[1] == 0:
             raise CompError("model.kind = 'linear' needs text or metadata: data.text is empty on every row and "
                             "data.categorical / data.numeric name no column")
+        started = time.perf_counter()
         if self.task == SINGLE:
             c = self.cfg.model.tfidf.C
             group = self.cfg.folds.group
-            self.c = inner_cv_c(x, y, self.weight, self.seed, df[group].to_numpy() if group else None) \
-                if c == "auto" else float(c)
+            if c == "auto":
+                self.say(f"choosing C among {', '.join(map(str, C_GRID))} by a {INNER_FOLDS}-fold inner CV")
+                self.c = inner_cv_c(x, y, self.weight, self.seed, df[group].to_numpy() if group else None)
+                self.say(f"C {self.c:g} chosen in {time.perf_counter() - started:.1f}s")
+            else:
+                self.c = float(c)
+            started = time.perf_counter()
             self.clf.set_params(C=self.c).fit(x, y)
         else:
             self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
+        self.say(f"fitted on {len(y)} rows in {time.perf_counter() - started:.1f}s")
         return self
 
     def feature_names(self) -> list[str]:
@@ -215,7 +227,8 @@ class GbmRun:
     task = SINGLE
     CATEGORIES = 250  # the most frequent values of a categorical get codes; rarer and unseen ones are missing
 
-    def __init__(self, cfg: Config, seed: int):
+    def __init__(self, cfg: Config, seed: int, say=None):
+        self.say = say or (lambda message: None)  # progress, one line at a time
         self.categorical, self.numeric = cfg.data.categorical, cfg.data.numeric
         self.codes: dict[str, dict[str, int]] = {}
         self.text: FeatureUnion | None = None
@@ -254,8 +267,12 @@ class GbmRun:
         for c in self.categorical:
             top = cols[c].value_counts().index[:self.CATEGORIES]
             self.codes[c] = {str(v): i for i, v in enumerate(top)}
+        started = time.perf_counter()
         self._fit_text(texts)
         x = self._features(df, texts)
+        self.say(f"TF-IDF {self.spec['analyzer']}, {0 if self.components is None else len(self.components)} SVD "
+                 f"components and metadata of {len(texts)} rows: {x.shape[1]} features in "
+                 f"{time.perf_counter() - started:.1f}s")
         if x.shape[1] == 0:
             raise CompError("model.kind = 'gbm' needs text or metadata: data.text is empty on every row and "
                             "data.categorical / data.numeric name no column")
@@ -268,16 +285,26 @@ class GbmRun:
             n_estimators=g.rounds, learning_rate=g.learning_rate, num_leaves=g.num_leaves,
             min_child_samples=g.min_child_samples, reg_lambda=g.reg_lambda, subsample=g.subsample, subsample_freq=1,
             colsample_bytree=g.colsample, random_state=self.seed, verbose=-1, n_jobs=max(1, torch_threads()))
-        fit = {"sample_weight": None if weight is None else weight[codes],
+        fit = {"sample_weight": None if weight is None else weight[codes], "callbacks": [self.every(100)],
                "categorical_feature": list(range(n_text, n_text + len(self.categorical))) or "auto"}
         seen = np.isin(valid[2], self.classes_) if valid is not None else np.zeros(0, dtype=bool)
         if seen.any():  # the validation rows of classes these rows show
             vx, vy = self._features(valid[0][seen], list(np.asarray(valid[1], dtype=object)[seen])), \
                 np.searchsorted(self.classes_, valid[2][seen])
-            fit.update(eval_X=(vx,), eval_y=(vy,),  # stopped by the plain log loss: the probabilities blends take
-                       callbacks=[lightgbm.early_stopping(50, verbose=False)])
+            fit.update(eval_X=(vx,), eval_y=(vy,))  # stopped by the plain log loss: the probabilities blends take
+            fit["callbacks"].append(lightgbm.early_stopping(50, verbose=False))
+        started = time.perf_counter()
         self.booster = clf.fit(x, codes, **fit).booster_
+        self.say(f"{self.booster.current_iteration()} rounds in {time.perf_counter() - started:.1f}s")
         return self
+
+    def every(self, period: int):
+        """A LightGBM callback that says the round (and the validation log loss) every `period` rounds."""
+        def report(env) -> None:
+            if (env.iteration + 1) % period == 0:
+                scores = "".join(f", validation {name} {value:.4f}" for _, name, value, _ in env.evaluation_result_list)
+                self.say(f"round {env.iteration + 1} of at most {env.end_iteration}{scores}")
+        return report
 
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
         p = self.booster.predict(self._features(df, texts), num_iteration=self.booster.best_iteration or None)
@@ -354,10 +381,10 @@ KINDS = {"linear": LinearRun, "gbm": GbmRun}
 
 
 def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int,
-                  valid: tuple | None = None):
+                  valid: tuple | None = None, say=None):
     """Fit model.kind on these rows (a gbm run stops its rounds early on `valid`: table, texts, labels); a class
-    missing from them gets a log-probability of log(1e-12)."""
-    run = KINDS[cfg.model.kind](cfg, seed)
+    missing from them gets a log-probability of log(1e-12). `say`: where its progress lines go."""
+    run = KINDS[cfg.model.kind](cfg, seed, say)
     return ClassicalModel(run.fit(df, texts, y, valid) if cfg.model.kind == "gbm" else run.fit(df, texts, y),
                           n_classes)
 

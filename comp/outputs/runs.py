@@ -246,7 +246,8 @@ def train_full(cfg: Config, comp: Competition, epochs: int, tokens: Tokens | Non
                           console, d)
         test_logits, write_model = result.test_logits, encoder_writer(result, encoder)
     else:
-        model = fit_classical(cfg, comp.train, list(comp.train_text), comp.y, len(comp.classes), seed)
+        model = fit_classical(cfg, comp.train, list(comp.train_text), comp.y, len(comp.classes), seed,
+                              say=lambda message: console.print(f"refit ({cfg.model.kind}): {message}"))
         test_logits, write_model = model.logits(comp.test, comp.test_text), model.save
     record = {"status": "complete", "run": cfg.run.name, "fold": "full", "epochs": epochs, "oof": None,
               "config_hash": cfg.hash(), "model": cfg.model.name_or_path, "comp_version": __version__,
@@ -278,7 +279,8 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     tr, va = split(folds, fold)
     text = np.array(comp.train_text, dtype=object)
     model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold,
-                          valid=(comp.train.iloc[va], list(text[va]), comp.y[va]))
+                          valid=(comp.train.iloc[va], list(text[va]), comp.y[va]),
+                          say=lambda message: console.print(f"fold {fold} ({cfg.model.kind}): {message}"))
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
     scores = metrics.score(comp.y[va], val_logits, cfg.data.task)
