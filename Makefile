@@ -1,4 +1,4 @@
-# comp — set up, build a demo competition, train an encoder run and a linear run on its folds, stack them;
+# comp — set up, build a demo competition, train an encoder run and a linear run on its folds, blend them;
 # or run the tests. CONFIG=loans.toml picks the metadata-heavy demo; reviews-qwk.toml, reviews-regression.toml and
 # movies.toml the other kinds of competition.
 PYTHON ?= python3
@@ -15,8 +15,6 @@ ARGS := --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(PARAMS),--param
 config_key = $(shell sed -n 's/^$(1) *= *"\([^"]*\)".*/\1/p' $(CONFIG) | head -1)
 DATA := $(call config_key,train)
 NAME ?= $(call config_key,name)
-# the demo's last step: a stack of the two runs (single_label), or their blend with fitted weights
-COMBINE := $(if $(filter multi_label regression,$(call config_key,task)),--weights fit,--stack)
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
@@ -57,7 +55,8 @@ bench: install data
 bench-gpu: install data
 	$(PY) -m comp.bench_gpu $(ARGS)
 
-# the demo: folds, the encoder run, a linear run on the same folds, and their stack (the submission to send)
+# the demo: folds, the encoder run, a linear run on the same folds, and their blend (the submission to send: the
+# best run, a mean, weights or a stack, chosen by comp.blend's nested cross-fit)
 demo: install data
 	@start=$$(date +%s); \
 	$(PY) -m comp.folds $(ARGS) && \
@@ -65,7 +64,7 @@ demo: install data
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME) && \
 	$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
-	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear $(COMBINE) --name $(NAME)-stack && \
+	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear --name $(NAME)-blend && \
 	echo "demo finished in $$(( $$(date +%s) - start ))s (after install and data)"
 
 # the classical runs alone: TF-IDF + metadata -> logistic regression, and gradient boosting, on the same folds
@@ -74,9 +73,9 @@ baseline: install data
 	$(foreach k,linear gbm,$(PY) -m comp.train --all $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) && \
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-$(k) --set model.kind=$(k) &&) true
 
-# a self-contained bundle of what make demo sent (its stack) for offline prediction (comp.predict --bundle)
+# a self-contained bundle of what make demo sent (its blend) for offline prediction (comp.predict --bundle)
 export: install
-	$(PY) -m comp.export $(ARGS) --blend $(NAME)-stack --out $(BUNDLE)
+	$(PY) -m comp.export $(ARGS) --blend $(NAME)-blend --out $(BUNDLE)
 
 # comp's wheel and every dependency but torch, for `pip install --no-index --find-links` in an offline notebook
 wheelhouse: install
