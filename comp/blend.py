@@ -171,7 +171,8 @@ def auto_ensemble(cfg: Config, y: np.ndarray, folds: np.ndarray, oofs: list[np.n
     pick, scores = choose(cands, y, folds, oofs, metric)
     fitted = cands[pick].fit(y, oofs)
     record = {"chosen": cands[pick].name, "fold_choices": picks,
-              "candidates": {c.name: float(abs(v)) for c, v in zip(cands, scores, strict=True)}}
+              "candidates": {c.name: float(v * (1 if metrics.DIRECTION[metric] == "max" else -1))
+                             for c, v in zip(cands, scores, strict=True)}}
     return out, cands[pick].apply(fitted, tests), record, fitted
 
 

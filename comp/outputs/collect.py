@@ -110,9 +110,7 @@ def stale(cfg: Config, fold: int | str, record: dict, folds_fp: str | None = Non
         if not config_matches(expected, record):
             return (f"{what} was trained with another config "
                     f"({trained_difference(expected, fold_path(cfg, fold) / 'config.toml')})")
-    if fold == "full" and unrefittable(cfg):
-        return unrefittable(cfg)
-    teacher = stale_teacher(cfg, record)
+    teacher = (unrefittable(cfg) if fold == "full" else None) or stale_teacher(cfg, record)
     if teacher:
         return teacher
     change = identity.changed(record.get("content"), now or {}, cfg)
@@ -137,11 +135,10 @@ def checked_record(cfg: Config, fold: int | str, folds_fp: str | None = None, no
                         f"comp.train --fold {fold} (or --all)")
     record = verify_fold(cfg, fold)
     why = stale(cfg, fold, record, folds_fp, now, check_config)
-    if why and fold == "full" and unrefittable(cfg):
-        raise CompError(f"{why}: drop --with-full")
     if why:
-        raise CompError(f"{why}: use the same config (and --params) and inputs as for training, or retrain with "
-                        f"{retrain(fold, run=True)}")
+        fix = "drop --with-full" if fold == "full" and unrefittable(cfg) else \
+            f"use the same config (and --params) and inputs as for training, or retrain with {retrain(fold, run=True)}"
+        raise CompError(f"{why}: {fix}")
     return record
 
 
