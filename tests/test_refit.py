@@ -71,8 +71,9 @@ def test_a_blend_with_refits_keeps_its_weights_and_cv_and_exports_them(tmp_path,
         sets = [*q, "--set", f"model.kind={kind}", "--set", f"run.name={kind}"]
         assert train.main(["--config", str(cfg), "--all", *sets]) == 0
     assert train.main(["--config", str(cfg), "--full", *q, "--set", "model.kind=linear", "--set", "run.name=linear"]) == 0
-    assert blend.main(["--config", str(cfg), *q, "--runs", "linear,gbm", "--name", "plain"]) == 0
-    assert blend.main(["--config", str(cfg), *q, "--runs", "linear,gbm", "--name", "full", "--with-full"]) == 0
+    fit = ["--weights", "fit"]  # both runs keep a weight
+    assert blend.main(["--config", str(cfg), *q, *fit, "--runs", "linear,gbm", "--name", "plain"]) == 0
+    assert blend.main(["--config", str(cfg), *q, *fit, "--runs", "linear,gbm", "--name", "full", "--with-full"]) == 0
     plain, full = (json.loads((tmp_path / "folds" / n / "blend.json").read_text()) for n in ("plain", "full"))
     assert plain["cv"] == full["cv"] and plain["weights"] == full["weights"]  # fitted on the OOF rows alone
     assert list(full["with_full"]) == ["linear"] and not plain["with_full"]

@@ -357,8 +357,11 @@ def test_blend_of_a_task_fits_weights_and_refuses_a_stack(trained_task, capsys):
     name = config.load(cfg_path).run.name
     assert_user_error(blend.main(["--config", cfg_path, "--runs", f"{name},lin2", "--stack", "--name", "s"]), capsys,
                       "--stack needs data.task")
-    record = blend.blend(config.load(cfg_path, ["run.name=mix"]), [name, "lin2"])
+    record = blend.blend(config.load(cfg_path, ["run.name=mix"]), [name, "lin2"], "fit")
     assert record["weights_method"] == "fit" and sum(record["weights"]) == pytest.approx(1.0)
+    chosen = blend.blend(config.load(cfg_path, ["run.name=auto"]), [name, "lin2"])  # the default: auto, no stack
+    assert chosen["auto"]["chosen"] != "stack" and "stack" not in chosen["auto"]["candidates"]
+    assert sum(chosen["weights"]) == pytest.approx(1.0)
     metric = config.load(cfg_path).data.metric
     sign = 1 if metrics.DIRECTION[metric] == "max" else -1
     best = max(sign * record["member_cv"][n][metric] for n in (name, "lin2"))
