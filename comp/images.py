@@ -182,8 +182,13 @@ def image_digest(image: Path) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _digest(path: str, size: int, mtime: int) -> str:
+    return sha256_of(Path(path))
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of every byte of a file, read in blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()

@@ -49,11 +49,7 @@ def file_digest(path: Path) -> str:
     cache = digest_cache()
     known = _read_cache(cache) if stat.st_size > WHOLE else {}
     if key not in known:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        known[key] = h.hexdigest()
+        known[key] = images.sha256_of(path)
         if stat.st_size > WHOLE:
             with contextlib.suppress(OSError):  # a read-only home: the digest is computed again next time
                 write_json(cache, {**_read_cache(cache), key: known[key]})
