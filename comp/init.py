@@ -259,7 +259,7 @@ def encoder_for(train: pd.DataFrame, texts: list[str]) -> tuple[str, str]:
 def render(p: Plan) -> str:
     """The plan as comp.toml: a section per table, each inferred key with its reason as a comment."""
     lines = ["# Written by python -m comp.init: every inferred line says why. Edit any of it; comp.toml is yours.",
-             "# Keys not given keep their defaults (README: Configuration)."]
+             "# Keys not given keep their defaults (docs/configuration.md)."]
     section = None
     for key, (value, why) in p.keys.items():
         head, name = key.split(".")
@@ -267,7 +267,7 @@ def render(p: Plan) -> str:
             lines += ["", f"[{head}]"]
             section = head
         if key == "data.label" and p.left_out:
-            lines += [f"# left out: {c} ({why})" for c, why in p.left_out.items()]
+            lines += [f"# left out: {c} ({reason})" for c, reason in p.left_out.items()]
         text = f"{name} = {config.toml_value(value)}"
         lines.append(f"{text:<40} # {why}" if why else text)
     return "\n".join(lines) + "\n"
@@ -299,8 +299,9 @@ def _main(args: argparse.Namespace) -> int:
     text = render(plan(train, Path(args.test), Path(args.sample) if args.sample else None, out, args))
     config.from_dict(tomllib.loads(text), root=out.parent, source=str(out))  # what comp reads back
     write_text(out, text)
-    cli.console(args.quiet).print(text, markup=False, highlight=False)
-    cli.console(args.quiet).print(f"wrote {out}: check it, then python -m comp.folds --config {out}")
+    console = cli.console(args.quiet)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"wrote {out}: check it, then python -m comp.folds --config {out}")
     return 0
 
 
