@@ -105,14 +105,7 @@ def honest_oof(y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
                fitter=fit_weights) -> tuple[np.ndarray, list[np.ndarray]]:
     """The fitted blend's OOF probabilities where each fold's rows are blended with weights fitted (fitter(y,
     probs)) on the other folds' rows only; returns them and the per-fold weights."""
-    out = np.zeros_like(probs[0])
-    weights = []
-    for k in np.unique(folds):
-        fit, held = folds != k, folds == k
-        w = fitter(y[fit], [p[fit] for p in probs])
-        out[held] = sum(wi * p[held] for wi, p in zip(w, probs, strict=True))
-        weights.append(w)
-    return out, weights
+    return cross_fitted(Candidate("weights", fitter), y, folds, probs)
 
 
 class Candidate:
@@ -146,13 +139,16 @@ def kept(y: np.ndarray, probs: list[np.ndarray], metric: str, task: str) -> np.n
     return gains >= 0.5 * gains.max() if gains.max() > 0 else gains == gains.max()
 
 
-def cross_fitted(candidate: Candidate, y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
-    """The candidate's OOF probabilities: each fold's rows combined as fitted on the other folds' rows."""
-    out = np.zeros_like(probs[0], dtype=np.float64)
+def cross_fitted(candidate: Candidate, y: np.ndarray, folds: np.ndarray,
+                 probs: list[np.ndarray]) -> tuple[np.ndarray, list]:
+    """The candidate's OOF probabilities, each fold's rows combined as fitted on the other folds' rows only, and
+    what it fitted for each fold."""
+    out, fitted = np.zeros_like(probs[0]), []
     for k in np.unique(folds):
         fit, held = folds != k, folds == k
-        out[held] = candidate.apply(candidate.fit(y[fit], [p[fit] for p in probs]), [p[held] for p in probs])
-    return out
+        fitted.append(candidate.fit(y[fit], [p[fit] for p in probs]))
+        out[held] = candidate.apply(fitted[-1], [p[held] for p in probs])
+    return out, fitted
 
 
 def choose(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray],
@@ -161,7 +157,7 @@ def choose(cands: list[Candidate], y: np.ndarray, folds: np.ndarray, probs: list
     The loss, not data.metric: on a few thousand rows a label metric picks by noise (the reviews demo's nested
     macro-F1 chose the mean at +0.017 CV over the encoder run, which its leaderboard put 0.012 below it), and the
     probabilities are what a submission, --decide and a stack take."""
-    losses = [task_loss(task, y, cross_fitted(c, y, folds, probs)) for c in cands]
+    losses = [task_loss(task, y, cross_fitted(c, y, folds, probs)[0]) for c in cands]
     return int(np.argmin(losses)), losses
 
 
