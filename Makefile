@@ -18,7 +18,7 @@ NAME ?= $(call config_key,name)
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
-.PHONY: install data folds train submit tune bench bench-gpu baseline demo export wheelhouse test lint clean
+.PHONY: install data folds train submit tune bench bench-gpu bench-scale baseline demo export wheelhouse test lint clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,11 @@ tune: install
 
 bench: install data
 	$(PY) -m comp.bench $(ARGS)
+
+# what each stage costs on tables of 20k, 200k and 1M rows built from the demo's (an hour on 2 cores; SIZES= to pick)
+SIZES ?= 20000,200000,1000000
+bench-scale: install data
+	$(PY) -m comp.bench_scale --config $(CONFIG) --sizes $(SIZES)
 
 # on a GPU machine: comp against the Trainer, a plain loop and pipeline at bert-base and DeBERTa-v3 shapes
 bench-gpu: install data

@@ -20,6 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 from comp import cli, metrics
 from comp.artifacts import atomic_path, write_json
 from comp.classical.baselines import LinearRun
+from comp.classical.text import Counts
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.tables.read import load_competition
@@ -48,13 +49,13 @@ def adversarial(cfg: Config, console: Console | None = None) -> dict:
     texts = np.array(comp.train_text + comp.test_text, dtype=object)
     is_test = np.r_[np.zeros(len(comp.train), np.int64), np.ones(len(comp.test), np.int64)]
     acfg, seed = classifier_config(cfg), cfg.folds.seed
-    oof = np.zeros(len(rows))
+    oof, counts = np.zeros(len(rows)), Counts()  # the texts' n-grams, counted once for every fit
     for tr, va in StratifiedKFold(N_SPLITS, shuffle=True, random_state=seed).split(texts, is_test):
-        run = LinearRun(acfg, seed).fit(rows.iloc[tr], list(texts[tr]), is_test[tr])
+        run = LinearRun(acfg, seed, counts=counts).fit(rows.iloc[tr], list(texts[tr]), is_test[tr])
         oof[va] = np.exp(run.outputs(rows.iloc[va], list(texts[va])))[:, 1]
     auc = float(roc_auc_score(is_test, oof))
-    full = LinearRun(acfg, seed).fit(rows, list(texts), is_test)
-    coef, names = full.clf.coef_[0], full.feature_names()
+    full = LinearRun(acfg, seed, counts=counts).fit(rows, list(texts), is_test)
+    coef, names = full.clf.coef_[0], full.feature_names(list(texts))
     top = [{"feature": names[i], "weight": float(coef[i])} for i in np.argsort(-np.abs(coef))[:TOP]]
     train_p = oof[:len(comp.train)]
     scores = pd.DataFrame({cfg.data.id: comp.train_ids, "p_test": train_p})

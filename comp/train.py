@@ -11,6 +11,7 @@ import torch
 
 from comp import cli, metrics
 from comp.artifacts import write_text
+from comp.classical.text import Counts
 from comp.config import Config
 from comp.errors import CompError, run_cli
 from comp.nn import distributed
@@ -118,7 +119,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         if d.enabled or devices or args.jobs > 1:
             raise CompError(f"model.kind = {cfg.model.kind!r} fits on the CPU in one process: drop torchrun, "
                             "--devices and --jobs")
-        tokens = None
+        tokens, counts = None, Counts(torch.get_num_threads())
     else:
         tokens = tokenize_tables(cfg, comp, console, d)
     if len(todo) > 1 and (devices or args.jobs > 1):
@@ -133,7 +134,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
             distill = teacher_outputs(cfg, comp, folds, folds_fp, k, console)
             record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d, distill=distill)
         else:
-            record = train_classical_fold(cfg, comp, folds, folds_fp, k, console)
+            record = train_classical_fold(cfg, comp, folds, folds_fp, k, console, counts)
         b, swa = record["best"], record.get("swa")
         averaged = "" if not swa else (f" (train.swa: weights averaged over epochs {', '.join(map(str, swa['epochs']))})"
                                        if swa["kept"] else " (train.swa: no average validated better)")

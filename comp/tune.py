@@ -25,6 +25,7 @@ from sklearn.model_selection import train_test_split
 from comp import cli, metrics
 from comp.artifacts import atomic_path, write_text
 from comp.classical.baselines import fit_classical
+from comp.classical.text import Counts
 from comp.config import CLASSICAL_KEYS, MONITORS, Config, dump_toml, from_dict, set_key
 from comp.errors import CompError, run_cli
 from comp.nn.state import optimizer_class
@@ -155,6 +156,7 @@ class Objective:
     def __init__(self, cfg: Config, comp: Competition, folds: np.ndarray, console: Console, worker_id: int = 0):
         self.cfg, self.comp, self.folds, self.worker_id = cfg, comp, folds, worker_id
         self.console, self.fold_ids, self.metric = console, tune_folds(cfg), metric_of(cfg)
+        self.counts = Counts(torch.get_num_threads())  # n-gram counts every classical trial shares
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", self.worker_id)
@@ -199,7 +201,7 @@ class Objective:
             tr = train_share(cfg, self.comp, tr, k)
             rows = (self.comp.train.iloc[va], list(text[va]), self.comp.y[va])
             model = fit_classical(cfg, self.comp.train.iloc[tr], list(text[tr]), self.comp.y[tr],
-                                  len(self.comp.classes), cfg.train.seed + k, valid=rows)
+                                  len(self.comp.classes), cfg.train.seed + k, valid=rows, counts=self.counts)
             value = classical_row(metrics.score(self.comp.y[va], model.logits(rows[0], rows[1]), cfg.data.task))[self.metric]
             trial.report(value, i)
             values.append(value)

@@ -10,7 +10,8 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from comp import config, folds, metrics
 from comp.classical import baselines
-from comp.classical.baselines import LinearRun, tfidf_spec, unspaced_share
+from comp.classical.baselines import LinearRun
+from comp.classical.text import tfidf_spec, unspaced_share
 from comp.nn import objective
 from comp.outputs import runs
 from comp.tables.read import load_competition
@@ -51,8 +52,8 @@ def test_texts_without_word_spaces_switch_the_analyzer_to_characters(tmp_path, t
     english = tfidf_spec(cfg, ["the dress fits and the fabric feels lovely"] * 3)
     assert english["analyzer"] == "word+char_wb" and english["char_ngrams"] == [2, 5]
     run = LinearRun(cfg, 0).fit(comp.train, comp.train_text, comp.y)
-    assert [name for name, _ in run.text.transformer_list] == ["char"]
-    assert "质量" in run.text.transformer_list[0][1].vocabulary_  # a two-character term of the text
+    assert list(run.text.columns) == ["char"]
+    assert "char__质量" in run.feature_names(comp.train_text)  # a two-character term of the text
     fixed = config.load(cfg.root / "comp.toml", ["model.kind=linear", "model.tfidf.analyzer='word+char_wb'"])
     assert tfidf_spec(fixed, comp.train_text)["analyzer"] == "word+char_wb"  # a setting beats auto
 

@@ -107,9 +107,10 @@ def test_tokenization_cache_hit_and_invalidation(tmp_path, tiny):
     texts = ["the dress fits", "lovely comfy fabric", "awful"]
     cache = tmp_path / "cache"
     first, hit = batching.cached_tokenize(tok, texts, 48, cache)
-    assert not hit and len(list(cache.glob("tokens-*.npz"))) == 1
+    assert not hit and len(list(cache.glob("tokens-*.offsets.npy"))) == 1
     again, hit = batching.cached_tokenize(tok, texts, 48, cache)
     assert hit and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert isinstance(again[0], np.memmap)  # read from the disk as batches need them, not loaded whole
     assert all(np.array_equal(a, b) for a, b in zip(first, batching.tokenize(tok, texts, 48), strict=True))
     assert not batching.cached_tokenize(tok, texts, 4, cache)[1]                        # max_length changed
     assert not batching.cached_tokenize(tok, [*texts[:2], "awful!"], 48, cache)[1]      # a text changed

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from comp import export, folds, predict, submit, train
+from comp.classical import text
 from tests.conftest import assert_user_error, own_copy, snapshot, write_project
 
 
@@ -342,16 +343,20 @@ def test_a_model_fingerprint_reads_every_byte_once_and_folds_with_sampled_ones_s
 @pytest.mark.parametrize("run", ["tiny", "lin"])
 def test_chunked_prediction_writes_the_file_of_one_pass(trained, tmp_path, run, monkeypatch):
     """--chunk-rows: a large table's tokens and features are made a chunk at a time; the file is the same."""
-    data, real, seen = trained.parent / "data", predict.tokenize, {}
+    data, real, real_counts, seen, counted = trained.parent / "data", predict.tokenize, text._counts, {}, {}
     for chunk in (1000, 7):
-        seen[chunk] = []
+        seen[chunk], counted[chunk] = [], []
         monkeypatch.setattr(predict, "tokenize", lambda tok, texts, *a, c=chunk: seen[c].append(len(texts))
                             or real(tok, texts, *a))
+        monkeypatch.setattr(text, "_counts", lambda kw, texts, c=chunk: counted[c].append(len(texts))
+                            or real_counts(kw, texts))
         assert cli(trained, predict.main, "--run", run, "--test", str(data / "test.csv"),
                    "--out", str(tmp_path / f"{chunk}.csv"), "--sample", str(data / "sample_submission.csv"),
                    "--chunk-rows", str(chunk), "--save-logits", str(tmp_path / str(chunk))) == 0
     if run == "tiny":  # one chunk: tokenized once for the run's folds; chunks of 7: never more than 7 rows at once
         assert seen[1000] == [30] and max(seen[7]) == 7 and sum(seen[7]) == 3 * 30
+    else:  # a chunk's n-grams are counted once for the run's three folds (two vectorizers: words, characters)
+        assert sum(counted[1000]) == sum(counted[7]) == 2 * 30 and max(counted[7]) == 7
     for k in range(3):
         one, chunked = (np.load(tmp_path / str(c) / run / f"fold_{k}.npy") for c in (1000, 7))
         assert np.allclose(one, chunked, atol=1e-5)

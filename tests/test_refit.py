@@ -71,16 +71,18 @@ def test_a_blend_with_refits_keeps_its_weights_and_cv_and_exports_them(tmp_path,
         sets = [*q, "--set", f"model.kind={kind}", "--set", f"run.name={kind}"]
         assert train.main(["--config", str(cfg), "--all", *sets]) == 0
     assert train.main(["--config", str(cfg), "--full", *q, "--set", "model.kind=linear", "--set", "run.name=linear"]) == 0
-    fit = ["--weights", "fit"]  # both runs keep a weight
+    fit = ["--weights", "fit"]
     assert blend.main(["--config", str(cfg), *q, *fit, "--runs", "linear,gbm", "--name", "plain"]) == 0
     assert blend.main(["--config", str(cfg), *q, *fit, "--runs", "linear,gbm", "--name", "full", "--with-full"]) == 0
     plain, full = (json.loads((tmp_path / "folds" / n / "blend.json").read_text()) for n in ("plain", "full"))
     assert plain["cv"] == full["cv"] and plain["weights"] == full["weights"]  # fitted on the OOF rows alone
     assert list(full["with_full"]) == ["linear"] and not plain["with_full"]
-    assert export.main(["--config", str(cfg), *q, "--blend", "full", "--out", str(tmp_path / "b")]) == 0
+    both = ["--weights", "equal", "--runs", "linear,gbm", "--with-full"]  # both runs keep a weight
+    assert blend.main(["--config", str(cfg), *q, *both, "--name", "even"]) == 0
+    assert export.main(["--config", str(cfg), *q, "--blend", "even", "--out", str(tmp_path / "b")]) == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert [m["folds"] for m in manifest["members"]] == [4, 3]  # the refit travels as the linear run's 4th fold
     data = tmp_path / "data"
     assert predict.main(["--bundle", str(tmp_path / "b"), *q, "--test", str(data / "test.csv"),
                          "--out", str(tmp_path / "p.csv"), "--sample", str(data / "sample_submission.csv")]) == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "submissions" / "full.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "submissions" / "even.csv"))

@@ -6,7 +6,6 @@ tasks: label logits or values)."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -16,14 +15,13 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from sklearn.pipeline import FeatureUnion
 
 from comp import metrics
 from comp.artifacts import atomic_path, read_json, write_json
-from comp.config import TFIDF_BEFORE, Config
+from comp.classical.text import OLD_SPEC, Counts, HashedTfidf, load_text, tfidf_spec
+from comp.config import Config
 from comp.errors import CompError
 from comp.metrics import REGRESSION, SINGLE
 from comp.tables.features import MetaEncoder, prepare_columns
@@ -38,44 +36,27 @@ def class_weight(cfg: Config) -> str | None:
 
 C_GRID = (0.25, 1.0, 4.0, 16.0)  # tfidf.C = "auto": the candidates of the inner CV, ascending
 INNER_FOLDS = 3
-UNSPACED = 0.3  # texts whose characters are at least this share CJK, kana or Thai are read without word spaces
-# Han, kana, Thai: scripts that write words without spaces between them (Hangul has spaces: not here)
-NO_SPACES = re.compile("[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+SEARCH_ROWS = 50_000  # the inner CV of C reads at most this many of the fold's training rows
+SAGA_ROWS = 50_000  # from this many rows on, the logistic regression is fitted by saga (lbfgs below)
+GBM_ROWS = 100_000  # a gbm run fits (TF-IDF, SVD, trees) on at most this many of the fold's training rows
 
 
-def unspaced_share(texts: list[str], sample: int = 2000) -> float:
-    """The share of (non-space) characters of these texts, up to `sample` of them, in scripts without word spaces."""
-    text = "".join(texts[:sample])
-    letters = sum(not ch.isspace() for ch in text)
-    return len(NO_SPACES.findall(text)) / letters if letters else 0.0
+def logistic(rows: int, **kw) -> LogisticRegression:
+    """The logistic regression of a linear run on this many rows: lbfgs, or saga on many rows (an epoch costs
+    one pass, and a few dozen converge where lbfgs takes hundreds of iterations of the same cost)."""
+    solver = {"solver": "saga", "tol": 1e-3, "max_iter": 100} if rows >= SAGA_ROWS else {"max_iter": 2000}
+    return LogisticRegression(**{**solver, **kw})
 
 
-def tfidf_spec(cfg: Config, texts: list[str]) -> dict:
-    """[model.tfidf] with its "auto" analyzer and n-grams resolved for these (a fold's training) texts."""
-    t = cfg.model.tfidf
-    analyzer = t.analyzer
-    if analyzer == "auto":
-        analyzer = "char" if unspaced_share(texts) >= UNSPACED else "word+char_wb"
-    char = t.char_ngrams if t.char_ngrams != "auto" else (1, 2) if analyzer == "char" else (2, 5)
-    return {"analyzer": analyzer, "word_ngrams": list(t.word_ngrams), "char_ngrams": list(char),
-            "max_features": t.max_features, "min_df": t.min_df}
+def subsample(y: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """Indices of at most `rows` of these labels' rows, stratified (all of them when there are fewer)."""
+    if len(y) <= rows:
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
 
-
-OLD_SPEC = {k: v for k, v in TFIDF_BEFORE.items() if k != "C"}  # what linear runs saved before [model.tfidf]
-
-
-def tfidf(spec: dict, vocabularies: dict[str, list[str]] | None = None) -> FeatureUnion:
-    """The spec's vectorizers, sublinear term frequency: word n-grams and char n-grams within words
-    ("word+char_wb"), or char n-grams over the whole text ("char": texts without word spaces); with
-    `vocabularies`, the vectorizers of a fitted run (their idf_ still to be set)."""
-    kinds = {"char": {"analyzer": "char", "ngram_range": tuple(spec["char_ngrams"])}}
-    if spec["analyzer"] == "word+char_wb":
-        kinds = {"word": {"ngram_range": tuple(spec["word_ngrams"])},
-                 "char": {"analyzer": "char_wb", "ngram_range": tuple(spec["char_ngrams"])}}
-    return FeatureUnion([(name, TfidfVectorizer(**kw, min_df=spec["min_df"], max_features=spec["max_features"],
-                                                sublinear_tf=True,
-                                                vocabulary=None if vocabularies is None else vocabularies[name]))
-                         for name, kw in kinds.items()])
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    return np.sort(train_test_split(np.arange(len(y)), train_size=rows, stratify=stratify, random_state=seed)[0])
 
 
 def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: int,
@@ -85,8 +66,11 @@ def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: in
     data.metric: on a few hundred rows a label metric picks C by noise, and the probabilities are what blends,
     stacks and decision rules take from the run. Each inner fold fits
     the Cs in ascending order, each fit starting from the last one's coefficients, to a looser tolerance than
-    the final fit: the whole search costs about two plain fits. `groups` (folds.group): the inner split keeps
-    each group on one side, as the outer folds do."""
+    the final fit: the whole search costs about two plain fits. On more than SEARCH_ROWS rows, a stratified
+    SEARCH_ROWS of them choose. `groups` (folds.group): the inner split keeps each group on one side, as the outer
+    folds do."""
+    rows = subsample(y, SEARCH_ROWS, seed)
+    x, y, groups = x[rows], y[rows], None if groups is None else groups[rows]
     counts = np.bincount(y)
     if counts[counts > 0].min() < INNER_FOLDS or (groups is not None and len(set(groups)) < INNER_FOLDS):
         return 1.0
@@ -134,30 +118,27 @@ class LinearRun:
     """TF-IDF of the text ⊕ the fold's metadata encoding → multinomial logistic regression (single_label), a
     logistic regression per label (multi_label) or ridge regression (regression)."""
 
-    def __init__(self, cfg: Config, seed: int, say=None):
+    def __init__(self, cfg: Config, seed: int, say=None, counts: Counts | None = None):
         self.say = say or (lambda message: None)  # progress, one line at a time
+        self.counts = counts or Counts()  # the texts' n-gram counts, shared with the other folds
         self.meta = MetaEncoder.from_config(cfg)
-        self.text: FeatureUnion | None = None
+        self.text: HashedTfidf | None = None
         self.task, self.seed, self.weight = cfg.data.task, seed, class_weight(cfg)
         self.cfg, self.spec, self.c = cfg, OLD_SPEC, 1.0
-        self.clf = LogisticRegression(C=1.0, max_iter=2000, class_weight=self.weight, random_state=seed)
+        self.clf = LogisticRegression()
         self.coef = self.intercept = None
 
     def _features(self, df: pd.DataFrame, texts: list[str]) -> sparse.csr_matrix:
-        parts = [sparse.csr_matrix(self.meta.transform(df))]
+        parts = [sparse.csr_matrix(self.meta.transform(df), dtype=np.float32)]
         if self.text is not None:
-            parts.insert(0, self.text.transform(texts))
+            parts.insert(0, self.text.transform(texts, self.counts))
         return sparse.hstack(parts, format="csr")
 
     def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray) -> LinearRun:
         started = time.perf_counter()
         self.meta.fit(df)
         self.spec = tfidf_spec(self.cfg, texts)
-        if has_text(texts):
-            try:
-                self.text = tfidf(self.spec).fit(texts)
-            except ValueError:  # no term kept (min_df): the text adds nothing
-                self.text = None
+        self.text = HashedTfidf(self.spec).fit(texts, self.counts) if has_text(texts) else None
         x = self._features(df, texts)
         self.say(f"TF-IDF {self.spec['analyzer']} and metadata of {len(texts)} rows: {x.shape[1]} features in "
                  f"{time.perf_counter() - started:.1f}s")
@@ -175,15 +156,16 @@ class LinearRun:
             else:
                 self.c = float(c)
             started = time.perf_counter()
-            self.clf.set_params(C=self.c).fit(x, y)
+            self.clf = logistic(len(y), C=self.c, class_weight=self.weight, random_state=self.seed).fit(x, y)
         else:
             self.coef, self.intercept = linear_outputs(self.task, x, y, self.weight, self.seed)
         self.say(f"fitted on {len(y)} rows in {time.perf_counter() - started:.1f}s")
         return self
 
-    def feature_names(self) -> list[str]:
-        """The name of each feature column: word__… / char__… n-grams of the text, then the metadata's."""
-        text = [] if self.text is None else list(self.text.get_feature_names_out())
+    def feature_names(self, texts: list[str]) -> list[str]:
+        """The name of each feature column: word__… / char__… n-grams of the text (a term of the first 20,000
+        `texts` that hashes there), then the metadata's."""
+        text = [] if self.text is None else self.text.feature_names(texts[:20_000])
         return text + self.meta.feature_names()
 
     def outputs(self, df: pd.DataFrame, texts: list[str]) -> np.ndarray:
@@ -192,15 +174,13 @@ class LinearRun:
         return self.clf.predict_log_proba(x) if self.task == SINGLE else x @ self.coef.T + self.intercept
 
     def save(self, out: Path) -> None:
-        """linear.json (metadata encoder, vocabularies, task, classes) and linear.safetensors (idf, coefficients)."""
+        """linear.json (metadata encoder, text spec, task, classes) and linear.safetensors (the text's columns
+        and idf, coefficients)."""
         single = self.task == SINGLE
         arrays = {"coef": self.clf.coef_ if single else self.coef, "intercept": self.clf.intercept_ if single
                   else self.intercept}
-        vocabularies, idf = text_arrays(self.text)
-        arrays.update(idf)
-        with atomic_path(out / "linear.safetensors") as tmp:
-            save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, str(tmp))
-        write_json(out / "linear.json", {"format": 1, "meta": self.meta.to_dict(), "vocabularies": vocabularies,
+        save_arrays(out / "linear.safetensors", {**arrays, **({} if self.text is None else self.text.arrays())})
+        write_json(out / "linear.json", {"format": 2, "meta": self.meta.to_dict(), "hashed": self.text is not None,
                                          "tfidf": {**self.spec, "C": self.c},
                                          "task": self.task, "classes": self.clf.classes_.tolist() if single else None})
 
@@ -209,8 +189,8 @@ class LinearRun:
         """A linear run saved by save(); reads no pickle."""
         spec, arrays = read_json(out / "linear.json"), load_numpy(str(out / "linear.safetensors"))
         run = cls.__new__(cls)
-        run.meta = MetaEncoder.from_dict(spec["meta"])
-        run.text = text_from(spec.get("tfidf", OLD_SPEC), spec["vocabularies"], arrays)
+        run.meta, run.counts = MetaEncoder.from_dict(spec["meta"]), Counts()
+        run.text = load_text(spec.get("tfidf", OLD_SPEC), spec, arrays)
         run.task = spec.get("task", SINGLE)
         if run.task == SINGLE:
             run.clf = fitted_logistic(arrays["coef"], arrays["intercept"], spec["classes"])
@@ -227,11 +207,12 @@ class GbmRun:
     task = SINGLE
     CATEGORIES = 250  # the most frequent values of a categorical get codes; rarer and unseen ones are missing
 
-    def __init__(self, cfg: Config, seed: int, say=None):
+    def __init__(self, cfg: Config, seed: int, say=None, counts: Counts | None = None):
         self.say = say or (lambda message: None)  # progress, one line at a time
+        self.counts = counts or Counts()  # the texts' n-gram counts, shared with the other folds
         self.categorical, self.numeric = cfg.data.categorical, cfg.data.numeric
         self.codes: dict[str, dict[str, int]] = {}
-        self.text: FeatureUnion | None = None
+        self.text: HashedTfidf | None = None
         self.components: np.ndarray | None = None  # the SVD's, (n_svd, text features)
         self.seed, self.weighted, self.cfg = seed, class_weight(cfg) is not None, cfg
         self.spec, self.booster, self.classes_ = OLD_SPEC, None, np.zeros(0, dtype=np.int64)
@@ -240,7 +221,7 @@ class GbmRun:
         cols = prepare_columns(df, self.categorical, self.numeric)
         parts = [np.zeros((len(df), 0))]
         if self.components is not None:
-            parts.append(np.asarray(self.text.transform(texts) @ self.components.T))
+            parts.append(np.asarray(self.text.transform(texts, self.counts) @ self.components.T))
         for c in self.categorical:
             parts.append(cols[c].map(self.codes[c]).to_numpy(dtype=float)[:, None])  # unseen: NaN (missing)
         if self.numeric:
@@ -248,20 +229,26 @@ class GbmRun:
         return np.hstack(parts)
 
     def _fit_text(self, texts: list[str]) -> None:
+        """The TF-IDF of these rows and its SVD."""
         self.spec = tfidf_spec(self.cfg, texts)
-        if not has_text(texts):
+        text = HashedTfidf(self.spec).fit(texts, self.counts) if has_text(texts) else None
+        if text is None:
             return
-        try:
-            matrix = (text := tfidf(self.spec)).fit_transform(texts)
-        except ValueError:  # no term kept (min_df)
-            return
+        matrix = text.transform(texts, self.counts)
         n_svd = min(SVD_COMPONENTS, matrix.shape[1] - 1, len(texts) - 1)
         if n_svd >= 1:
             self.text, self.components = text, TruncatedSVD(n_svd, random_state=self.seed).fit(matrix).components_
 
     def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray, valid: tuple | None = None) -> GbmRun:
-        """`valid`: the fold's validation rows (table, texts, labels), on which the rounds stop early."""
+        """`valid`: the fold's validation rows (table, texts, labels), on which the rounds stop early. On more
+        than GBM_ROWS rows, a stratified GBM_ROWS of them fit: a round's cost grows with the rows, and on 64 SVD
+        components and a few metadata columns the trees gain little from more."""
         import lightgbm
+
+        if len(y) > GBM_ROWS:
+            rows = subsample(y, GBM_ROWS, self.seed)
+            df, texts, y = df.iloc[rows], [texts[i] for i in rows], y[rows]
+            self.say(f"fitting on a stratified {GBM_ROWS} of the training rows")
 
         cols = prepare_columns(df, self.categorical, ())
         for c in self.categorical:
@@ -326,14 +313,10 @@ class GbmRun:
         with atomic_path(out / "gbm.txt") as tmp:
             tmp.write_text(self.booster.model_to_string(num_iteration=self.booster.best_iteration or None),
                            encoding="utf-8")
-        vocabularies, arrays = text_arrays(self.text)
-        if self.components is not None:
-            arrays["components"] = self.components
-        with atomic_path(out / "gbm.safetensors") as tmp:
-            save_numpy({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()} or
-                       {"none": np.zeros(0)}, str(tmp))
-        write_json(out / "gbm.json", {"format": 1, "categorical": list(self.categorical), "numeric": list(self.numeric),
-                                      "codes": self.codes, "tfidf": self.spec, "vocabularies": vocabularies,
+        arrays = {} if self.text is None else {**self.text.arrays(), "components": self.components}
+        save_arrays(out / "gbm.safetensors", arrays or {"none": np.zeros(0)})
+        write_json(out / "gbm.json", {"format": 2, "categorical": list(self.categorical), "numeric": list(self.numeric),
+                                      "codes": self.codes, "tfidf": self.spec, "hashed": self.text is not None,
                                       "classes": self.classes_.tolist()})
 
     @classmethod
@@ -345,7 +328,7 @@ class GbmRun:
         run = cls.__new__(cls)
         run.categorical, run.numeric = tuple(spec["categorical"]), tuple(spec["numeric"])
         run.codes, run.spec, run.classes_ = spec["codes"], spec["tfidf"], np.asarray(spec["classes"])
-        run.text = text_from(spec["tfidf"], spec["vocabularies"], arrays)
+        run.text, run.counts = load_text(spec["tfidf"], spec, arrays), Counts()
         run.components = arrays.get("components")
         run.booster = lightgbm.Booster(model_str=(out / "gbm.txt").read_text(encoding="utf-8"))
         return run
@@ -358,33 +341,21 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def text_arrays(text: FeatureUnion | None) -> tuple[dict | None, dict]:
-    """A fitted TF-IDF's vocabularies (JSON) and idf vectors (arrays), to save without a pickle."""
-    if text is None:
-        return None, {}
-    vectorizers = dict(text.transformer_list)
-    return ({name: sorted(v.vocabulary_, key=v.vocabulary_.get) for name, v in vectorizers.items()},
-            {f"idf_{name}": v.idf_ for name, v in vectorizers.items()})
-
-
-def text_from(spec: dict, vocabularies: dict | None, arrays: dict) -> FeatureUnion | None:
-    """The TF-IDF text_arrays saved, fitted again."""
-    if vocabularies is None:
-        return None
-    text = tfidf(spec, vocabularies)
-    for name, vectorizer in text.transformer_list:
-        vectorizer.idf_ = arrays[f"idf_{name}"]
-    return text
+def save_arrays(path: Path, arrays: dict) -> None:
+    """Arrays as safetensors, written atomically."""
+    with atomic_path(path) as tmp:
+        save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
 
 
 KINDS = {"linear": LinearRun, "gbm": GbmRun}
 
 
 def fit_classical(cfg: Config, df: pd.DataFrame, texts: list[str], y: np.ndarray, n_classes: int, seed: int,
-                  valid: tuple | None = None, say=None):
+                  valid: tuple | None = None, say=None, counts: Counts | None = None):
     """Fit model.kind on these rows (a gbm run stops its rounds early on `valid`: table, texts, labels); a class
-    missing from them gets a log-probability of log(1e-12). `say`: where its progress lines go."""
-    run = KINDS[cfg.model.kind](cfg, seed, say)
+    missing from them gets a log-probability of log(1e-12). `say`: where its progress lines go; `counts`: the
+    n-gram counts the folds share."""
+    run = KINDS[cfg.model.kind](cfg, seed, say, counts)
     return ClassicalModel(run.fit(df, texts, y, valid) if cfg.model.kind == "gbm" else run.fit(df, texts, y),
                           n_classes)
 

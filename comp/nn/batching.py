@@ -227,20 +227,22 @@ def cached_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit:
     if cache_dir is None:
         return tokenize(tokenizer, texts, limit, progress=progress), False
     h = hash_texts(hashlib.sha256(f"{tokenizer_identity(tokenizer)}|{limit.key()}|{len(texts)}|".encode()), texts)
-    path = cache_dir / f"tokens-{h.hexdigest()[:24]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                flat, offsets = z["ids"], z["offsets"]
-            return never_empty([flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)], tokenizer), True
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # a broken cache file is rebuilt below
+    ids_path = cache_dir / f"tokens-{h.hexdigest()[:24]}.npy"
+    offsets_path = ids_path.with_suffix(".offsets.npy")  # written last: its presence completes the entry
+    if offsets_path.is_file():
+        try:  # the ids memory-mapped: a row's tokens are read when its batch is built
+            flat, offsets = np.load(ids_path, mmap_mode="r", allow_pickle=False), np.load(offsets_path)
+            if len(offsets) == len(texts) + 1 and offsets[-1] == len(flat):
+                return never_empty([flat[offsets[i]:offsets[i + 1]] for i in range(len(texts))], tokenizer), True
+        except (OSError, ValueError):
+            pass  # a broken cache entry is rebuilt below
     tokens = tokenize(tokenizer, texts, limit, progress=progress)
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in tokens])
-    flat = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, ids=flat.astype(np.int32), offsets=offsets)
+    flat = np.concatenate(tokens).astype(np.int32) if tokens else np.zeros(0, np.int32)
+    for path, array in ((ids_path, flat), (offsets_path, offsets)):
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array)
     return [flat[offsets[i]:offsets[i + 1]] for i in range(len(tokens))], False
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
 from comp.classical.baselines import fit_classical
+from comp.classical.text import Counts
 from comp.config import Config, to_toml
 from comp.errors import CompError
 from comp.nn.batching import Rows, Truncation, cached_tokenize
@@ -271,8 +272,9 @@ def classical_row(scores: dict) -> dict:
 
 
 def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int,
-                         console: Console) -> dict:
-    """Fit a linear or gbm run on one fold's training rows; write the same artifacts as an encoder fold."""
+                         console: Console, counts: Counts | None = None) -> dict:
+    """Fit a linear or gbm run on one fold's training rows; write the same artifacts as an encoder fold.
+    `counts`: the n-gram counts of the table's texts, which the folds share."""
     out = cfg.fold_dir(fold)
     (out / "metrics.json").unlink(missing_ok=True)
     started = time.perf_counter()
@@ -280,7 +282,7 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     text = np.array(comp.train_text, dtype=object)
     model = fit_classical(cfg, comp.train.iloc[tr], list(text[tr]), comp.y[tr], len(comp.classes), cfg.train.seed + fold,
                           valid=(comp.train.iloc[va], list(text[va]), comp.y[va]),
-                          say=lambda message: console.print(f"fold {fold} ({cfg.model.kind}): {message}"))
+                          say=lambda message: console.print(f"fold {fold} ({cfg.model.kind}): {message}"), counts=counts)
     val_logits = model.logits(comp.train.iloc[va], list(text[va]))
     test_logits = model.logits(comp.test, comp.test_text)
     scores = metrics.score(comp.y[va], val_logits, cfg.data.task)
