@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [int(s) for s in args.sizes.split(",")]
         except ValueError:
             raise CompError(f"--sizes {args.sizes!r}: give row counts separated by commas, e.g. 20000,200000") from None
-        report = {"sizes": {}}
         out = Path(args.out)
+        report = json.loads(out.read_text()) if out.is_file() else {"sizes": {}}  # other sizes measured before
         for rows in sizes:
             folder = Path(args.dir) / str(rows)
             started = time.perf_counter()

@@ -37,8 +37,9 @@ def class_weight(cfg: Config) -> str | None:
 C_GRID = (0.25, 1.0, 4.0, 16.0)  # tfidf.C = "auto": the candidates of the inner CV, ascending
 INNER_FOLDS = 3
 SEARCH_ROWS = 50_000  # the inner CV of C reads at most this many of the fold's training rows
+PARALLEL_ROWS = 10_000  # from this many rows on, the C search fits its inner folds in parallel processes
 SAGA_ROWS = 50_000  # from this many rows on, the logistic regression is fitted by saga (lbfgs below)
-GBM_ROWS = 100_000  # a gbm run fits (TF-IDF, SVD, trees) on at most this many of the fold's training rows
+GBM_ROWS = 50_000  # a gbm run fits (TF-IDF, SVD, trees) on at most this many of the fold's training rows
 
 
 def logistic(rows: int, **kw) -> LogisticRegression:
@@ -74,15 +75,29 @@ def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: in
     counts = np.bincount(y)
     if counts[counts > 0].min() < INNER_FOLDS or (groups is not None and len(set(groups)) < INNER_FOLDS):
         return 1.0
+    from joblib import Parallel, delayed
+
     splitter = StratifiedKFold if groups is None else StratifiedGroupKFold
     parts = list(splitter(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y, groups))
+    jobs = min(INNER_FOLDS, torch_threads()) if len(y) >= PARALLEL_ROWS else 1
+    paths = Parallel(n_jobs=jobs)(delayed(c_path)(x[tr], y[tr], x[va], weight, seed, int(y.max()) + 1)
+                                  for tr, va in parts)
     probs = np.zeros((len(C_GRID), len(y), int(y.max()) + 1))
-    for tr, va in parts:
-        clf = LogisticRegression(max_iter=2000, class_weight=weight, random_state=seed, warm_start=True, tol=1e-3)
-        for i, c in enumerate(C_GRID):  # ascending
-            clf.set_params(C=c).fit(x[tr], y[tr])
-            probs[i][np.ix_(va, clf.classes_)] = clf.predict_proba(x[va])
+    for (_, va), p in zip(parts, paths, strict=True):
+        probs[:, va] = p
     return C_GRID[int(np.argmin([metrics.log_loss(y, p) for p in probs]))]
+
+
+def c_path(x: sparse.csr_matrix, y: np.ndarray, x_val: sparse.csr_matrix, weight: str | None, seed: int,
+           n_classes: int) -> np.ndarray:
+    """One inner fold of the C search: the validation rows' probabilities under each C of C_GRID, fitted in
+    ascending order, each fit starting from the last one's coefficients."""
+    clf = LogisticRegression(max_iter=2000, class_weight=weight, random_state=seed, warm_start=True, tol=1e-3)
+    probs = np.zeros((len(C_GRID), x_val.shape[0], n_classes))
+    for i, c in enumerate(C_GRID):
+        clf.set_params(C=c).fit(x, y)
+        probs[i][:, clf.classes_] = clf.predict_proba(x_val)
+    return probs
 
 
 def has_text(texts: list[str]) -> bool:
@@ -229,8 +244,7 @@ class GbmRun:
         return np.hstack(parts)
 
     def _fit_text(self, texts: list[str]) -> None:
-        """The TF-IDF of these rows and its SVD."""
-        self.spec = tfidf_spec(self.cfg, texts)
+        """The TF-IDF of these rows and its SVD (self.spec resolved)."""
         text = HashedTfidf(self.spec).fit(texts, self.counts) if has_text(texts) else None
         if text is None:
             return
@@ -245,6 +259,7 @@ class GbmRun:
         components and a few metadata columns the trees gain little from more."""
         import lightgbm
 
+        self.spec = tfidf_spec(self.cfg, texts)  # on every training row: their number chooses the analyzer
         if len(y) > GBM_ROWS:
             rows = subsample(y, GBM_ROWS, self.seed)
             df, texts, y = df.iloc[rows], [texts[i] for i in rows], y[rows]
