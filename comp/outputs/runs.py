@@ -299,7 +299,8 @@ def train_classical_fold(cfg: Config, comp: Competition, folds: np.ndarray, fold
     if not linear:
         record["rounds"] = model.model.rounds
     write_fold(cfg, comp, fold, record, model.save, test_logits, va, val_logits)
-    how = (f"; TF-IDF {text['analyzer']} (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})"
+    char = f" (char {text['char_ngrams'][0]}-{text['char_ngrams'][1]})" if "char" in text["analyzer"] else ""
+    how = (f"; TF-IDF {text['analyzer']}{char}"
            + (f", C {model.model.c:g}" if linear else f", {model.model.rounds} rounds"))
     console.print(f"fold {fold} ({cfg.model.kind}): {len(tr)} train rows, {len(va)} validation rows{how}")
     return record
