@@ -51,7 +51,7 @@ tune: install
 bench: install data
 	$(PY) -m comp.bench $(ARGS)
 
-# what each stage costs on tables of 20k, 200k and 1M rows built from the demo's (an hour on 2 cores; SIZES= to pick)
+# what each stage costs on tables of 20k, 200k and 1M rows built from the demo's (over an hour on 2 cores; SIZES= to pick)
 SIZES ?= 20000,200000,1000000
 bench-scale: install data
 	$(PY) -m comp.bench_scale --config $(CONFIG) --sizes $(SIZES)
