@@ -77,7 +77,7 @@ def stages(config: Path) -> list[tuple[str, list[str]]]:
 def measured(module: str, args: list[str], cwd: Path) -> dict:
     """Run `python -m module args` in its own process: wall seconds and peak RSS (GiB), or why it failed."""
     started = time.perf_counter()
-    code = ("import resource, runpy, sys, json; sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+    code = ("import resource, runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
             "try:\n    runpy.run_module(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
             "    code = e.code\nelse:\n    code = 0\n"
             "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -146,7 +145,7 @@ def fold_predictor(fm: FoldModel, device_name: str | None, bases: dict | None = 
             if meta is not None:
                 meta.check_seen(table, "the table to predict")
             if tokens is not None:  # the rows' n-gram counts, which the folds predicting them share
-                model.model.counts = tokens.setdefault("n-gram counts", Counts(torch.get_num_threads()))
+                model.model.counts = tokens.setdefault("n-gram counts", Counts())
             return model.logits(table, texts)
 
         return classical_logits
@@ -201,28 +200,24 @@ def member_inputs(cfg: Config, test: Path, inputs: dict) -> tuple[pd.DataFrame, 
 def member_logits(m: Member, table: pd.DataFrame, texts: list[str], device: str | None, bases: dict,
                   console: Console, chunk_rows: int = CHUNK_ROWS) -> list[np.ndarray]:
     """Each fold's logits for the table, predicted chunk_rows rows at a time, so that no more than a chunk's
-    tokens and features are held at once; a table of one chunk is tokenized once for all the run's folds."""
+    tokens and features are held at once. An encoder's folds are loaded one at a time (a table of one chunk is
+    tokenized once for all of them); a classical run's small models all at once, each chunk's features made once."""
     starts = range(0, len(table), chunk_rows)
-    if m.folds and m.folds[0].cfg.model.kind != "encoder":  # small models: all folds at once, each chunk's features made once
-        started, predictors = time.perf_counter(), [fold_predictor(fm, device, bases) for fm in m.folds]
+    classical = bool(m.folds) and m.folds[0].cfg.model.kind != "encoder"
+    groups = [m.folds] if classical else [[fm] for fm in m.folds]  # the folds that predict a chunk together
+    whole = {} if len(starts) == 1 else None  # one chunk: its tokens serve every fold
+    out = []
+    for group in groups:
+        started, predictors = time.perf_counter(), [fold_predictor(fm, device, bases) for fm in group]
         parts = []
         for i in starts:
-            shared = {}
+            shared = whole if whole is not None else {}
             parts.append([p(table.iloc[i:i + chunk_rows], texts[i:i + chunk_rows], console, shared)
                           for p in predictors])
-        console.print(f"{m.name}: {len(m.folds)} folds on {len(table)} rows in {time.perf_counter() - started:.1f}s"
-                      + (f" ({len(starts)} chunks)" if len(starts) > 1 else ""))
-        return [np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, len(fm.classes)), np.float32)
-                for k, fm in enumerate(m.folds)]
-    shared = {} if len(starts) == 1 else None
-    out = []
-    for fm in m.folds:
-        started, predictor = time.perf_counter(), fold_predictor(fm, device, bases)
-        parts = [predictor(table.iloc[i:i + chunk_rows], texts[i:i + chunk_rows], console,
-                           shared if shared is not None else {}) for i in starts]
-        out.append(np.concatenate(parts) if parts else np.zeros((0, len(fm.classes)), np.float32))
-        console.print(f"{m.name} {fm.path.name}: {len(table)} rows in {time.perf_counter() - started:.1f}s"
-                      + (f" ({len(starts)} chunks)" if len(starts) > 1 else ""))
+        out += [np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, len(fm.classes)), np.float32)
+                for k, fm in enumerate(group)]
+        console.print(f"{m.name} {', '.join(fm.path.name for fm in group)}: {len(table)} rows in "
+                      f"{time.perf_counter() - started:.1f}s" + (f" ({len(starts)} chunks)" if len(starts) > 1 else ""))
     return out
 
 

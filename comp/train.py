@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         if d.enabled or devices or args.jobs > 1:
             raise CompError(f"model.kind = {cfg.model.kind!r} fits on the CPU in one process: drop torchrun, "
                             "--devices and --jobs")
-        tokens, counts = None, Counts(torch.get_num_threads())
+        tokens, counts = None, Counts()
     else:
         tokens = tokenize_tables(cfg, comp, console, d)
     if len(todo) > 1 and (devices or args.jobs > 1):

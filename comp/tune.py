@@ -156,7 +156,7 @@ class Objective:
     def __init__(self, cfg: Config, comp: Competition, folds: np.ndarray, console: Console, worker_id: int = 0):
         self.cfg, self.comp, self.folds, self.worker_id = cfg, comp, folds, worker_id
         self.console, self.fold_ids, self.metric = console, tune_folds(cfg), metric_of(cfg)
-        self.counts = Counts(torch.get_num_threads())  # n-gram counts every classical trial shares
+        self.counts = Counts()  # n-gram counts every classical trial shares
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", self.worker_id)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from scipy import sparse
 from sklearn.decomposition import TruncatedSVD
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from comp import metrics
 from comp.artifacts import atomic_path, read_json, write_json
@@ -53,8 +54,6 @@ def subsample(y: np.ndarray, rows: int, seed: int) -> np.ndarray:
     """Indices of at most `rows` of these labels' rows, stratified (all of them when there are fewer)."""
     if len(y) <= rows:
         return np.arange(len(y))
-    from sklearn.model_selection import train_test_split
-
     counts = np.bincount(y)
     stratify = y if counts[counts > 0].min() >= 2 else None
     return np.sort(train_test_split(np.arange(len(y)), train_size=rows, stratify=stratify, random_state=seed)[0])
@@ -75,8 +74,6 @@ def inner_cv_c(x: sparse.csr_matrix, y: np.ndarray, weight: str | None, seed: in
     counts = np.bincount(y)
     if counts[counts > 0].min() < INNER_FOLDS or (groups is not None and len(set(groups)) < INNER_FOLDS):
         return 1.0
-    from joblib import Parallel, delayed
-
     splitter = StratifiedKFold if groups is None else StratifiedGroupKFold
     parts = list(splitter(INNER_FOLDS, shuffle=True, random_state=seed).split(x, y, groups))
     jobs = min(INNER_FOLDS, torch_threads()) if len(y) >= PARALLEL_ROWS else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from joblib import Parallel, delayed
 from scipy import sparse
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfVectorizer
 from sklearn.pipeline import FeatureUnion
@@ -70,13 +71,13 @@ def _counts(kw: dict, texts: list[str]) -> sparse.csr_matrix:
 
 class Counts:
     """Hashed n-gram counts of the texts seen so far, per vectorizer; a text is counted once, however many folds,
-    trials or runs ask for it."""
+    trials or runs ask for it, in parallel over `jobs` processes (default: the threads torch has)."""
 
-    def __init__(self, jobs: int = 1):
+    def __init__(self, jobs: int | None = None):
         self.jobs, self.rows, self.matrices = jobs, {}, {}
 
-    def __call__(self, name: str, kw: dict, texts: list[str]) -> sparse.csr_matrix:
-        key = (name, repr(sorted(kw.items())))
+    def __call__(self, kw: dict, texts: list[str]) -> sparse.csr_matrix:
+        key = repr(sorted(kw.items()))
         rows = self.rows.setdefault(key, {})
         new = list(dict.fromkeys(t for t in texts if t not in rows))
         if new:
@@ -88,10 +89,12 @@ class Counts:
 
     def _count(self, kw: dict, texts: list[str]) -> list[sparse.csr_matrix]:
         chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
-        if self.jobs < 2 or len(chunks) < 2:
+        if len(chunks) < 2:
             return [_counts(kw, c) for c in chunks]
-        from joblib import Parallel, delayed
+        if self.jobs is None:
+            import torch
 
+            self.jobs = torch.get_num_threads()
         return Parallel(n_jobs=self.jobs)(delayed(_counts)(kw, c) for c in chunks)
 
 
@@ -105,7 +108,7 @@ class HashedTfidf:
     def fit(self, texts: list[str], counts: Counts) -> HashedTfidf | None:
         """The columns these rows show in at least min_df rows, the max_features most frequent; None if none."""
         for name, kw in analyzers(self.spec).items():
-            m = counts(name, kw, texts)
+            m = counts(kw, texts)
             df = np.bincount(m.indices, minlength=m.shape[1])
             kept = np.flatnonzero(df >= self.spec["min_df"])
             if len(kept) > self.spec["max_features"]:
@@ -117,7 +120,7 @@ class HashedTfidf:
     def transform(self, texts: list[str], counts: Counts) -> sparse.csr_matrix:
         parts = []
         for name, kw in analyzers(self.spec).items():
-            m = counts(name, kw, texts)[:, self.columns[name]]
+            m = counts(kw, texts)[:, self.columns[name]]
             parts.append(normalize(m @ sparse.diags(self.idf[name]), copy=False))
         return sparse.hstack(parts, format="csr")
 
