@@ -81,8 +81,13 @@ def test_on_many_rows_the_search_of_c_and_the_trees_read_a_stratified_sample(tmp
     monkeypatch.setattr(baselines.LogisticRegression, "fit", record_rows(baselines.LogisticRegression.fit, sizes))
     LinearRun(cfg.replace("model", kind="linear"), 0).fit(comp.train, comp.train_text, comp.y)
     assert max(sizes[:-1]) == 30 and sizes[-1] == len(comp.y)  # inner folds of 45 rows; the final fit on all
-    GbmRun(cfg, 0, say=lines.append).fit(comp.train, comp.train_text, comp.y)
+    rows = []
+    features = GbmRun._features
+    monkeypatch.setattr(GbmRun, "_features", lambda self, df, texts: rows.append(len(df)) or features(self, df, texts))
+    valid = (comp.train, list(comp.train_text), comp.y)
+    GbmRun(cfg, 0, say=lines.append).fit(comp.train, comp.train_text, comp.y, valid)
     assert "fitting on a stratified 30 of the training rows" in lines
+    assert rows == [30, 30]  # the trees fit on 30 rows; 30 of the validation rows stop their rounds
     picked = baselines.subsample(comp.y, 30, 0)
     assert np.abs(np.bincount(comp.y[picked]) - np.bincount(comp.y) * 30 / len(comp.y)).max() < 1  # stratified
 

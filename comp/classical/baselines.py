@@ -253,7 +253,8 @@ class GbmRun:
     def fit(self, df: pd.DataFrame, texts: list[str], y: np.ndarray, valid: tuple | None = None) -> GbmRun:
         """`valid`: the fold's validation rows (table, texts, labels), on which the rounds stop early. On more
         than GBM_ROWS rows, a stratified GBM_ROWS of them fit: a round's cost grows with the rows, and on 64 SVD
-        components and a few metadata columns the trees gain little from more."""
+        components and a few metadata columns the trees gain little from more. Likewise at most GBM_ROWS of the
+        validation rows stop the rounds: every round adds its trees' output to each of them."""
         import lightgbm
 
         self.spec = tfidf_spec(self.cfg, texts)  # on every training row: their number chooses the analyzer
@@ -286,10 +287,12 @@ class GbmRun:
             colsample_bytree=g.colsample, random_state=self.seed, verbose=-1, n_jobs=max(1, torch_threads()))
         fit = {"sample_weight": None if weight is None else weight[codes], "callbacks": [self.every(100)],
                "categorical_feature": list(range(n_text, n_text + len(self.categorical))) or "auto"}
-        seen = np.isin(valid[2], self.classes_) if valid is not None else np.zeros(0, dtype=bool)
-        if seen.any():  # the validation rows of classes these rows show
-            vx, vy = self._features(valid[0][seen], list(np.asarray(valid[1], dtype=object)[seen])), \
-                np.searchsorted(self.classes_, valid[2][seen])
+        seen = np.flatnonzero(np.isin(valid[2], self.classes_)) if valid is not None else np.zeros(0, dtype=int)
+        if len(seen):  # the validation rows of classes these rows show, at most GBM_ROWS of them
+            vy = np.searchsorted(self.classes_, valid[2][seen])
+            keep = subsample(vy, GBM_ROWS, self.seed)
+            seen, vy = seen[keep], vy[keep]
+            vx = self._features(valid[0].iloc[seen], list(np.asarray(valid[1], dtype=object)[seen]))
             fit.update(eval_X=(vx,), eval_y=(vy,))  # stopped by the plain log loss: the probabilities blends take
             fit["callbacks"].append(lightgbm.early_stopping(50, verbose=False))
         started = time.perf_counter()
