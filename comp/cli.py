@@ -9,6 +9,7 @@ from rich.console import Console
 
 from comp import config
 from comp.config import Config
+from comp.errors import CompError
 
 
 def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
@@ -20,6 +21,20 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     p.add_argument("--params", metavar="FILE", help="a best-params file from comp.tune (default: run.params)")
     p.add_argument("--quiet", action="store_true", help="print only errors")
     return p
+
+
+def duration(text: str, flag: str = "--time-limit") -> float:
+    """Seconds in a duration such as 90s, 30m, 1.5h or 1h30m (a bare number: minutes)."""
+    import re
+
+    number = r"(\d+(?:\.\d+)?)"
+    bare = re.fullmatch(number, text.strip())
+    parts = re.fullmatch(rf"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text.strip().replace(" ", ""))
+    seconds = float(bare.group(1)) * 60 if bare else sum(
+        float(v) * k for v, k in zip(parts.groups(), (3600, 60, 1), strict=True) if v) if parts else 0.0
+    if seconds <= 0:
+        raise CompError(f"{flag} {text!r}: give a duration such as 90s, 30m, 1.5h or 1h30m")
+    return seconds
 
 
 def load_config(args: argparse.Namespace, console: Console | None = None) -> Config:

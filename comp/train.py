@@ -13,7 +13,7 @@ from comp import cli, metrics
 from comp.artifacts import write_text
 from comp.classical.text import Counts
 from comp.config import Config
-from comp.errors import CompError, run_cli
+from comp.errors import CompError, OutOfTime, run_cli
 from comp.nn import distributed
 from comp.nn.hardware import resolve_device
 from comp.nn.model import check_packing, check_quantize
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="with --all: fold processes at once on the CPU")
     parser.add_argument("--pseudo", metavar="RUN", help="add RUN's confident test predictions (train.pseudo_threshold) "
                         "to every fold's training part; the same as --set train.pseudo_run=RUN")
+    parser.add_argument("--time-limit", metavar="DURATION", help="stop at the first checkpoint (train.checkpoint_every "
+                        "steps, or an epoch's end) or fold boundary after this long, e.g. 2h or 45m; finished folds "
+                        "are kept and a rerun continues")
     parser.add_argument("--seeds", type=int, metavar="N", help="a seed bag: the run under N seeds on the same folds "
                         "(<run>, <run>-s1, ...); the same as --set run.seeds=N")
     args = parser.parse_args(argv)
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     d = distributed.from_env()  # under torchrun: this process's rank in a DDP job
+    if getattr(args, "time_limit", None):
+        if d.enabled:
+            raise CompError("--time-limit stops one process at its checkpoint: under torchrun drop it")
+        args.deadline = time.monotonic() + cli.duration(args.time_limit)
     try:
         bag = cli.load_config(argparse.Namespace(**{**vars(args), "quiet": True})).bag()
         for member in bag:  # one run, or each seed of the bag in turn
@@ -90,6 +97,8 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
         raise CompError(f"--fold {args.fold} is out of range: folds.n_splits is {n}, so folds are 0..{n - 1}")
     if args.jobs < 1:
         raise CompError(f"--jobs {args.jobs}: must be at least 1")
+    if getattr(args, "deadline", None) is not None and (args.devices or args.jobs > 1):
+        raise CompError("--time-limit stops the folds of this process: drop --devices / --jobs, or the time limit")
     if d.enabled and (args.devices or args.jobs > 1):
         raise CompError("--devices / --jobs run one fold per process; under torchrun every process trains the same "
                         "fold: drop them (or drop torchrun)")
@@ -128,11 +137,16 @@ def _train(args: argparse.Namespace, d: distributed.Dist) -> int:
             raise CompError(f"fold(s) {failed} failed (see the lines above); rerun python -m comp.train --all "
                             "to continue them")
         return 0
+    deadline = getattr(args, "deadline", None)
     for k in todo:
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime(f"the time limit was reached before fold {k} of run {cfg.run.name!r}: the finished folds "
+                            "are kept; rerun the command to continue")
         console.start_log()
         if cfg.model.kind == "encoder":
             distill = teacher_outputs(cfg, comp, folds, folds_fp, k, console)
-            record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d, distill=distill)
+            record = train_fold(cfg, comp, folds, folds_fp, k, tokens, console, fresh=args.force, d=d, distill=distill,
+                                deadline=deadline)
         else:
             record = train_classical_fold(cfg, comp, folds, folds_fp, k, console, counts)
         b, swa = record["best"], record.get("swa")

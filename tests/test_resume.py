@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from comp import folds, submit, train
+from comp.nn import state
 from tests.conftest import assert_user_error, make_tables, snapshot, write_project
 
 SLOW = ["--set", "train.epochs=3", "--set", "train.batch_size=4", "--set", "train.checkpoint_every=3",
@@ -116,3 +118,35 @@ def test_folds_refuse_to_replace_a_split_trained_folds_depend_on(trained_fold_pr
     assert folds.main(["--config", str(project), *over]) == 0  # the same split again is fine
     assert folds.main(["--config", str(project), *over, "--set", "folds.seed=99", "--force"]) == 0
     assert folds_csv.read_bytes() != before
+
+
+def test_a_time_limit_stops_at_a_checkpoint_and_a_rerun_ends_as_if_never_stopped(tmp_path, tiny_model, capsys,
+                                                                                   monkeypatch):
+    tables = make_tables(n_train=300, n_test=12)
+    reference = write_project(tmp_path / "reference", tiny_model, tables)
+    stopped = write_project(tmp_path / "stopped", tiny_model, tables)
+    for cfg in (reference, stopped):
+        assert folds.main(["--config", str(cfg)]) == 0
+    assert train.main(["--config", str(reference), "--fold", "0", *SLOW]) == 0
+    with monkeypatch.context() as m:  # the limit (an hour) counts as passed at the first checkpoint
+        m.setattr(state, "time", SimpleNamespace(monotonic=lambda: float("inf")))
+        code = train.main(["--config", str(stopped), "--all", "--time-limit", "1h", *SLOW])
+    err = capsys.readouterr().err
+    assert code == 3 and "time limit was reached: fold_0 stopped at its checkpoint (epoch 1, step 3)" in err, err
+    assert (fold0(stopped) / "last.pt").exists() and not (fold0(stopped) / "metrics.json").exists()
+    assert not (stopped.parent / "folds" / "tiny" / "fold_1").exists()  # no later fold was started
+    assert train.main(["--config", str(stopped), "--fold", "0", *SLOW]) == 0
+    record = json.loads((fold0(stopped) / "metrics.json").read_text())
+    assert record["resumed_from"]["step"] == 3
+    assert np.allclose(np.load(fold0(stopped) / "oof_logits.npy"), np.load(fold0(reference) / "oof_logits.npy"),
+                       atol=1e-5)
+
+
+def test_a_time_limit_past_before_a_fold_stops_before_it(project, capsys):
+    assert folds.main(["--config", str(project), "--set", "folds.n_splits=2"]) == 0
+    over = ["--set", "folds.n_splits=2", "--set", "model.kind=linear", "--set", "run.name=lin"]
+    assert train.main(["--config", str(project), "--fold", "0", *over]) == 0
+    capsys.readouterr()
+    code = train.main(["--config", str(project), "--all", "--time-limit", "0.001s", *over])
+    assert code == 3 and "before fold 1 of run 'lin'" in capsys.readouterr().err
+    assert not (project.parent / "folds" / "lin" / "fold_1" / "metrics.json").exists()

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import random
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from comp.artifacts import atomic_path
 from comp.config import MONITORS, TrainConfig
-from comp.errors import CompError
+from comp.errors import CompError, OutOfTime
 from comp.nn.model import TextMetaClassifier, encoder_layers
 
 
@@ -314,14 +315,19 @@ class TrainState:
 class Checkpoint:
     """A resume checkpoint saved with what it belongs to: a fold's `last` checkpoint (a TrainState; its identity
     the config, inputs, fold, split and processes), or comp.pretrain's. A checkpoint of anything else is
-    ignored; an unreadable one is a CompError that ends with `fix`."""
+    ignored; an unreadable one is a CompError that ends with `fix`. `deadline` (time.monotonic()): a save after it
+    raises OutOfTime, the checkpoint written."""
 
-    def __init__(self, path: Path, identity: dict, fix: str = "delete it to start the fold over, or pass --force"):
-        self.path, self.identity, self.fix = path, identity, fix
+    def __init__(self, path: Path, identity: dict, fix: str = "delete it to start the fold over, or pass --force",
+                 deadline: float | None = None):
+        self.path, self.identity, self.fix, self.deadline = path, identity, fix, deadline
 
     def save(self, state: TrainState) -> None:
-        """Write the checkpoint atomically."""
+        """Write the checkpoint atomically (then stop, past the deadline)."""
         self.save_blob(state.to_blob())
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OutOfTime(f"the time limit was reached: {self.path.parent.name} stopped at its checkpoint "
+                            f"(epoch {state.fit.epoch}, step {state.fit.step}); rerun the command to continue it")
 
     def save_blob(self, blob: dict) -> None:
         """Write `blob` (tensors, numbers, strings: what torch.load reads back with weights_only) and the identity

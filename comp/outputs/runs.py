@@ -151,12 +151,14 @@ def precision_name(cfg: Config) -> str:
 
 
 def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str, fold: int, tokens: Tokens,
-               console: Console, fresh: bool = False, d: Dist = SINGLE, distill: Distill | None = None) -> dict:
+               console: Console, fresh: bool = False, d: Dist = SINGLE, distill: Distill | None = None,
+               deadline: float | None = None) -> dict:
     """Fit the metadata encoders and the model on one fold (resuming its `last` checkpoint unless `fresh`),
     then write every artifact of that fold (under DDP: every rank trains, rank 0 writes). `distill`: the
-    teacher's soft targets for this fold's training rows (train.teacher)."""
+    teacher's soft targets for this fold's training rows (train.teacher); `deadline` (time.monotonic()): the
+    first checkpoint after it stops the fold (OutOfTime)."""
     out = cfg.fold_dir(fold)
-    checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, comp, fold, folds_fp, d))
+    checkpoint = Checkpoint(out / "last.pt", checkpoint_identity(cfg, comp, fold, folds_fp, d), deadline=deadline)
     if d.is_main:
         (out / "metrics.json").unlink(missing_ok=True)  # the fold is unfinished until metrics.json is rewritten
         if fresh:
