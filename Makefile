@@ -18,7 +18,7 @@ NAME ?= $(call config_key,name)
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
-.PHONY: install data folds train submit tune bench bench-gpu bench-scale baseline demo export wheelhouse test lint clean
+.PHONY: install data auto folds train submit tune bench bench-gpu bench-scale baseline demo export wheelhouse test lint clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,11 @@ demo: install data
 	$(PY) -m comp.submit $(ARGS) --set run.name=$(NAME)-linear --set model.kind=linear && \
 	$(PY) -m comp.blend $(ARGS) --runs $(NAME),$(NAME)-linear --name $(NAME)-blend && \
 	echo "demo finished in $$(( $$(date +%s) - start ))s (after install and data)"
+
+# one command within a budget: folds, the linear and gbm runs, an encoder run sized to what is left, the blend, bundle/
+LIMIT ?= 30m
+auto: install data
+	$(PY) -m comp.auto $(ARGS) --time-limit $(LIMIT)
 
 # the classical runs alone: TF-IDF + metadata -> logistic regression, and gradient boosting, on the same folds
 baseline: install data

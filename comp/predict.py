@@ -36,6 +36,7 @@ from comp.outputs.collect import (
     submission_frame,
     verify_fold,
 )
+from comp.outputs.costs import rows_per_second
 from comp.outputs.decide import decided
 from comp.tables import identity
 from comp.tables.features import MetaEncoder
@@ -276,9 +277,7 @@ def estimate(members: list[Member], test: Path, rows: int, device: str | None = 
             predictor = fold_predictor(fm, device)
             loaded = time.perf_counter()
             predictor(table.iloc[:16], texts[:16], console)  # warm-up
-            warm = time.perf_counter()
-            predictor(table, texts, console)
-            speed = len(table) / max(time.perf_counter() - warm, 1e-9)
+            speed = rows_per_second(predictor, len(table), table, texts, console)
             seconds = loaded - started + rows / speed
             speeds[m.name].append(round(speed, 1))
             total += seconds

@@ -98,3 +98,31 @@ def test_a_budget_spent_mid_run_stops_at_a_fold_boundary_and_a_rerun_continues(t
     assert run_auto(cfg, clocked, "10m") == 0
     assert all(p.is_file() for p in linear)
     assert summary(cfg)["members"]["linear"]["status"] == "trained"
+
+
+def test_the_encoders_speed_is_measured_on_the_competitions_rows(tmp_path, tiny_model):
+    from comp.cli import console
+    from comp.outputs.costs import encoder_speed
+    from comp.tables.read import load_competition
+
+    cfg = load(write_project(tmp_path, tiny_model))
+    comp = load_competition(cfg)
+    measured = encoder_speed(cfg, comp, runs.tokenize_tables(cfg, comp, console(True)), rows=32)
+    assert measured.train > 0 and measured.predict > 0 and len(measured.lengths) == 32
+    assert measured.lengths.max() <= cfg.model.max_length
+
+
+def test_the_plan_takes_the_most_work_that_fits():
+    cfg = load_config_with(max_length=256, epochs=3)
+    fast = EncoderSpeed(10.0, 30.0, np.array([50, 100, 300, 400]))  # mean 212 tokens at 256, 128 at 128
+    sizes = (800, 200, 500)
+    seconds = {(n, e): cfg.folds.n_splits * fast.fold_seconds(n, e, *sizes) for n in (64, 128, 256) for e in (1, 2, 3)}
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3]) == (256, 3)
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (256, 2)  # 512 tokens·epochs over 384
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[64, 1] - 1) is None
+    assert seconds[128, 1] < seconds[256, 1]  # shorter windows cost less
+
+
+def load_config_with(max_length: int, epochs: int):
+    from comp.config import Config
+    return Config().replace("model", max_length=max_length).replace("train", epochs=epochs)

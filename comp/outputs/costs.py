@@ -34,10 +34,10 @@ def classical_fold_seconds(kind: str, rows: int) -> float:
     return float(np.exp(np.interp(np.log(max(rows, 1)), np.log(sizes), np.log(seconds))))
 
 
-def rows_per_second(work, rows: int) -> float:
-    """Rows/s of `work()` (which handles `rows` rows), timed once."""
+def rows_per_second(work, rows: int, *args) -> float:
+    """Rows/s of `work(*args)` (which handles `rows` rows), timed once."""
     started = time.perf_counter()
-    work()
+    work(*args)
     return rows / max(time.perf_counter() - started, 1e-9)
 
 
@@ -75,6 +75,6 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64
             train_one_epoch(state, train_rows, epoch_batches(train_rows, cfg.train, rng), rt, progress)
         epoch()
         train_speed = rows_per_second(epoch, len(idx))
-    predict_speed = rows_per_second(lambda: predict(model, train_rows, cfg.train.eval_batch_size, tokens.pad_id,
-                                                    rt.device, rt.amp), len(idx))
+    predict_speed = rows_per_second(predict, len(idx), model, train_rows, cfg.train.eval_batch_size, tokens.pad_id,
+                                    rt.device, rt.amp)
     return EncoderSpeed(train_speed, predict_speed, np.asarray(train_rows.lengths))
