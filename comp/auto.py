@@ -65,7 +65,8 @@ class Auto:
 
     def command(self, module, name: str, argv: list[str]) -> int:
         """Print the command as a user would type it, then run it in this process; its exit status."""
-        argv = ["--config", str(self.args.config), *argv, *(a for s in self.args.set for a in ("--set", s))]
+        argv = ["--config", str(self.args.config), *argv, *(["--params", self.args.params] if self.args.params else []),
+                *(a for s in self.args.set for a in ("--set", s))]
         self.console.print(f"[bold]$ python -m comp.{name} {' '.join(argv)}[/bold]")
         return module.main([*argv, *(["--quiet"] if self.args.quiet else [])])
 
@@ -131,6 +132,8 @@ class Auto:
                      ["--set", f"model.kind={kind}"], "a classical run: fast, and strong on metadata")
         if cfg.model.kind == "encoder":
             self.encoder()
+        else:
+            self.members["encoder"] = {"status": "skipped", "reason": f"the config's model.kind is {cfg.model.kind!r}"}
         return self.finish()
 
     def finish(self) -> int:
