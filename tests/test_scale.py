@@ -126,3 +126,16 @@ def test_the_scale_tables_shuffle_each_copys_words_and_keep_the_label_out_of_tes
 
 def test_subsample_keeps_every_row_when_there_are_few():
     assert np.array_equal(baselines.subsample(np.array([0, 1, 2]), 3, 0), np.arange(3))
+
+
+def test_a_level2_model_fits_on_a_stratified_sample_of_many_oof_rows(monkeypatch):
+    from comp.classical import stacking
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    probs = [rng.dirichlet(np.ones(3), 400) for _ in range(2)]
+    sizes = []
+    monkeypatch.setattr(stacking.LogisticRegression, "fit", record_rows(stacking.LogisticRegression.fit, sizes))
+    monkeypatch.setattr(stacking, "LEVEL2_ROWS", 150)
+    stacker = stacking.fit("logistic", y, probs, 3, None, 0)
+    assert sizes == [150] and stacker.predict(probs).shape == (400, 3)  # fitted on 150 rows, predicts all 400

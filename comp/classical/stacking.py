@@ -18,9 +18,10 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 from comp.artifacts import atomic_path, read_json, write_json
-from comp.classical.baselines import fitted_logistic
+from comp.classical.baselines import fitted_logistic, subsample
 
 LEVEL2 = ("logistic", "gbm")
+LEVEL2_ROWS = 100_000  # a level-2 model fits on at most this many OOF rows
 
 
 def features(probs: list[np.ndarray]) -> np.ndarray:
@@ -67,8 +68,10 @@ class Stacker:
 
 def fit(kind: str, y: np.ndarray, probs: list[np.ndarray], n_classes: int, class_weight: str | None,
         seed: int) -> Stacker:
-    """Fit the level-2 model on these rows."""
-    return Stacker(level2(kind, class_weight, seed).fit(features(probs), y), n_classes)
+    """Fit the level-2 model on these rows (a stratified LEVEL2_ROWS of them, on more: its few coefficients need
+    no more, and on near-separable OOF probabilities each fit runs to its iteration cap)."""
+    rows = subsample(y, LEVEL2_ROWS, seed)
+    return Stacker(level2(kind, class_weight, seed).fit(features([p[rows] for p in probs]), y[rows]), n_classes)
 
 
 def cross_fit(kind: str, y: np.ndarray, folds: np.ndarray, probs: list[np.ndarray], n_classes: int,
