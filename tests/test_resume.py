@@ -26,13 +26,19 @@ def fold0(cfg: Path) -> Path:
     return cfg.parent / "folds" / "tiny" / "fold_0"
 
 
-def test_killed_mid_epoch_resumes_and_matches_uninterrupted(tmp_path, tiny_model):
+def reference_and_copy(tmp_path, tiny_model, name: str) -> tuple[Path, Path]:
+    """Two projects on the same 300 rows with their folds made; fold 0 of the first trained uninterrupted."""
     tables = make_tables(n_train=300, n_test=12)
     reference = write_project(tmp_path / "reference", tiny_model, tables)
-    killed = write_project(tmp_path / "killed", tiny_model, tables)
-    for cfg in (reference, killed):
+    other = write_project(tmp_path / name, tiny_model, tables)
+    for cfg in (reference, other):
         assert folds.main(["--config", str(cfg)]) == 0
     assert train.main(["--config", str(reference), "--fold", "0", *SLOW]) == 0
+    return reference, other
+
+
+def test_killed_mid_epoch_resumes_and_matches_uninterrupted(tmp_path, tiny_model):
+    reference, killed = reference_and_copy(tmp_path, tiny_model, "killed")
 
     cmd = [sys.executable, "-m", "comp.train", "--config", str(killed), "--fold", "0", *SLOW]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -122,12 +128,7 @@ def test_folds_refuse_to_replace_a_split_trained_folds_depend_on(trained_fold_pr
 
 def test_a_time_limit_stops_at_a_checkpoint_and_a_rerun_ends_as_if_never_stopped(tmp_path, tiny_model, capsys,
                                                                                    monkeypatch):
-    tables = make_tables(n_train=300, n_test=12)
-    reference = write_project(tmp_path / "reference", tiny_model, tables)
-    stopped = write_project(tmp_path / "stopped", tiny_model, tables)
-    for cfg in (reference, stopped):
-        assert folds.main(["--config", str(cfg)]) == 0
-    assert train.main(["--config", str(reference), "--fold", "0", *SLOW]) == 0
+    reference, stopped = reference_and_copy(tmp_path, tiny_model, "stopped")
     with monkeypatch.context() as m:  # the limit (an hour) counts as passed at the first checkpoint
         m.setattr(state, "time", SimpleNamespace(monotonic=lambda: float("inf")))
         code = train.main(["--config", str(stopped), "--all", "--time-limit", "1h", *SLOW])
