@@ -149,9 +149,10 @@ class Auto:
         record = read_json(cfg.replace("run", name=NAME).run_dir / "blend.json")
         if self.command(export, "export", ["--blend", NAME, "--out", str(cfg.root / "bundle")]) != 0:
             raise CompError("comp.auto: the export failed (the line above says why)")
+        weights = dict(zip(record["runs"], record["weights"] or [None] * len(finished), strict=True))
         for name, member in self.members.items():
             kept = name in finished
-            weight = dict(zip(record["runs"], record["weights"] or [None] * len(finished), strict=True)).get(name)
+            weight = weights.get(name)
             member["cv"] = record["member_cv"].get(name, {}).get(cfg.data.metric) if kept else None
             if kept:
                 member["reason"] = (f"weight {weight:.3f}" if weight is not None else "in the stack") \
