@@ -1,7 +1,8 @@
 """`python -m comp.auto --time-limit 30m`: from a config to a submission within a time budget. It runs the
 commands a user would type, each printed as typed: the folds (when absent), the linear run, the gbm run, an
-encoder run sized to what is left of the budget, then comp.blend --weights auto over the finished runs and
-comp.export of that blend. A rerun continues: finished folds are kept, an encoder fold resumes at its checkpoint."""
+encoder run sized to what is left of the budget (its training rows, max_length and epochs), then comp.blend
+--weights auto over the finished runs and comp.export of that blend. A rerun continues: finished folds are kept,
+an encoder fold resumes at its checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from comp.outputs.runs import tokenize_tables
 from comp.tables.read import load_competition
 
 LENGTHS = (512, 256, 128, 64)  # the encoder's max_length candidates, at most the config's
+MIN_ROWS = 1_000        # the fewest training rows a fold an encoder run is sized down to (below: skipped)
 CHECKPOINTS = 50        # an encoder run checkpoints about this many times in the budget (where a stop may fall)
 NAME = "auto"           # the blend's run name: submissions/auto.csv, folds/auto/blend.json
 
@@ -35,17 +37,31 @@ def lengths(cfg: Config) -> list[int]:
     return sorted({n for n in LENGTHS if n < cfg.model.max_length} | {cfg.model.max_length})
 
 
-def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int], seconds: float) -> tuple[int, int] | None:
-    """The (max_length, epochs) whose folds all fit in `seconds` with the most work (the longest texts and the most
-    epochs the budget allows), at most the config's own; None when even the least does not fit. `sizes`: a fold's
+def row_counts(n_train: int) -> list[int]:
+    """The encoder's training-row candidates a fold: all of its rows, then halves down to MIN_ROWS."""
+    counts = [n_train]
+    while counts[-1] // 2 >= MIN_ROWS:
+        counts.append(counts[-1] // 2)
+    return counts
+
+
+def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int],
+                 seconds: float) -> tuple[int, int, int] | None:
+    """The (training rows a fold, max_length, epochs) whose folds all fit in `seconds`: the most training rows
+    (distinct examples teach more than another epoch over the same ones), then the most work (the longest texts
+    and the most epochs, at most the config's); None when even the least does not fit. `sizes`: a fold's
     training, validation and test rows."""
+    n_train, n_val, n_test = sizes
     fits = []
-    for length in lengths(cfg):
-        for epochs in range(1, cfg.train.epochs + 1):
-            cost = cfg.folds.n_splits * speed.fold_seconds(length, epochs, *sizes)
-            if cost <= seconds:
-                fits.append((length * epochs, length, epochs))
-    return max(fits)[1:] if fits else None
+    for rows in row_counts(n_train):
+        for length in lengths(cfg):
+            for epochs in range(1, cfg.train.epochs + 1):
+                if cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, n_val, n_test) <= seconds:
+                    fits.append((rows, length * epochs, length, epochs))
+    if not fits:
+        return None
+    rows, _, length, epochs = max(fits)
+    return rows, length, epochs
 
 
 class Auto:
@@ -102,20 +118,24 @@ class Auto:
         speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console))
         budget = self.left() - reserve(self.limit)
         chosen = encoder_plan(speed, cfg, sizes, budget)
-        measured = f"{speed.train:.3g} training and {speed.predict:.3g} predicted rows/s measured"
+        rates = speed.rows_per_second(cfg.model.max_length)
+        measured = f"{rates[0]:.3g} training and {rates[1]:.3g} predicted rows/s a fold expected"
         if chosen is None:
-            least = lengths(cfg)[0]
-            need = cfg.folds.n_splits * speed.fold_seconds(least, 1, *sizes)
+            least, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
+            need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:])
             self.members["encoder"] = {"status": "skipped", "reason": f"{measured}: even max_length "
-                                       f"{least} and 1 epoch need {need / 60:.1f} min, "
+                                       f"{least}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
                                        f"{max(budget, 0) / 60:.1f} min left"}
             return
-        length, epochs = chosen
-        steps = max(1, int(self.limit / CHECKPOINTS * speed.train * speed.scaled(length) / cfg.train.batch_size))
+        rows, length, epochs = chosen
+        steps = max(1, int(self.limit / CHECKPOINTS * speed.rows_per_second(length)[0] / cfg.train.batch_size))
         sets = ["--set", f"model.max_length={length}", "--set", f"train.epochs={epochs}",
                 "--set", f"train.checkpoint_every={steps}"]
-        expected = cfg.folds.n_splits * speed.fold_seconds(length, epochs, *sizes)
-        self.run("encoder", expected, sets, f"{measured}: max_length {length}, {epochs} epoch(s) fit the "
+        if rows < sizes[0]:
+            sets += ["--set", f"train.max_rows={rows}"]
+        expected = cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, *sizes[1:])
+        subset = f", {rows} of the {sizes[0]} training rows a fold" if rows < sizes[0] else ""
+        self.run("encoder", expected, sets, f"{measured}: max_length {length}, {epochs} epoch(s){subset} fit the "
                  f"budget (about {expected / 60:.1f} min)")
 
     def plan(self) -> int:

@@ -279,6 +279,7 @@ class TrainConfig:
     packing: str = "auto"             # padding-free batches: auto = where the encoder runs FlashAttention-2
     log_every: int = 20
     checkpoint_every: int = 500
+    max_rows: int = 0                 # at most this many of a fold's training rows train it (stratified); 0 = all
     max_tokens_per_batch: int = 0
     pad_to_multiple_of: int = 8
     layer_decay: float = 1.0
@@ -319,6 +320,7 @@ class TrainConfig:
         _require(self.pad_to_multiple_of >= 1, "train.pad_to_multiple_of must be >= 1 (1 = pad to the longest row only)")
         _require(self.packing in ("auto", "on", "off"), "train.packing must be 'auto', 'on' or 'off'")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0 = only at epoch ends)")
+        _require(self.max_rows >= 0, "train.max_rows must be >= 0 (0 = every training row of the fold)")
         _require(self.max_tokens_per_batch >= 0, "train.max_tokens_per_batch must be >= 0 (0 = no token cap)")
         _require(0.0 < self.layer_decay <= 1.0, "train.layer_decay must be in (0, 1] (1 = no decay)")
         _require(self.loss in LOSSES, f"train.loss must be one of {', '.join(LOSSES)}")
@@ -456,7 +458,7 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
                    "ema_decay": 0.0, "awp_lr": 0.0, "awp_eps": 0.001, "awp_start_epoch": 1,
                    "awp_params": "all", "swa": "off", "swa_epochs": 3, "pseudo_run": "", "pseudo_threshold": 0.9,
-                   "teacher": "",
+                   "teacher": "", "max_rows": 0,
                    "pad_to_multiple_of": 8, "device": "auto"}}
 
 
@@ -757,6 +759,8 @@ def _for_task(sections: dict) -> dict:
              f"(a loss on soft targets); model.kind = {sections['model'].kind!r} has none: leave train.teacher empty")
     _require(not (train.teacher and train.pseudo_run), "train.teacher and train.pseudo_run both name a teacher: "
              "use one of them")
+    _require(not train.max_rows or sections["model"].kind == "encoder", f"train.max_rows caps an encoder run's "
+             f"training rows; model.kind = {sections['model'].kind!r} reads them all: leave train.max_rows = 0")
     _require(not train.teacher or train.teacher != sections["run"].name, f"train.teacher names this run "
              f"({train.teacher!r}): name the finished run to learn from and give this one another run.name")
     _require(sections["model"].kind != "gbm" or task == metrics.SINGLE, "model.kind = \"gbm\" needs data.task = "

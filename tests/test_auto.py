@@ -44,7 +44,7 @@ def clocked(monkeypatch):
 
 
 def speed(train_rows_per_s: float) -> EncoderSpeed:
-    return EncoderSpeed(train_rows_per_s, 3 * train_rows_per_s, np.full(50, 40))
+    return EncoderSpeed(40 * train_rows_per_s, 120 * train_rows_per_s, np.full(50, 40), 32, 16, 8)  # 40 tokens a row
 
 
 def run_auto(cfg, clock, limit: str) -> int:
@@ -64,7 +64,7 @@ def test_a_slow_encoder_is_skipped_and_the_classical_runs_make_the_submission(tm
     assert run_auto(cfg, clocked, "10m") == 0
     members = summary(cfg)["members"]
     assert members["linear"]["status"] == members["gbm"]["status"] == "trained"
-    assert members["encoder"]["status"] == "skipped" and "max_length 48 and 1 epoch need" in members["encoder"]["reason"]
+    assert members["encoder"]["status"] == "skipped" and "max_length 48, 1 epoch and" in members["encoder"]["reason"]
     submission = pd.read_csv(tmp_path / "submissions" / "auto.csv")
     assert len(submission) == len(pd.read_csv(tmp_path / "data" / "test.csv"))
     assert (tmp_path / "bundle" / "manifest.json").is_file()
@@ -108,21 +108,68 @@ def test_the_encoders_speed_is_measured_on_the_competitions_rows(tmp_path, tiny_
     cfg = load(write_project(tmp_path, tiny_model))
     comp = load_competition(cfg)
     measured = encoder_speed(cfg, comp, runs.tokenize_tables(cfg, comp, console(True)), rows=32)
-    assert measured.train > 0 and measured.predict > 0 and len(measured.lengths) == 32
+    assert measured.train > 0 and measured.predict > 0 and len(measured.lengths) == len(comp.y)  # every row's length
     assert measured.lengths.max() <= cfg.model.max_length
+
+
+def test_a_folds_padded_tokens_follow_its_batching_not_a_samples():
+    lengths = np.random.default_rng(0).integers(10, 250, 4000)
+    speed = EncoderSpeed(1000.0, 4000.0, lengths, 32, 16, 8)
+    fold = speed.per_row(256, training=True)
+    assert lengths.mean() <= fold < 1.1 * lengths.mean() + 8  # pools sorted by length: little padding
+    assert speed.per_row(256, training=False) <= fold  # prediction sorts every row
+    assert speed.per_row(64, training=True) < 72  # shorter windows cost less
+    train, predict = speed.rows_per_second(256)
+    assert train == pytest.approx(1000.0 / fold) and predict > train
 
 
 def test_the_plan_takes_the_most_work_that_fits():
     cfg = load_config_with(max_length=256, epochs=3)
-    fast = EncoderSpeed(10.0, 30.0, np.array([50, 100, 300, 400]))  # mean 212 tokens at 256, 128 at 128
+    fast = EncoderSpeed(10.0, 30.0, np.array([50, 100, 300, 400]), 2, 2, 1)  # 178 padded tokens a row at 256, 114 at 128
     sizes = (800, 200, 500)
     seconds = {(n, e): cfg.folds.n_splits * fast.fold_seconds(n, e, *sizes) for n in (64, 128, 256) for e in (1, 2, 3)}
-    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3]) == (256, 3)
-    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (256, 2)  # 512 tokens·epochs over 384
-    assert auto.encoder_plan(fast, cfg, sizes, seconds[64, 1] - 1) is None
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3]) == (800, 256, 3)
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (800, 256, 2)  # 512 tokens·epochs over 384
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[64, 1] - 1) is None  # 400 rows would be below MIN_ROWS
     assert seconds[128, 1] < seconds[256, 1]  # shorter windows cost less
+
+
+def test_the_plan_trains_on_fewer_rows_before_it_skips_the_encoder():
+    cfg = load_config_with(max_length=256, epochs=3)
+    fast = EncoderSpeed(10.0, 30.0, np.array([50, 100, 300, 400]), 2, 2, 1)
+    sizes = (4000, 1000, 500)
+    cost = {rows: cfg.folds.n_splits * fast.fold_seconds(64, 1, rows, *sizes[1:]) for rows in (4000, 2000, 1000)}
+    assert auto.row_counts(4000) == [4000, 2000, 1000]
+    assert auto.encoder_plan(fast, cfg, sizes, cost[4000] - 1)[0] == 2000  # all rows no longer fit: half of them
+    assert auto.encoder_plan(fast, cfg, sizes, cost[2000] - 1)[0] == 1000
+    assert auto.encoder_plan(fast, cfg, sizes, cost[1000] - 1) is None
 
 
 def load_config_with(max_length: int, epochs: int):
     from comp.config import Config
     return Config().replace("model", max_length=max_length).replace("train", epochs=epochs)
+
+
+def test_train_max_rows_trains_each_fold_on_a_stratified_sample_of_its_rows(tmp_path, tiny_model, capsys):
+    from comp import config, folds
+    from comp.tables.read import load_competition
+    from comp.tables.splits import load_folds
+    from tests.conftest import assert_user_error, make_tables
+
+    path = write_project(tmp_path, tiny_model, make_tables(n_train=60, n_test=12))
+    assert folds.main(["--config", str(path), "--quiet"]) == 0
+    cfg = config.load(path, ["train.max_rows=20"])
+    comp = load_competition(cfg)
+    split, _ = load_folds(cfg, comp)
+    tr = np.flatnonzero(split != 0)
+    keep = runs.training_part(cfg, comp, tr, 0)
+    assert len(keep) == 20 and set(comp.y[tr[keep]]) == set(comp.y[tr])  # every class is in the sample
+    assert not np.array_equal(keep, runs.training_part(cfg, comp, tr, 1))  # each fold draws its own
+    assert len(runs.training_part(config.load(path), comp, tr, 0)) == len(tr)  # 0: every row
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "--fold", "0", "--set", "train.max_rows=20", "--set", "train.epochs=1"]) == 0
+    assert "fold 0: 20 train rows" in capsys.readouterr().out
+    record = json.loads((cfg.fold_dir(0) / "metrics.json").read_text())
+    assert record["n_train"] == 20 and record["n_val"] == (split == 0).sum()
+    code = train.main(["--config", str(path), "--fold", "0", "--set", "train.max_rows=20", "--set", "model.kind=linear"])
+    assert_user_error(code, capsys, "train.max_rows", "leave train.max_rows = 0")

@@ -11,9 +11,10 @@ import numpy as np
 from rich.console import Console
 
 from comp.config import Config
-from comp.nn.batching import epoch_batches
+from comp.nn.batching import epoch_batches, inference_batches, train_batches
 from comp.nn.distributed import SINGLE
 from comp.nn.engine import Fold, runtime, set_up
+from comp.nn.hardware import eval_rows
 from comp.nn.loop import make_progress, predict, train_one_epoch
 from comp.nn.model import build_model
 from comp.outputs.runs import Tokens, prepare_fold
@@ -35,48 +36,82 @@ def classical_fold_seconds(kind: str, rows: int) -> float:
     return float(np.exp(np.interp(np.log(max(rows, 1)), np.log(sizes), np.log(seconds))))
 
 
+def timed(work, *args) -> tuple[float, object]:
+    """The seconds one call of `work(*args)` took, and what it returned."""
+    started = time.perf_counter()
+    out = work(*args)
+    return max(time.perf_counter() - started, 1e-9), out
+
+
 def rows_per_second(work, rows: int, *args) -> float:
     """Rows/s of `work(*args)` (which handles `rows` rows), timed once."""
-    started = time.perf_counter()
-    work(*args)
-    return rows / max(time.perf_counter() - started, 1e-9)
+    return rows / timed(work, *args)[0]
+
+
+LENGTH_ROWS = 20_000  # the training rows whose token lengths estimate a fold's padded tokens a row
+
+
+def padded_tokens(lengths: np.ndarray, batches, multiple: int) -> int:
+    """What a list of batches costs: each batch's rows × its longest row, rounded up to `multiple` tokens."""
+    return sum(len(b) * -(-int(lengths[b].max()) // multiple) * multiple for b in batches if len(b))
 
 
 @dataclass(frozen=True)
 class EncoderSpeed:
-    """An encoder's measured training and prediction rows/s at the config's max_length, and the sample's token
-    lengths (truncated at that max_length): what the speed at a shorter max_length is scaled by."""
+    """An encoder's measured training and prediction speed in padded tokens/s (a batch costs its rows × its
+    longest row), and the token lengths of the competition's training rows at the config's max_length: batched
+    as a fold batches them (training: pools sorted by length; prediction: sorted), they give a fold's padded
+    tokens at any max_length. A small sample's batches hold more padding than a fold's, so its rows/s alone
+    would understate a fold's speed."""
 
     train: float
     predict: float
     lengths: np.ndarray
+    batch_size: int
+    eval_batch_size: int
+    multiple: int
 
-    def scaled(self, max_length: int) -> float:
-        """The factor on the rows/s at a shorter max_length: fewer tokens a row, proportionally faster."""
-        return float(self.lengths.sum() / np.minimum(self.lengths, max_length).sum())
+    def per_row(self, max_length: int, training: bool) -> float:
+        """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length`."""
+        lengths = np.minimum(self.lengths, max_length)
+        batches = (train_batches(lengths, self.batch_size, np.random.default_rng(0)) if training
+                   else inference_batches(lengths, self.eval_batch_size))
+        return padded_tokens(lengths, batches, self.multiple) / len(lengths)
+
+    def rows_per_second(self, max_length: int) -> tuple[float, float]:
+        """A fold's training and prediction rows/s at `max_length`."""
+        return self.train / self.per_row(max_length, True), self.predict / self.per_row(max_length, False)
 
     def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int) -> float:
         """One fold: `epochs` epochs of training and of validation, then the test rows once."""
-        f = self.scaled(max_length)
-        return epochs * (n_train / (self.train * f) + n_val / (self.predict * f)) + n_test / (self.predict * f)
+        train, predict = self.rows_per_second(max_length)
+        return epochs * (n_train / train + n_val / predict) + n_test / predict
 
 
 def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64) -> EncoderSpeed:
     """Train and predict the config's model, built as a fold builds it, on `rows` random training rows: after a
     warm-up epoch, the faster of two epochs and of two prediction passes (a moment of other work on the machine
-    slows one)."""
-    idx = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:rows]
+    slows one), in padded tokens/s."""
+    rng = np.random.default_rng(cfg.train.seed)
+    idx = rng.permutation(len(comp.y))[:rows]
     _, train_rows, _, _ = prepare_fold(cfg, comp, idx, idx[:1], Tokens(tokens.train, None, tokens.pad_id))
     model = build_model(cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root, task=cfg.data.task,
                         tcfg=cfg.train)
     fold = Fold(0, train_rows, None, None, tokens.pad_id)
     rt = runtime(cfg.train, model, fold, SINGLE)
     state, rng = set_up(cfg.train, model, fold, rt)
+    multiple, lengths = cfg.train.pad_to_multiple_of, train_rows.lengths
+    eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
     with make_progress(Console(quiet=True)) as progress:
-        def epoch():
-            train_one_epoch(state, train_rows, epoch_batches(train_rows, cfg.train, rng), rt, progress)
+        def epoch() -> int:
+            batches = epoch_batches(train_rows, cfg.train, rng)
+            train_one_epoch(state, train_rows, batches, rt, progress)
+            return padded_tokens(lengths, [b for b, _ in batches], multiple)
         epoch()
-        train_speed = max(rows_per_second(epoch, len(idx)) for _ in range(2))
-    predict_speed = max(rows_per_second(predict, len(idx), model, train_rows, cfg.train.eval_batch_size,
-                                        tokens.pad_id, rt.device, rt.amp) for _ in range(2))
-    return EncoderSpeed(train_speed, predict_speed, np.asarray(train_rows.lengths))
+        train_speed = max(padded / seconds for seconds, padded in (timed(epoch) for _ in range(2)))
+    inference = padded_tokens(lengths, inference_batches(lengths, eval_batch), multiple)
+    predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
+                        for _ in range(2))
+    table = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:LENGTH_ROWS]
+    every = prepare_fold(cfg, comp, table, table[:1], Tokens(tokens.train, None, tokens.pad_id))[1].lengths
+    return EncoderSpeed(train_speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from comp import __version__, metrics
 from comp.artifacts import atomic_path, read_npy, sha256, write_json, write_npy, write_text
-from comp.classical.baselines import fit_classical
+from comp.classical.baselines import fit_classical, subsample
 from comp.classical.text import Counts
 from comp.config import Config, to_toml
 from comp.errors import CompError
@@ -121,11 +121,25 @@ def prepare_fold(cfg: Config, comp: Competition, tr: np.ndarray, va: np.ndarray,
     return encoder, train_rows, val_rows, test_rows
 
 
+def training_part(cfg: Config, comp: Competition, tr: np.ndarray, index: int) -> np.ndarray:
+    """Positions in `tr` of the training rows that train a fold: all of them, or a sample of train.max_rows
+    (stratified on the class for single_label, seeded by the fold) where there are more."""
+    n = cfg.train.max_rows
+    if not n or len(tr) <= n:
+        return np.arange(len(tr))
+    if cfg.data.task == metrics.SINGLE:
+        return subsample(comp.y[tr], n, cfg.train.seed + index)
+    return np.sort(np.random.default_rng(cfg.train.seed + index).permutation(len(tr))[:n])
+
+
 def fit_split(cfg: Config, comp: Competition, part: tuple[np.ndarray, np.ndarray], index: int, tokens: Tokens,
               console: Console, pseudo: Pseudo | None = None, checkpoint: Checkpoint | None = None,
               on_epoch=None, d: Dist = SINGLE, soft: np.ndarray | None = None) -> tuple[MetaEncoder, FoldResult]:
     """The one wiring of a fold, for train, tune and bench: rows and metadata encoder from the split `part`
-    (training rows, validation rows), the model seeded by the fold's `index`, then fit_fold."""
+    (training rows, validation rows; train.max_rows of the training rows, where set), the model seeded by the fold's
+    `index`, then fit_fold."""
+    keep = training_part(cfg, comp, part[0], index)
+    part, soft = (part[0][keep], part[1]), None if soft is None else soft[keep]
     encoder, train_rows, val_rows, test_rows = prepare_fold(cfg, comp, *part, tokens, pseudo, soft)
     seed_everything(cfg.train.seed + index)  # the head's initial weights are part of the run
     model = build_model(cfg.model, encoder.width, len(comp.classes), root=cfg.root, task=cfg.data.task,
@@ -180,7 +194,8 @@ def train_fold(cfg: Config, comp: Competition, folds: np.ndarray, folds_fp: str,
               "best": result.best_row, "history": result.history, "swa": result.swa,
               "monitor": cfg.train.monitor, "config_hash": cfg.hash(), "folds_fingerprint": folds_fp,
               "model": cfg.model.name_or_path, "comp_version": __version__, "torch_version": torch.__version__,
-              "classes": comp.classes, "n_train": len(tr), "n_val": len(va), "n_test": len(comp.test),
+              "classes": comp.classes, "n_train": len(training_part(cfg, comp, tr, fold)), "n_val": len(va),
+              "n_test": len(comp.test),
               "processes": d.world, "precision": precision_name(cfg), "pseudo": pseudo.record if pseudo else None,
               "distill": distill.record if distill else None, "packing": result.packing,
               "unseen_categories": unseen,
