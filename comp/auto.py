@@ -48,19 +48,20 @@ def row_counts(n_train: int) -> list[int]:
 def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int],
                  seconds: float) -> tuple[int, int, int] | None:
     """The (training rows a fold, max_length, epochs) whose folds all fit in `seconds`: the most training rows
-    (distinct examples teach more than another epoch over the same ones), then the most work (the longest texts
-    and the most epochs, at most the config's); None when even the least does not fit. `sizes`: a fold's
-    training, validation and test rows."""
+    (distinct examples teach more than another epoch over the same ones), then the most tokens trained (epochs ×
+    the tokens a row keeps at that max_length: past a table's longest texts a longer window adds nothing, another
+    epoch does), at most the config's max_length and epochs; None when even the least does not fit. `sizes`: a
+    fold's training, validation and test rows."""
     n_train, n_val, n_test = sizes
     fits = []
     for rows in row_counts(n_train):
         for length in lengths(cfg):
             for epochs in range(1, cfg.train.epochs + 1):
                 if cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, n_val, n_test) <= seconds:
-                    fits.append((rows, length * epochs, length, epochs))
+                    fits.append((rows, round(epochs * speed.per_row(length, True)), epochs, length))
     if not fits:
         return None
-    rows, _, length, epochs = max(fits)
+    rows, _, epochs, length = max(fits)
     return rows, length, epochs
 
 

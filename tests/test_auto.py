@@ -129,7 +129,7 @@ def test_the_plan_takes_the_most_work_that_fits():
     sizes = (800, 200, 500)
     seconds = {(n, e): cfg.folds.n_splits * fast.fold_seconds(n, e, *sizes) for n in (64, 128, 256) for e in (1, 2, 3)}
     assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3]) == (800, 256, 3)
-    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (800, 256, 2)  # 512 tokens·epochs over 384
+    assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (800, 256, 2)  # 2 × 178 tokens a row over 3 × 114
     assert auto.encoder_plan(fast, cfg, sizes, seconds[64, 1] - 1) is None  # 400 rows would be below MIN_ROWS
     assert seconds[128, 1] < seconds[256, 1]  # shorter windows cost less
 
