@@ -23,7 +23,9 @@ from comp.tables.read import load_competition
 
 LENGTHS = (512, 256, 128, 64)  # the encoder's max_length candidates, at most the config's
 MIN_ROWS = 1_000        # the fewest training rows a fold an encoder run is sized down to (below: skipped)
-CHECKPOINTS = 50        # an encoder run checkpoints about this many times in the budget (where a stop may fall)
+CHECKPOINTS = 50        # an encoder run checkpoints about this many times in the budget (where a stop may fall),
+SAVE_SHARE = 0.05       # fewer where a checkpoint would cost more than this share of the training between two,
+LAST_STOP = 0.07        # but at least every this share of the budget (a stop overruns by at most one interval)
 NAME = "auto"           # the blend's run name: submissions/auto.csv, folds/auto/blend.json
 
 
@@ -45,19 +47,24 @@ def row_counts(n_train: int) -> list[int]:
     return counts
 
 
-def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int],
-                 seconds: float) -> tuple[int, int, int] | None:
+def checkpoint_seconds(speed: EncoderSpeed, limit: float) -> float:
+    """Seconds of training between an encoder run's checkpoints under a budget of `limit` seconds."""
+    return min(max(limit / CHECKPOINTS, speed.save / SAVE_SHARE), LAST_STOP * limit)
+
+
+def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int], seconds: float,
+                 every: float = 0.0) -> tuple[int, int, int] | None:
     """The (training rows a fold, max_length, epochs) whose folds all fit in `seconds`: the most training rows
     (distinct examples teach more than another epoch over the same ones), then the most tokens trained (epochs ×
     the tokens a row keeps at that max_length: past a table's longest texts a longer window adds nothing, another
     epoch does), at most the config's max_length and epochs; None when even the least does not fit. `sizes`: a
-    fold's training, validation and test rows."""
+    fold's training, validation and test rows; `every`: the seconds of training between checkpoints."""
     n_train, n_val, n_test = sizes
     fits = []
     for rows in row_counts(n_train):
         for length in lengths(cfg):
             for epochs in range(1, cfg.train.epochs + 1):
-                if cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, n_val, n_test) <= seconds:
+                if cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, n_val, n_test, every) <= seconds:
                     fits.append((rows, round(epochs * speed.per_row(length, True)), epochs, length))
     if not fits:
         return None
@@ -118,23 +125,24 @@ class Auto:
         sizes = (n - n // cfg.folds.n_splits, n // cfg.folds.n_splits, len(comp.test))
         speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console))
         budget = self.left() - reserve(self.limit)
-        chosen = encoder_plan(speed, cfg, sizes, budget)
+        every = checkpoint_seconds(speed, self.limit)
+        chosen = encoder_plan(speed, cfg, sizes, budget, every)
         rates = speed.rows_per_second(cfg.model.max_length)
         measured = f"{rates[0]:.3g} training and {rates[1]:.3g} predicted rows/s a fold expected"
         if chosen is None:
             least, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
-            need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:])
+            need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:], every)
             self.members["encoder"] = {"status": "skipped", "reason": f"{measured}: even max_length "
                                        f"{least}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
                                        f"{max(budget, 0) / 60:.1f} min left"}
             return
         rows, length, epochs = chosen
-        steps = max(1, int(self.limit / CHECKPOINTS * speed.rows_per_second(length)[0] / cfg.train.batch_size))
+        steps = max(1, int(every * speed.rows_per_second(length)[0] / cfg.train.batch_size))
         sets = ["--set", f"model.max_length={length}", "--set", f"train.epochs={epochs}",
                 "--set", f"train.checkpoint_every={steps}"]
         if rows < sizes[0]:
             sets += ["--set", f"train.max_rows={rows}"]
-        expected = cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, *sizes[1:])
+        expected = cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, *sizes[1:], every)
         subset = f", {rows} of the {sizes[0]} training rows a fold" if rows < sizes[0] else ""
         self.run("encoder", expected, sets, f"{measured}: max_length {length}, {epochs} epoch(s){subset} fit the "
                  f"budget (about {expected / 60:.1f} min)")

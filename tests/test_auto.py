@@ -109,7 +109,7 @@ def test_the_encoders_speed_is_measured_on_the_competitions_rows(tmp_path, tiny_
     comp = load_competition(cfg)
     measured = encoder_speed(cfg, comp, runs.tokenize_tables(cfg, comp, console(True)), rows=32)
     assert measured.train > 0 and measured.predict > 0 and len(measured.lengths) == len(comp.y)  # every row's length
-    assert measured.lengths.max() <= cfg.model.max_length
+    assert measured.lengths.max() <= cfg.model.max_length and measured.step >= 0
 
 
 def test_a_folds_padded_tokens_follow_its_batching_not_a_samples():
@@ -121,6 +121,9 @@ def test_a_folds_padded_tokens_follow_its_batching_not_a_samples():
     assert speed.per_row(64, training=True) < 72  # shorter windows cost less
     train, predict = speed.rows_per_second(256)
     assert train == pytest.approx(1000.0 / fold) and predict > train
+    stepped = EncoderSpeed(1000.0, 4000.0, lengths, 32, 16, 8, step=0.5)  # half a second a step beyond its tokens
+    assert 1 / stepped.rows_per_second(256)[0] == pytest.approx(1 / train + 0.5 / 32)
+    assert stepped.rows_per_second(256)[1] == predict  # prediction has no optimizer step
 
 
 def test_the_plan_takes_the_most_work_that_fits():
@@ -173,3 +176,14 @@ def test_train_max_rows_trains_each_fold_on_a_stratified_sample_of_its_rows(tmp_
     assert record["n_train"] == 20 and record["n_val"] == (split == 0).sum()
     code = train.main(["--config", str(path), "--fold", "0", "--set", "train.max_rows=20", "--set", "model.kind=linear"])
     assert_user_error(code, capsys, "train.max_rows", "leave train.max_rows = 0")
+
+
+def test_a_folds_fixed_costs_and_checkpoints_count_in_its_seconds():
+    import dataclasses
+    plain = EncoderSpeed(400.0, 1200.0, np.full(100, 40), 32, 16, 8)  # 10 training and 30 predicted rows/s
+    costly = dataclasses.replace(plain, fixed=5.0, save=2.0)
+    # 3 epochs of 100 rows: 30 s of training, so 3 epoch-end checkpoints and 3 more at every 10 s
+    assert costly.fold_seconds(64, 3, 100, 30, 60, 10.0) == pytest.approx(plain.fold_seconds(64, 3, 100, 30, 60) + 5 + 6 * 2)
+    assert auto.checkpoint_seconds(plain, 1200) == pytest.approx(24.0)  # the budget / CHECKPOINTS
+    assert auto.checkpoint_seconds(costly, 1200) == pytest.approx(40.0)  # a save at most 5% of the training between
+    assert auto.checkpoint_seconds(dataclasses.replace(plain, save=60.0), 1200) == pytest.approx(84.0)  # 7% at most

@@ -4,8 +4,11 @@ rows/s are measured here, on a sample of the competition's own rows."""
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -17,6 +20,7 @@ from comp.nn.engine import Fold, runtime, set_up
 from comp.nn.hardware import eval_rows
 from comp.nn.loop import make_progress, predict, train_one_epoch
 from comp.nn.model import build_model
+from comp.nn.state import Checkpoint
 from comp.outputs.runs import Tokens, prepare_fold
 from comp.tables.read import Competition
 
@@ -36,10 +40,10 @@ def classical_fold_seconds(kind: str, rows: int) -> float:
     return float(np.exp(np.interp(np.log(max(rows, 1)), np.log(sizes), np.log(seconds))))
 
 
-def timed(work, *args) -> tuple[float, object]:
-    """The seconds one call of `work(*args)` took, and what it returned."""
+def timed(work, *args, **kwargs) -> tuple[float, object]:
+    """The seconds one call of `work(*args, **kwargs)` took, and what it returned."""
     started = time.perf_counter()
-    out = work(*args)
+    out = work(*args, **kwargs)
     return max(time.perf_counter() - started, 1e-9), out
 
 
@@ -49,6 +53,7 @@ def rows_per_second(work, rows: int, *args) -> float:
 
 
 LENGTH_ROWS = 20_000  # the training rows whose token lengths estimate a fold's padded tokens a row
+SHORT = 8  # tokens a row keeps in the epochs that measure what a training step costs beyond its tokens
 
 
 def padded_tokens(lengths: np.ndarray, batches, multiple: int) -> int:
@@ -59,10 +64,11 @@ def padded_tokens(lengths: np.ndarray, batches, multiple: int) -> int:
 @dataclass(frozen=True)
 class EncoderSpeed:
     """An encoder's measured training and prediction speed in padded tokens/s (a batch costs its rows × its
-    longest row), and the token lengths of the competition's training rows at the config's max_length: batched
-    as a fold batches them (training: pools sorted by length; prediction: sorted), they give a fold's padded
-    tokens at any max_length. A small sample's batches hold more padding than a fold's, so its rows/s alone
-    would understate a fold's speed."""
+    longest row) plus the seconds a training step costs whatever its tokens (the optimizer's pass over every
+    weight: most of a step for a large vocabulary and short texts), and the token lengths of the competition's
+    training rows at the config's max_length: batched as a fold batches them (training: pools sorted by length;
+    prediction: sorted), they give a fold's padded tokens at any max_length. A small sample's batches hold more
+    padding than a fold's, so its rows/s alone would understate a fold's speed."""
 
     train: float
     predict: float
@@ -70,6 +76,9 @@ class EncoderSpeed:
     batch_size: int
     eval_batch_size: int
     multiple: int
+    step: float = 0.0
+    fixed: float = 0.0  # seconds a fold costs whatever its rows: building the model and writing it
+    save: float = 0.0   # seconds a resume checkpoint costs (weights, best weights, optimizer state)
 
     def per_row(self, max_length: int, training: bool) -> float:
         """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length`."""
@@ -80,38 +89,54 @@ class EncoderSpeed:
 
     def rows_per_second(self, max_length: int) -> tuple[float, float]:
         """A fold's training and prediction rows/s at `max_length`."""
-        return self.train / self.per_row(max_length, True), self.predict / self.per_row(max_length, False)
+        train = 1 / (self.step / self.batch_size + self.per_row(max_length, True) / self.train)
+        return train, self.predict / self.per_row(max_length, False)
 
-    def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int) -> float:
-        """One fold: `epochs` epochs of training and of validation, then the test rows once."""
+    def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int,
+                     checkpoint_seconds: float = 0.0) -> float:
+        """One fold: building and writing the model, `epochs` epochs of training and of validation, then the test
+        rows once; a checkpoint at each epoch's end and every `checkpoint_seconds` of training (0: epoch ends)."""
         train, predict = self.rows_per_second(max_length)
-        return epochs * (n_train / train + n_val / predict) + n_test / predict
+        training = epochs * n_train / train
+        checkpoints = epochs + (int(training // checkpoint_seconds) if checkpoint_seconds > 0 else 0)
+        return self.fixed + checkpoints * self.save + training + epochs * n_val / predict + n_test / predict
 
 
 def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64) -> EncoderSpeed:
     """Train and predict the config's model, built as a fold builds it, on `rows` random training rows: after a
     warm-up epoch, the faster of two epochs and of two prediction passes (a moment of other work on the machine
-    slows one), in padded tokens/s."""
-    rng = np.random.default_rng(cfg.train.seed)
-    idx = rng.permutation(len(comp.y))[:rows]
+    slows one). Epochs of the same rows cut to SHORT tokens split a step's seconds into a part that grows with its
+    padded tokens and a part that does not."""
+    idx = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:rows]
     _, train_rows, _, _ = prepare_fold(cfg, comp, idx, idx[:1], Tokens(tokens.train, None, tokens.pad_id))
-    model = build_model(cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root, task=cfg.data.task,
-                        tcfg=cfg.train)
+    built, model = timed(build_model, cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root,
+                         task=cfg.data.task, tcfg=cfg.train)
     fold = Fold(0, train_rows, None, None, tokens.pad_id)
     rt = runtime(cfg.train, model, fold, SINGLE)
     state, rng = set_up(cfg.train, model, fold, rt)
-    multiple, lengths = cfg.train.pad_to_multiple_of, train_rows.lengths
-    eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
+    multiple = cfg.train.pad_to_multiple_of
+    short_rows = dataclasses.replace(train_rows, tokens=[t[:SHORT] for t in train_rows.tokens])
     with make_progress(Console(quiet=True)) as progress:
-        def epoch() -> int:
-            batches = epoch_batches(train_rows, cfg.train, rng)
-            train_one_epoch(state, train_rows, batches, rt, progress)
-            return padded_tokens(lengths, [b for b, _ in batches], multiple)
-        epoch()
-        train_speed = max(padded / seconds for seconds, padded in (timed(epoch) for _ in range(2)))
-    inference = padded_tokens(lengths, inference_batches(lengths, eval_batch), multiple)
+        def epoch(part) -> tuple[int, int]:
+            batches = epoch_batches(part, cfg.train, rng)
+            train_one_epoch(state, part, batches, rt, progress)
+            return padded_tokens(part.lengths, [b for b, _ in batches], multiple), len(batches)
+
+        def fastest(part) -> tuple[float, int, int]:
+            epoch(part)  # warm-up: the first batches of a shape are slower
+            return min((seconds, *work) for seconds, work in (timed(epoch, part) for _ in range(2)))
+        full, short = fastest(train_rows), fastest(short_rows)
+    per_token = (full[0] - short[0]) / max(full[1] - short[1], 1)
+    step = max(0.0, (short[0] - short[1] * per_token) / short[2]) if per_token > 0 else 0.0
+    train_speed = 1 / per_token if per_token > 0 else full[1] / full[0]
+    eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
+    inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
     predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
                         for _ in range(2))
     table = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:LENGTH_ROWS]
     every = prepare_fold(cfg, comp, table, table[:1], Tokens(tokens.train, None, tokens.pad_id))[1].lengths
-    return EncoderSpeed(train_speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple)
+    state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as a fold's checkpoints hold
+    with tempfile.TemporaryDirectory() as tmp:
+        save = timed(Checkpoint(Path(tmp) / "last.pt", {}).save, state)[0]
+    return EncoderSpeed(train_speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple,
+                        step, fixed=built + save, save=save)
