@@ -193,8 +193,9 @@ def as_recorded(raw: dict) -> dict:
     """A fold's config.toml (which holds every key comp had when it trained) read as what that fold ran: a key it
     lacks predates it, so where the key's default changed what comp does, the fold ran the old behaviour."""
     model = raw.get("model")
-    if isinstance(model, dict) and "tfidf" not in model:
-        raw = {**raw, "model": {**model, "tfidf": TFIDF_BEFORE}}
+    if isinstance(model, dict):
+        raw = {**raw, "model": {**model, "tfidf": model.get("tfidf", TFIDF_BEFORE),
+                                "text_norm": model.get("text_norm", "off")}}
     return raw
 
 
@@ -216,6 +217,7 @@ class ModelConfig:
     stride: int = 0
     chunk_pooling: str = "mean"
     fusion: str = "concat"
+    text_norm: str = "fitted"         # fitted: each pooled text feature standardized by its training rows' moments
     msd_samples: int = 1
     reinit_layers: int = 0
     attention_dropout: float | None = None
@@ -238,6 +240,7 @@ class ModelConfig:
                  "k-bit: it trains through adapters only, so set model.lora.r (e.g. 16)")
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         _require(self.fusion in ("concat", "gated"), "model.fusion must be 'concat' or 'gated'")
+        _require(self.text_norm in ("fitted", "off"), "model.text_norm must be 'fitted' or 'off'")
         _require(self.msd_samples >= 1, "model.msd_samples must be >= 1 (1 = one dropout sample)")
         _require(self.reinit_layers >= 0, "model.reinit_layers must be >= 0")
         _require(self.attention_dropout is None or 0.0 <= self.attention_dropout < 1.0,
@@ -452,7 +455,7 @@ LATER = {"data": {"task": "single_label", "label_separator": " ", "text_pair": [
          "folds": {"group": "", "adversarial": False},
          "model": {"truncation": "head", "head_tokens": 0, "chunks": 1, "stride": 0, "chunk_pooling": "mean",
                    "kind": "encoder", "min_category_rows": 1,
-                   "numeric_transform": "standard", "wide": "off", "fusion": "concat",
+                   "numeric_transform": "standard", "wide": "off", "fusion": "concat", "text_norm": "off",
                    "msd_samples": 1, "reinit_layers": 0, "attention_dropout": None, "gguf_file": "",
                    "quantize": "off"},
          "train": {"max_tokens_per_batch": 0, "layer_decay": 1.0, "loss": "ce", "optimizer": "adamw", "focal_gamma": 2.0,
@@ -704,10 +707,28 @@ def is_decoder(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def pooling_for(model_type: str) -> str:
-    """What model.pooling = "auto" reads: the last real token of a decoder (the only one that saw the whole
-    text), the first ([CLS]) of an encoder."""
-    return "last" if is_decoder(model_type) else "cls"
+# sentence-transformers' pooling modes (its Pooling module's config.json) that model.pooling names
+DECLARED_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+
+
+def pooling_for(model_type: str, path: str = "") -> str:
+    """What model.pooling = "auto" reads: the pooling the model was trained with where its folder declares it (a
+    sentence-transformers model's Pooling module: mean for MiniLM and e5), else the last real token of a decoder
+    (the only one that saw the whole text) and the first ([CLS]) of an encoder."""
+    declared = declared_pooling(Path(path)) if path else None
+    return declared or ("last" if is_decoder(model_type) else "cls")
+
+
+def declared_pooling(folder: Path) -> str | None:
+    """The one pooling mode a sentence-transformers folder's Pooling module sets, or None (none, or another)."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        pool = next(m["path"] for m in modules if m.get("type", "").endswith("Pooling"))
+        modes = json.loads((folder / pool / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, StopIteration, TypeError, AttributeError):
+        return None
+    chosen = [DECLARED_POOLING.get(k) for k, on in modes.items() if k.startswith("pooling_mode_") and on is True]
+    return chosen[0] if len(chosen) == 1 else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -730,7 +751,7 @@ def _for_model(model: ModelConfig, root: Path) -> ModelConfig:
     if model.pooling == "auto" and Path(path).is_dir():  # a hub id is not fetched here: the encoder resolves it
         kind = _model_type(path, model.gguf_file)
         if kind is not None:
-            model = dataclasses.replace(model, pooling=pooling_for(kind))
+            model = dataclasses.replace(model, pooling=pooling_for(kind, path))
     return model
 
 

@@ -166,6 +166,7 @@ def rebuild(image_path: Path, out: Path) -> Path:
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bert_state(image).items()},
                   str(work / "model.safetensors"), metadata={"format": "pt"})
         fast_tokenizer(image).save_pretrained(work)
+        declare_mean_pooling(work)
         (work / "image.json").write_text(json.dumps({"image": image_path.name}), encoding="utf-8")
         work.rename(out)
     except BaseException:
@@ -194,7 +195,22 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def declare_mean_pooling(folder: Path) -> None:
+    """The sentence-transformers files that say how the model pools (e5 was trained on the mean of its tokens),
+    as the hub's folder has them: model.pooling = "auto" reads them."""
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}), encoding="utf-8")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]), encoding="utf-8")
+
+
 def ready(image: Path) -> Path:
-    """The transformers folder of a packed image: rebuilt on first use, then kept under the image's digest."""
+    """The transformers folder of a packed image: rebuilt on first use, then kept under the image's digest (a
+    folder rebuilt before the pooling files were written gets them)."""
     out = user_cache() / "models" / f"{image.stem}-{image_digest(image)[:16]}"
-    return out if out.is_dir() else rebuild(image, out)
+    if not out.is_dir():
+        return rebuild(image, out)
+    if not (out / "modules.json").is_file():
+        declare_mean_pooling(out)
+    return out

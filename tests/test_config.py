@@ -1,9 +1,13 @@
+import json
+import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from comp import config
 from comp.errors import CompError
+from tests.conftest import write_project
 
 
 def write(tmp_path, text):
@@ -68,7 +72,7 @@ def test_hash_tracks_what_changes_learning(tmp_path):
     assert base.hash() == config.load(write(tmp_path, ""), ["train.eval_batch_size=7"]).hash()
     assert base.hash() == config.load(write(tmp_path, ""), ["data.solution='x.csv'"]).hash()
     assert base.hash() != config.load(write(tmp_path, ""), ["train.encoder_lr=1e-5"]).hash()
-    assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=mean"]).hash()
+    assert base.hash() != config.load(write(tmp_path, ""), ["model.pooling=cls"]).hash()
     # keys added later enter the hash only away from their defaults (folds trained before them stay valid)
     assert base.hash() == config.load(write(tmp_path, ""), ["train.loss=auto", "model.msd_samples=1"]).hash()
     for key, default in [(f"{sec}.{k}", v) for sec, keys in config.LATER.items() for k, v in keys.items()]:
@@ -78,7 +82,7 @@ def test_hash_tracks_what_changes_learning(tmp_path):
         value = {"model.fusion": "gated", "train.loss": "focal", "model.kind": "linear",
                  "model.numeric_transform": "standard", "model.wide": "zero", "model.truncation": "tail",
                  "folds.group": "author", "data.task": "regression", "train.optimizer": "adamw_8bit",
-                 "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last",
+                 "model.chunk_pooling": "max", "model.stride": "4", "train.swa": "last", "model.text_norm": "off",
                  "train.awp_params": "encoder", "train.device": "cpu", "data.template": "'{text}!'"}.get(key, other)
         assert base.hash() != config.load(write(tmp_path, ""), [f"{key}={value}"]).hash(), key
     assert base.hash() == config.load(write(tmp_path, ""), ["train.swa_epochs=2"]).hash()  # no averaging, no count
@@ -129,3 +133,29 @@ def test_tfidf_settings_validate_and_enter_only_a_classical_runs_hash(tmp_path):
             config.load(path, ["model.kind=linear", bad])
     text = config.to_toml(config.load(path, ["model.kind=linear", "model.tfidf.C=4"]))
     assert "tfidf = {" in text and "C = 4.0" in text
+
+
+def test_auto_pooling_is_what_a_sentence_transformers_folder_declares(tmp_path, tiny_model):
+    declared = tmp_path / "declared"
+    shutil.copytree(tiny_model, declared)
+    (declared / "1_Pooling").mkdir()
+    (declared / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": False,
+                                                                   "pooling_mode_mean_tokens": True}))
+    modules = [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (declared / "modules.json").write_text(json.dumps(modules))
+    auto = ["model.pooling=auto"]
+    assert config.load(write_project(tmp_path / "a", declared), auto).model.pooling == "mean"
+    assert config.load(write_project(tmp_path / "b", tiny_model), auto).model.pooling == "cls"  # nothing declared
+    (declared / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    assert config.load(write_project(tmp_path / "c", declared), auto).model.pooling == "cls"  # a mode comp lacks
+
+
+def test_a_fold_config_from_before_text_norm_reads_as_the_raw_vector_it_trained_on(tmp_path):
+    cfg = config.load(write(tmp_path, ""))
+    raw = tomllib.loads(config.to_toml(cfg))
+    assert config.from_dict(config.as_recorded(raw)).model.text_norm == "fitted"  # recorded: kept
+    del raw["model"]["text_norm"]
+    old = config.from_dict(config.as_recorded(raw))
+    assert old.model.text_norm == "off" and old.hash() != cfg.hash()
+    assert old.hash() == config.load(write(tmp_path, ""), ["model.text_norm=off"]).hash()

@@ -372,8 +372,10 @@ def test_a_fold_trained_on_packed_batches_learns_what_it_learns_on_padded_ones(t
     shutil.copytree(tiny_model, still)
     config = json.loads((still / "config.json").read_text())
     (still / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0}))
+    # model.text_norm off: the random encoder's features differ by about 1e-3 between rows, and standardizing
+    # them would magnify the two paths' roundings a thousandfold
     args = ["--quiet", "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "model.dropout=0.0",
-            "--set", "model.attention_dropout=0.0"]
+            "--set", "model.attention_dropout=0.0", "--set", "model.text_norm=off"]
     padded = fold0_oof(tmp_path / "padded", still, None, [*args, "--set", "train.packing=off"])
     packed = fold0_oof(tmp_path / "packed", still, None, [*args, "--set", "train.packing=on"])
     assert not np.array_equal(packed, padded)  # another path, other roundings ...

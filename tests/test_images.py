@@ -93,6 +93,7 @@ def test_the_image_is_rebuilt_once_under_its_digest_and_trains(image, rebuilt, t
     assert config.resolve_model_path(E5) == first and calls == [image]
     assert first.startswith(str(tmp_path / "cache" / "comp" / "models" / "e5-small-q4-"))
     assert identity.model_digest(config.load(write_project(tmp_path / "q", E5))).startswith("image:")
+    assert config.load(write_project(tmp_path / "q", E5), ["model.pooling=auto"]).model.pooling == "mean"  # e5's own
     cfg = write_project(tmp_path / "p", E5)
     sets = ["--quiet", "--set", "train.epochs=1", "--set", "model.max_length=32", "--set", "model.pooling=mean"]
     assert folds.main(["--config", str(cfg), *sets]) == 0

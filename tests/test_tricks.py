@@ -52,7 +52,7 @@ def test_multi_sample_dropout_averages_head_passes(tiny):
     mcfg, tok, rows = tiny
     ids, mask, meta = batch(rows, tok)
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(mcfg, msd_samples=4), 2, 3)
+    model = build_model(dataclasses.replace(mcfg, msd_samples=4, text_norm="off"), 2, 3)
     model.train()
     model.encoder.eval()  # only the head's dropout is random below
     torch.manual_seed(1)
@@ -150,6 +150,30 @@ def test_gated_fusion_lets_metadata_shift_the_text_vector(tiny):
     assert not torch.allclose(model(ids, mask, meta), model(ids, mask, meta + 1.0))  # metadata matters
     # without metadata columns there is nothing to gate
     assert build_model(dataclasses.replace(mcfg, fusion="gated"), 0, 3).fusion == "concat"
+
+
+def test_text_norm_is_fitted_on_the_training_rows_and_then_a_fixed_map_of_each_row(tiny):
+    mcfg, tok, rows = tiny
+    ids, mask, meta = batch(rows, tok, n=24)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(mcfg, dropout=0.0), 2, 3)
+    rt = engine.runtime(TrainConfig(device="cpu", precision="fp32"), model, engine.Fold(0, rows, None, None, tok.pad_token_id),
+                        engine.SINGLE)
+    engine.fit_text_norm(model, rows, rt, np.random.default_rng(0))
+    seen, raw = [], []
+    model.text_norm.register_forward_hook(lambda module, inputs, out: seen.append(out) or raw.append(inputs[0]))
+    model.eval()
+    model(ids, mask, meta)
+    x = raw[0]  # all 24 rows were the sample: their moments, the deviation floored at 5% of the vectors' rms
+    expected = (x - x.mean(0)) / (x.var(0, unbiased=False) + engine.TEXT_NORM_FLOOR ** 2 * x.pow(2).mean()).sqrt()
+    assert torch.allclose(seen[0], expected, atol=1e-4)
+    assert torch.allclose(seen[0].mean(0), torch.zeros(seen[0].shape[1]), atol=1e-4)
+    model.train()  # in training too, each row's vector depends on that row alone
+    model.encoder.eval()
+    model(ids[:1], mask[:1], meta[:1])
+    assert torch.allclose(seen[-1][0], seen[0][0], atol=1e-5)
+    off = build_model(dataclasses.replace(mcfg, text_norm="off"), 2, 3)
+    assert off.text_norm is None and "text_norm.center" not in off.state_dict() and "text_norm.center" in model.state_dict()
 
 
 def test_ema_and_tricks_run_through_fit_fold(tmp_path, tiny_model, tiny):

@@ -134,6 +134,7 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use tensor cores
         torch.backends.cudnn.allow_tf32 = True
     model.to(rt.device)
+    fit_text_norm(model, fold.train, rt, np.random.default_rng(seed))
     if tcfg.gradient_checkpointing:
         enable_checkpointing(model)
     if tcfg.compile:
@@ -153,6 +154,39 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
     state = TrainState(model, trained, optimizer, scheduler, scaler, ema, stopper,
                        FitState(epoch_rng=rng.bit_generator.state), snapshots=snapshots)
     return state, rng
+
+
+TEXT_NORM_ROWS = 512  # the training rows whose pooled vectors give model.text_norm's moments
+# A feature is magnified at most 1/TEXT_NORM_FLOOR times against the vector's typical magnitude: one that barely
+# varies between rows (a randomly initialised encoder's) is not blown up into noise
+TEXT_NORM_FLOOR = 0.05
+
+
+@torch.no_grad()
+def fit_text_norm(model: TextMetaClassifier, rows: Rows, rt: Runtime, rng: np.random.Generator) -> None:
+    """model.text_norm = "fitted": the pooled text vector's mean and standard deviation per feature over up to
+    TEXT_NORM_ROWS training rows (a seeded sample), through the pretrained encoder in padded evaluation batches
+    (the deviation floored at TEXT_NORM_FLOOR of the vectors' root mean square).
+    Every process measures the same rows, so DDP's ranks agree."""
+    norm = model.text_norm
+    if norm is None:
+        return
+    norm.center.zero_()
+    norm.scale.fill_(1.0)
+    index = np.sort(rng.choice(len(rows), min(len(rows), TEXT_NORM_ROWS), replace=False))
+    pooled: list[torch.Tensor] = []
+    hook = norm.register_forward_hook(lambda module, inputs, out: pooled.append(inputs[0].float()))
+    packs, model.packs = model.packs, False  # padded batches: the packed path is trusted only once checked
+    try:
+        predict(model, rows.subset(index, rows.meta[index]), rt.tcfg.eval_batch_size, rt.pad_id, rt.device, rt.amp)
+    finally:
+        hook.remove()
+        model.packs = packs
+    vectors = torch.cat(pooled)
+    var = vectors.var(0, unbiased=False)
+    floor = TEXT_NORM_FLOOR ** 2 * vectors.pow(2).mean() + 1e-12  # (5% of the vector's typical magnitude)²
+    norm.center.copy_(vectors.mean(0))
+    norm.scale.copy_((var + floor).sqrt())
 
 
 def enable_checkpointing(model: TextMetaClassifier) -> None:

@@ -16,7 +16,7 @@ from rich.console import Console
 from comp.config import Config
 from comp.nn.batching import epoch_batches, inference_batches, train_batches
 from comp.nn.distributed import SINGLE
-from comp.nn.engine import Fold, runtime, set_up
+from comp.nn.engine import TEXT_NORM_ROWS, Fold, runtime, set_up
 from comp.nn.hardware import eval_rows
 from comp.nn.loop import make_progress, predict, train_one_epoch
 from comp.nn.model import build_model
@@ -94,12 +94,14 @@ class EncoderSpeed:
 
     def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int,
                      checkpoint_seconds: float = 0.0) -> float:
-        """One fold: building and writing the model, `epochs` epochs of training and of validation, then the test
-        rows once; a checkpoint at each epoch's end and every `checkpoint_seconds` of training (0: epoch ends)."""
+        """One fold: building and writing the model, the pass that fits model.text_norm, `epochs` epochs of training
+        and of validation, then the test rows once; a checkpoint at each epoch's end and every `checkpoint_seconds`
+        of training (0: epoch ends)."""
         train, predict = self.rows_per_second(max_length)
         training = epochs * n_train / train
         checkpoints = epochs + (int(training // checkpoint_seconds) if checkpoint_seconds > 0 else 0)
-        return self.fixed + checkpoints * self.save + training + epochs * n_val / predict + n_test / predict
+        predicted = min(n_train, TEXT_NORM_ROWS) + epochs * n_val + n_test
+        return self.fixed + checkpoints * self.save + training + predicted / predict
 
 
 def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64) -> EncoderSpeed:
