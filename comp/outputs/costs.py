@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,16 @@ class EncoderSpeed:
     step: float = 0.0
     fixed: float = 0.0  # seconds a fold costs whatever its rows: building the model and writing it
     save: float = 0.0   # seconds a resume checkpoint costs (weights, best weights, optimizer state)
+    known: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # per_row's answers: a plan asks often
 
     def per_row(self, max_length: int, training: bool) -> float:
         """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length`."""
-        lengths = np.minimum(self.lengths, max_length)
-        batches = (train_batches(lengths, self.batch_size, np.random.default_rng(0)) if training
-                   else inference_batches(lengths, self.eval_batch_size))
-        return padded_tokens(lengths, batches, self.multiple) / len(lengths)
+        if (max_length, training) not in self.known:
+            lengths = np.minimum(self.lengths, max_length)
+            batches = (train_batches(lengths, self.batch_size, np.random.default_rng(0)) if training
+                       else inference_batches(lengths, self.eval_batch_size))
+            self.known[max_length, training] = padded_tokens(lengths, batches, self.multiple) / len(lengths)
+        return self.known[max_length, training]
 
     def rows_per_second(self, max_length: int) -> tuple[float, float]:
         """A fold's training and prediction rows/s at `max_length`."""
