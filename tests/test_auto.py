@@ -126,6 +126,28 @@ def test_a_folds_padded_tokens_follow_its_batching_not_a_samples():
     assert stepped.rows_per_second(256)[1] == predict  # prediction has no optimizer step
 
 
+def test_a_step_splits_into_fixed_per_token_and_window_growing_costs():
+    from comp.outputs.costs import step_costs
+    step, token, quadratic = 0.2, 1e-3, 4e-6
+    epochs = [(steps * step + tokens * token + squares * quadratic, steps, tokens, squares)
+              for steps, tokens, squares in ((2, 512, 4096), (2, 4096, 262144), (2, 8192, 1048576))]
+    assert step_costs(epochs) == pytest.approx((step, token, quadratic), rel=1e-6)
+    flat = [(steps * step + tokens * token, steps, tokens, squares) for _, steps, tokens, squares in epochs]
+    assert step_costs(flat) == pytest.approx((step, token, 0.0), rel=1e-6, abs=1e-12)  # no growth: none fitted
+    noisy = [(seconds * f, *work) for (seconds, *work), f in zip(flat, (1.0, 1.02, 0.97), strict=True)]
+    assert min(step_costs(noisy)) >= 0  # never a negative cost
+
+
+def test_a_padded_token_costs_more_in_a_longer_window():
+    lengths = np.full(256, 200)
+    flat = EncoderSpeed(1000.0, 4000.0, lengths, 32, 16, 8)
+    growing = EncoderSpeed(1000.0, 4000.0, lengths, 32, 16, 8, quadratic=1e-5)
+    assert growing.per_row(256, True, 2) == pytest.approx(200 * 200)
+    slower = 1 / growing.rows_per_second(256)[0] - 1 / flat.rows_per_second(256)[0]
+    assert slower == pytest.approx(1e-5 * 200 * 200)
+    assert 1 / growing.rows_per_second(64)[0] - 1 / flat.rows_per_second(64)[0] == pytest.approx(1e-5 * 64 * 64)
+
+
 def test_the_plan_takes_the_most_work_that_fits():
     cfg = load_config_with(max_length=256, epochs=3)
     fast = EncoderSpeed(10.0, 30.0, np.array([50, 100, 300, 400]), 2, 2, 1)  # 178 padded tokens a row at 256, 114 at 128

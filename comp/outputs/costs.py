@@ -56,9 +56,10 @@ LENGTH_ROWS = 20_000  # the training rows whose token lengths estimate a fold's 
 SHORT = 8  # tokens a row keeps in the epochs that measure what a training step costs beyond its tokens
 
 
-def padded_tokens(lengths: np.ndarray, batches, multiple: int) -> int:
-    """What a list of batches costs: each batch's rows × its longest row, rounded up to `multiple` tokens."""
-    return sum(len(b) * -(-int(lengths[b].max()) // multiple) * multiple for b in batches if len(b))
+def padded_tokens(lengths: np.ndarray, batches, multiple: int, power: int = 1) -> int:
+    """What a list of batches costs: each batch's rows × its longest row (rounded up to `multiple` tokens); with
+    power 2, × that length once more (attention's share, which grows with the window)."""
+    return sum(len(b) * (-(-int(lengths[b].max()) // multiple) * multiple) ** power for b in batches if len(b))
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,9 @@ class EncoderSpeed:
     weight: most of a step for a large vocabulary and short texts), and the token lengths of the competition's
     training rows at the config's max_length: batched as a fold batches them (training: pools sorted by length;
     prediction: sorted), they give a fold's padded tokens at any max_length. A small sample's batches hold more
-    padding than a fold's, so its rows/s alone would understate a fold's speed."""
+    padding than a fold's, so its rows/s alone would understate a fold's speed. A padded token costs more in a
+    longer batch (attention compares it with every other): `quadratic` is the training seconds a padded token costs
+    per token of its batch's length, on top of 1 / `train`."""
 
     train: float
     predict: float
@@ -79,20 +82,23 @@ class EncoderSpeed:
     step: float = 0.0
     fixed: float = 0.0  # seconds a fold costs whatever its rows: building the model and writing it
     save: float = 0.0   # seconds a resume checkpoint costs (weights, best weights, optimizer state)
+    quadratic: float = 0.0
     known: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # per_row's answers: a plan asks often
 
-    def per_row(self, max_length: int, training: bool) -> float:
-        """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length`."""
-        if (max_length, training) not in self.known:
+    def per_row(self, max_length: int, training: bool, power: int = 1) -> float:
+        """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length` (power 2: each
+        × its batch's length)."""
+        if (max_length, training, power) not in self.known:
             lengths = np.minimum(self.lengths, max_length)
             batches = (train_batches(lengths, self.batch_size, np.random.default_rng(0)) if training
                        else inference_batches(lengths, self.eval_batch_size))
-            self.known[max_length, training] = padded_tokens(lengths, batches, self.multiple) / len(lengths)
-        return self.known[max_length, training]
+            self.known[max_length, training, power] = padded_tokens(lengths, batches, self.multiple, power) / len(lengths)
+        return self.known[max_length, training, power]
 
     def rows_per_second(self, max_length: int) -> tuple[float, float]:
         """A fold's training and prediction rows/s at `max_length`."""
-        train = 1 / (self.step / self.batch_size + self.per_row(max_length, True) / self.train)
+        grows = self.quadratic * self.per_row(max_length, True, 2) if self.quadratic else 0.0
+        train = 1 / (self.step / self.batch_size + self.per_row(max_length, True) / self.train + grows)
         return train, self.predict / self.per_row(max_length, False)
 
     def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int,
@@ -110,8 +116,9 @@ class EncoderSpeed:
 def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64) -> EncoderSpeed:
     """Train and predict the config's model, built as a fold builds it, on `rows` random training rows: after a
     warm-up epoch, the faster of two epochs and of two prediction passes (a moment of other work on the machine
-    slows one). Epochs of the same rows cut to SHORT tokens split a step's seconds into a part that grows with its
-    padded tokens and a part that does not."""
+    slows one). Epochs of the same rows cut to SHORT tokens and to half their mean padded length split a step's
+    seconds into a part that does not grow with its padded tokens, one that grows with them, and one that grows
+    with them × the batch's length (`step_costs`)."""
     idx = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:rows]
     _, train_rows, _, _ = prepare_fold(cfg, comp, idx, idx[:1], Tokens(tokens.train, None, tokens.pad_id))
     built, model = timed(build_model, cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root,
@@ -120,20 +127,21 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64
     rt = runtime(cfg.train, model, fold, SINGLE)
     state, rng = set_up(cfg.train, model, fold, rt)
     multiple = cfg.train.pad_to_multiple_of
-    short_rows = dataclasses.replace(train_rows, tokens=[t[:SHORT] for t in train_rows.tokens])
     with make_progress(Console(quiet=True)) as progress:
-        def epoch(part) -> tuple[int, int]:
-            batches = epoch_batches(part, cfg.train, rng)
-            train_one_epoch(state, part, batches, rt, progress)
-            return padded_tokens(part.lengths, [b for b, _ in batches], multiple), len(batches)
+        def epoch(part) -> tuple[int, int, int]:
+            shares = epoch_batches(part, cfg.train, rng)
+            train_one_epoch(state, part, shares, rt, progress)
+            return len(shares), *(padded_tokens(part.lengths, [b for b, _ in shares], multiple, p) for p in (1, 2))
 
-        def fastest(part) -> tuple[float, int, int]:
+        def fastest(part) -> tuple[float, int, int, int]:
             epoch(part)  # warm-up: the first batches of a shape are slower
             return min((seconds, *work) for seconds, work in (timed(epoch, part) for _ in range(2)))
-        full, short = fastest(train_rows), fastest(short_rows)
-    per_token = (full[0] - short[0]) / max(full[1] - short[1], 1)
-    step = max(0.0, (short[0] - short[1] * per_token) / short[2]) if per_token > 0 else 0.0
-    train_speed = 1 / per_token if per_token > 0 else full[1] / full[0]
+
+        def cut(length: int):
+            return dataclasses.replace(train_rows, tokens=[t[:length] for t in train_rows.tokens])
+        full = fastest(train_rows)
+        epochs = [full, fastest(cut(SHORT)), fastest(cut(max(SHORT + 1, full[3] // max(full[2], 1) // 2)))]
+    step, per_token, quadratic = step_costs(epochs)
     eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
     inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
     predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
@@ -143,5 +151,18 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64
     state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as a fold's checkpoints hold
     with tempfile.TemporaryDirectory() as tmp:
         save = timed(Checkpoint(Path(tmp) / "last.pt", {}).save, state)[0]
-    return EncoderSpeed(train_speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple,
-                        step, fixed=built + save, save=save)
+    return EncoderSpeed(1 / per_token if per_token > 0 else full[2] / full[0], predict_speed, np.asarray(every),
+                        cfg.train.batch_size, eval_batch, multiple, step, fixed=built + save, save=save,
+                        quadratic=quadratic)
+
+
+def step_costs(epochs: list[tuple[float, int, int, int]]) -> tuple[float, float, float]:
+    """The seconds a training step costs whatever its tokens, a padded token, and a padded token per token of its
+    batch's length: the non-negative least-squares fit to epochs of (seconds, steps, padded tokens, padded tokens
+    × their batch's length)."""
+    from scipy.optimize import nnls
+
+    a = np.array([e[1:] for e in epochs], dtype=float)
+    scale = np.linalg.norm(a, axis=0).clip(min=1e-12)
+    coef, _ = nnls(a / scale, np.array([e[0] for e in epochs], dtype=float))
+    return tuple(float(c) for c in coef / scale)

