@@ -18,7 +18,7 @@ NAME ?= $(call config_key,name)
 BUNDLE ?= bundle/$(NAME)
 WHEELHOUSE ?= wheelhouse
 
-.PHONY: install data auto folds train submit tune bench bench-gpu bench-scale baseline demo export wheelhouse test lint clean
+.PHONY: install data auto folds train submit tune bench bench-auto bench-gpu bench-scale baseline demo export wheelhouse test lint clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ bench: install data
 SIZES ?= 20000,200000,1000000
 bench-scale: install data
 	$(PY) -m comp.bench_scale --config $(CONFIG) --sizes $(SIZES)
+
+# comp.auto from a raw table on the six tables (four demos, two held out), against the TF-IDF baseline (LIMIT=20m;
+# AUTOGLUON=path/to/python adds AutoGluon Tabular, installed in its own venv); hours on 2 cores: TABLES= to pick
+TABLES ?= reviews,loans,bbc,zh,birds,kaomoji
+bench-auto: install
+	$(PY) -m comp.bench_auto --tables $(TABLES) --limit $(LIMIT) $(if $(AUTOGLUON),--autogluon $(AUTOGLUON))
 
 # on a GPU machine: comp against the Trainer, a plain loop and pipeline at bert-base and DeBERTa-v3 shapes
 bench-gpu: install data

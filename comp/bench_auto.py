@@ -21,7 +21,7 @@ from comp import cli, metrics
 from comp.artifacts import read_json, write_json
 from comp.config import load as load_config
 from comp.errors import CompError, run_cli
-from comp.outputs.collect import leaderboard
+from comp.outputs.collect import leaderboard, read_fold
 from comp.tables import demos
 from comp.tables.read import load_competition
 from comp.tables.splits import load_folds
@@ -78,10 +78,28 @@ def run_auto(root: Path, limit: str, rows: int) -> dict:
     wall = time.monotonic() - start
     if code != 0:
         return {"rc": code, "wall_s": round(wall, 1)}
-    summary = read_json(root / "reports" / "auto.json") if (root / "reports" / "auto.json").is_file() else {}
+    summary = read_json(root / "reports" / "auto.json")
     runs = pd.read_csv(root / "submissions" / "runs.csv").groupby("run").last()
-    lb = {name: float(runs.loc[name, "lb"]) for name in runs.index}
+    lb = {"auto": float(runs.loc["auto", "lb"])}
+    cfg = config(root.parent, root.name, rows)
+    comp = load_competition(cfg)
+    _, folds_fp = load_folds(cfg, comp)
+    for name, member in summary["members"].items():
+        if member.get("cv") is not None:
+            lb[name] = member_lb(cfg.replace("run", name=name), comp, folds_fp)
     return {"rc": 0, "wall_s": round(wall, 1), "summary": summary, "lb": lb}
+
+
+def member_lb(cfg, comp, folds_fp: str) -> float:
+    """A finished run's LB: its folds' test logits averaged, as comp.submit sends them."""
+    order = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)
+    logits = 0.0
+    for k in range(cfg.folds.n_splits):
+        out = read_fold(cfg, k, folds_fp, check_config=False)
+        fold = np.zeros_like(out.test_logits, dtype=np.float64)
+        fold[order[out.test_ids.astype(str)].to_numpy()] = out.test_logits
+        logits = logits + fold / cfg.folds.n_splits
+    return leaderboard(cfg, comp, metrics.activate(cfg.data.task, logits))[cfg.data.metric]
 
 
 def text_features(texts: list[str]):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comp.artifacts import write_json
 from comp.config import user_cache
 from comp.errors import CompError
 
@@ -197,12 +198,13 @@ def sha256_of(path: Path) -> str:
 
 def declare_mean_pooling(folder: Path) -> None:
     """The sentence-transformers files that say how the model pools (e5 was trained on the mean of its tokens),
-    as the hub's folder has them: model.pooling = "auto" reads them."""
+    as the hub's folder has them: model.pooling = "auto" reads them. Each written atomically, modules.json last
+    (ready() checks for it)."""
     (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}), encoding="utf-8")
-    (folder / "modules.json").write_text(json.dumps([
+    write_json(folder / "1_Pooling" / "config.json", {"pooling_mode_mean_tokens": True})
+    write_json(folder / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]), encoding="utf-8")
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
 
 
 def ready(image: Path) -> Path:

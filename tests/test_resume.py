@@ -37,7 +37,7 @@ def reference_and_copy(tmp_path, tiny_model, name: str) -> tuple[Path, Path]:
     return reference, other
 
 
-def test_killed_mid_epoch_resumes_and_matches_uninterrupted(tmp_path, tiny_model):
+def test_killed_mid_epoch_resumes_and_matches_uninterrupted(tmp_path, tiny_model, monkeypatch):
     reference, killed = reference_and_copy(tmp_path, tiny_model, "killed")
 
     cmd = [sys.executable, "-m", "comp.train", "--config", str(killed), "--fold", "0", *SLOW]
@@ -54,7 +54,11 @@ def test_killed_mid_epoch_resumes_and_matches_uninterrupted(tmp_path, tiny_model
     saved = torch.load(last, weights_only=True)
     assert saved["fit"]["step"] > 0  # killed in the middle of an epoch
 
+    from comp.nn import engine
+    fitted = []
+    monkeypatch.setattr(engine, "fit_text_norm", lambda *a: fitted.append(a))
     assert train.main(["--config", str(killed), "--fold", "0", *SLOW]) == 0
+    assert not fitted  # the checkpoint holds model.text_norm's map: not measured again
     record = json.loads((fold0(killed) / "metrics.json").read_text())
     assert record["resumed_from"] is not None and record["resumed_from"]["epoch"] >= 1
     assert not last.exists()  # dropped once the fold is finished

@@ -78,8 +78,9 @@ def fit_fold(cfg: Config, model: TextMetaClassifier, fold: Fold, console: Consol
     process, every rank returns the same result and only rank 0 saves checkpoints."""
     started = time.perf_counter()
     rt = runtime(cfg.train, model, fold, d)
-    state, rng = set_up(cfg.train, model, fold, rt)
-    resumed_from = restore(state, fold, rt, console)
+    saved = fold.checkpoint.load() if fold.checkpoint else None
+    state, rng = set_up(cfg.train, model, fold, rt, fit_norm=saved is None)  # a checkpoint holds the fitted map
+    resumed_from = restore(state, saved, fold, rt, console)
     packing = check_packing(model, fold.train, fold.pad_id, rt.device, rt.amp, console, f"fold {fold.index}")
     weights = row_weights(cfg.train, fold.train.y, model.out.out_features)
 
@@ -123,8 +124,10 @@ def runtime(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, d: Dist) -
     return Runtime(tcfg, device, resolve_precision(tcfg, device), fold.pad_id, loss_fn, d, fold.index)
 
 
-def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime) -> tuple[TrainState, np.random.Generator]:
-    """A fresh training state on the fold's device, and the generator that draws each epoch's batch order."""
+def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime,
+           fit_norm: bool = True) -> tuple[TrainState, np.random.Generator]:
+    """A fresh training state on the fold's device (model.text_norm fitted unless `fit_norm` is false: a resumed
+    fold loads it), and the generator that draws each epoch's batch order."""
     seed = tcfg.seed + fold.index
     model.set_target_moments(fold.train.y)
     init_wide(model, fold.train.meta, fold.train.y, model.out.out_features, tcfg.loss == "balanced_ce", seed)
@@ -134,7 +137,8 @@ def set_up(tcfg: TrainConfig, model: TextMetaClassifier, fold: Fold, rt: Runtime
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use tensor cores
         torch.backends.cudnn.allow_tf32 = True
     model.to(rt.device)
-    fit_text_norm(model, fold.train, rt, np.random.default_rng(seed))
+    if fit_norm:
+        fit_text_norm(model, fold.train, rt, np.random.default_rng(seed))
     if tcfg.gradient_checkpointing:
         enable_checkpointing(model)
     if tcfg.compile:
@@ -202,9 +206,9 @@ def enable_checkpointing(model: TextMetaClassifier) -> None:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def restore(state: TrainState, fold: Fold, rt: Runtime, console: Console) -> dict | None:
-    """Load the fold's resume checkpoint into state, when it holds one of this fold; where it resumed."""
-    saved = fold.checkpoint.load() if fold.checkpoint else None
+def restore(state: TrainState, saved: dict | None, fold: Fold, rt: Runtime, console: Console) -> dict | None:
+    """Load the fold's resume checkpoint (`saved`, None: it holds none of this fold) into state; where it
+    resumed."""
     if saved is None:
         return None
     state.load_blob(saved, rt.device)
