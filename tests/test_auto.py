@@ -65,6 +65,7 @@ def test_a_slow_encoder_is_skipped_and_the_classical_runs_make_the_submission(tm
     members = summary(cfg)["members"]
     assert members["linear"]["status"] == members["gbm"]["status"] == "trained"
     assert members["encoder"]["status"] == "skipped" and "max_length 48, 1 epoch and" in members["encoder"]["reason"]
+    assert members["llm"]["status"] == "skipped" and "CUDA GPU" in members["llm"]["reason"]  # this CPU machine
     submission = pd.read_csv(tmp_path / "submissions" / "auto.csv")
     assert len(submission) == len(pd.read_csv(tmp_path / "data" / "test.csv"))
     assert (tmp_path / "bundle" / "manifest.json").is_file()
@@ -82,6 +83,28 @@ def test_the_encoder_is_sized_to_what_is_left(tmp_path, tiny_model, clocked, mon
     assert "train.epochs=1" in members["encoder"]["settings"]  # 2 epochs would not fit; 1 does
     record = json.loads((tmp_path / "folds" / "encoder" / "fold_0" / "metrics.json").read_text())
     assert len(record["history"]) == 1
+
+
+def test_where_a_gpu_has_the_memory_an_llm_run_shares_the_encoders_budget(tmp_path, tiny_model, clocked,
+                                                                          monkeypatch):
+    cfg = write_project(tmp_path, tiny_model)
+    monkeypatch.setattr(auto, "encoder_speed", lambda *a: speed(1.0))
+    monkeypatch.setattr(auto.Auto, "llm_absent", lambda self: "")  # as on a CUDA GPU with SmolLM2 installed
+    planned, run = {}, auto.Auto.run
+
+    def record(self, name, expected, sets, why):
+        if name in ("encoder", "llm"):  # planned, not trained
+            planned[name] = (expected, sets, self.left())
+            self.clock.now += expected
+            self.members[name] = {"status": "skipped", "reason": "planned"}
+            return
+        run(self, name, expected, sets, why)
+    monkeypatch.setattr(auto.Auto, "run", record)
+    assert run_auto(cfg, clocked, "16m") == 0  # 1 epoch fits in half of what is left, 2 in the rest
+    (encoder, sets, left), (llm, llm_sets, llm_left) = planned["encoder"], planned["llm"]
+    assert encoder <= 0.5 * (left - auto.reserve(960))  # half of what was left
+    assert encoder < llm <= llm_left - auto.reserve(960)  # the rest
+    assert all(o in llm_sets for o in auto.LLM) and not any(o in sets for o in auto.LLM)
 
 
 def test_a_budget_spent_mid_run_stops_at_a_fold_boundary_and_a_rerun_continues(tmp_path, tiny_model, clocked,
@@ -209,3 +232,22 @@ def test_a_folds_fixed_costs_and_checkpoints_count_in_its_seconds():
     assert auto.checkpoint_seconds(plain, 1200) == pytest.approx(24.0)  # the budget / CHECKPOINTS
     assert auto.checkpoint_seconds(costly, 1200) == pytest.approx(40.0)  # a save at most 5% of the training between
     assert auto.checkpoint_seconds(dataclasses.replace(plain, save=60.0), 1200) == pytest.approx(84.0)  # 7% at most
+
+
+def test_the_auto_benchmarks_baseline_reads_the_text_on_comps_folds(tmp_path):
+    from comp import bench_auto
+    from tests.conftest import make_tables
+    root = tmp_path / "fixture"
+    root.mkdir()
+    tables = make_tables(n_train=120, n_test=30)
+    for name, table in tables.items():
+        table.to_csv(root / name, index=False)
+    assert bench_auto.prepare(tmp_path, "fixture", tmp_path / "cache", rows=90) == root  # comp.init, comp.folds
+    assert (root / "comp.toml").is_file() and (root / "folds" / "folds.csv").is_file()
+    scores = bench_auto.baseline(root, rows=90)
+    assert scores["cv"] > 0.9 and scores["lb"] > 0.9  # the fixture's text carries the label
+    shuffled = tables["train.csv"].assign(label=np.random.default_rng(0).permutation(tables["train.csv"]["label"]))
+    shuffled.to_csv(root / "train.csv", index=False)
+    (root / "folds" / "folds.csv").unlink()
+    bench_auto.prepare(tmp_path, "fixture", tmp_path / "cache", rows=90)
+    assert bench_auto.baseline(root, rows=90)["cv"] < 0.6  # no signal left: about chance (3 classes)
