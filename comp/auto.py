@@ -29,6 +29,9 @@ CHECKPOINTS = 50        # an encoder run checkpoints about this many times in th
 SAVE_SHARE = 0.05       # fewer where a checkpoint would cost more than this share of the training between two,
 LAST_STOP = 0.07        # but at least every this share of the budget (a stop overruns by at most one interval)
 NAME = "auto"           # the blend's run name: submissions/auto.csv, folds/auto/blend.json
+# An encoder plan fills this share of its budget: plans have come out 12% over and under the run (docs/auto.md),
+# and a run the limit stops before its last fold is lost to the blend, where one sized 15% short loses little
+PLAN_SHARE = 0.85
 # The LLM member, where a CUDA GPU has the memory: the packaged SmolLM2 with LoRA adapters (docs/llm.md), sized
 # like the encoder; the encoder then plans with half of what is left, the LLM with the rest
 LLM = ["model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct", "model.pooling=auto", "model.lora.r=16",
@@ -131,10 +134,10 @@ class Auto:
         comp = load_competition(cfg)
         n = len(comp.y)
         sizes = (n - n // cfg.folds.n_splits, n // cfg.folds.n_splits, len(comp.test))
-        speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console))
+        speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console), tuple(lengths(cfg)))
         budget = share * (self.left() - reserve(self.limit))
         every = checkpoint_seconds(speed, self.limit)
-        chosen = encoder_plan(speed, cfg, sizes, budget, every)
+        chosen = encoder_plan(speed, cfg, sizes, PLAN_SHARE * budget, every)
         if chosen is None:
             least, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
             need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:], every)

@@ -56,10 +56,9 @@ LENGTH_ROWS = 20_000  # the training rows whose token lengths estimate a fold's 
 SHORT = 8  # tokens a row keeps in the epochs that measure what a training step costs beyond its tokens
 
 
-def padded_tokens(lengths: np.ndarray, batches, multiple: int, power: int = 1) -> int:
-    """What a list of batches costs: each batch's rows × its longest row (rounded up to `multiple` tokens); with
-    power 2, × that length once more (attention's share, which grows with the window)."""
-    return sum(len(b) * (-(-int(lengths[b].max()) // multiple) * multiple) ** power for b in batches if len(b))
+def padded_tokens(lengths: np.ndarray, batches, multiple: int) -> int:
+    """What a list of batches costs: each batch's rows × its longest row, rounded up to `multiple` tokens."""
+    return sum(len(b) * -(-int(lengths[b].max()) // multiple) * multiple for b in batches if len(b))
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,10 @@ class EncoderSpeed:
     weight: most of a step for a large vocabulary and short texts), and the token lengths of the competition's
     training rows at the config's max_length: batched as a fold batches them (training: pools sorted by length;
     prediction: sorted), they give a fold's padded tokens at any max_length. A small sample's batches hold more
-    padding than a fold's, so its rows/s alone would understate a fold's speed. A padded token costs more in a
-    longer batch (attention compares it with every other): `quadratic` is the training seconds a padded token costs
-    per token of its batch's length, on top of 1 / `train`."""
+    padding than a fold's, so its rows/s alone would understate a fold's speed. A padded token's cost depends on
+    the window (on 2 cores MiniLM trains 1,800 tokens/s at 64-128 and 550 at 256), so `windows` holds the
+    (training tokens/s, step seconds) measured at each max_length a plan may choose; `train` and `step` serve any
+    other."""
 
     train: float
     predict: float
@@ -82,23 +82,22 @@ class EncoderSpeed:
     step: float = 0.0
     fixed: float = 0.0  # seconds a fold costs whatever its rows: building the model and writing it
     save: float = 0.0   # seconds a resume checkpoint costs (weights, best weights, optimizer state)
-    quadratic: float = 0.0
+    windows: dict = field(default_factory=dict)  # max_length -> (training tokens/s, step seconds) measured there
     known: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # per_row's answers: a plan asks often
 
-    def per_row(self, max_length: int, training: bool, power: int = 1) -> float:
-        """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length` (power 2: each
-        × its batch's length)."""
-        if (max_length, training, power) not in self.known:
+    def per_row(self, max_length: int, training: bool) -> float:
+        """Padded tokens a row costs in a fold's training (or prediction) batches at `max_length`."""
+        if (max_length, training) not in self.known:
             lengths = np.minimum(self.lengths, max_length)
             batches = (train_batches(lengths, self.batch_size, np.random.default_rng(0)) if training
                        else inference_batches(lengths, self.eval_batch_size))
-            self.known[max_length, training, power] = padded_tokens(lengths, batches, self.multiple, power) / len(lengths)
-        return self.known[max_length, training, power]
+            self.known[max_length, training] = padded_tokens(lengths, batches, self.multiple) / len(lengths)
+        return self.known[max_length, training]
 
     def rows_per_second(self, max_length: int) -> tuple[float, float]:
         """A fold's training and prediction rows/s at `max_length`."""
-        grows = self.quadratic * self.per_row(max_length, True, 2) if self.quadratic else 0.0
-        train = 1 / (self.step / self.batch_size + self.per_row(max_length, True) / self.train + grows)
+        speed, step = self.windows.get(max_length, (self.train, self.step))
+        train = 1 / (step / self.batch_size + self.per_row(max_length, True) / speed)
         return train, self.predict / self.per_row(max_length, False)
 
     def fold_seconds(self, max_length: int, epochs: int, n_train: int, n_val: int, n_test: int,
@@ -113,12 +112,13 @@ class EncoderSpeed:
         return self.fixed + checkpoints * self.save + training + predicted / predict
 
 
-def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64) -> EncoderSpeed:
+def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, windows: tuple[int, ...] = (),
+                  rows: int = 64) -> EncoderSpeed:
     """Train and predict the config's model, built as a fold builds it, on `rows` random training rows: after a
     warm-up epoch, the faster of two epochs and of two prediction passes (a moment of other work on the machine
-    slows one). Epochs of the same rows cut to SHORT tokens and to half their mean padded length split a step's
-    seconds into a part that does not grow with its padded tokens, one that grows with them, and one that grows
-    with them × the batch's length (`step_costs`)."""
+    slows one). Training is timed at the config's max_length and at each of `windows` (the rows cut to it; a cut
+    that changes no row reuses the last measure), and at SHORT tokens, which splits a step's seconds into a part
+    that grows with its padded tokens and a part that does not."""
     idx = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:rows]
     _, train_rows, _, _ = prepare_fold(cfg, comp, idx, idx[:1], Tokens(tokens.train, None, tokens.pad_id))
     built, model = timed(build_model, cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root,
@@ -128,20 +128,23 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64
     state, rng = set_up(cfg.train, model, fold, rt)
     multiple = cfg.train.pad_to_multiple_of
     with make_progress(Console(quiet=True)) as progress:
-        def epoch(part) -> tuple[int, int, int]:
+        def epoch(part) -> tuple[int, int]:
             shares = epoch_batches(part, cfg.train, rng)
             train_one_epoch(state, part, shares, rt, progress)
-            return len(shares), *(padded_tokens(part.lengths, [b for b, _ in shares], multiple, p) for p in (1, 2))
+            return padded_tokens(part.lengths, [b for b, _ in shares], multiple), len(shares)
 
-        def fastest(part) -> tuple[float, int, int, int]:
+        def fastest(length: int) -> tuple[float, int, int]:
+            part = dataclasses.replace(train_rows, tokens=[t[:length] for t in train_rows.tokens])
             epoch(part)  # warm-up: the first batches of a shape are slower
             return min((seconds, *work) for seconds, work in (timed(epoch, part) for _ in range(2)))
-
-        def cut(length: int):
-            return dataclasses.replace(train_rows, tokens=[t[:length] for t in train_rows.tokens])
-        full = fastest(train_rows)
-        epochs = [full, fastest(cut(SHORT)), fastest(cut(max(SHORT + 1, full[3] // max(full[2], 1) // 2)))]
-    step, per_token, quadratic = step_costs(epochs)
+        short = fastest(SHORT)
+        measured: dict[int, tuple[float, float]] = {}
+        longest = int(max(len(t) for t in train_rows.tokens))
+        for length in sorted({*windows, cfg.model.max_length}):
+            if not measured or max(measured) < longest:  # past the sample's longest row every cut is the same
+                measured[length] = step_split(fastest(length), short)
+        for length in sorted({*windows, cfg.model.max_length}):
+            measured.setdefault(length, measured[max(k for k in measured if k <= length)])
     eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
     inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
     predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
@@ -151,18 +154,15 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, rows: int = 64
     state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as a fold's checkpoints hold
     with tempfile.TemporaryDirectory() as tmp:
         save = timed(Checkpoint(Path(tmp) / "last.pt", {}).save, state)[0]
-    return EncoderSpeed(1 / per_token if per_token > 0 else full[2] / full[0], predict_speed, np.asarray(every),
-                        cfg.train.batch_size, eval_batch, multiple, step, fixed=built + save, save=save,
-                        quadratic=quadratic)
+    speed, step = measured[cfg.model.max_length]
+    return EncoderSpeed(speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple, step,
+                        fixed=built + save, save=save, windows=measured)
 
 
-def step_costs(epochs: list[tuple[float, int, int, int]]) -> tuple[float, float, float]:
-    """The seconds a training step costs whatever its tokens, a padded token, and a padded token per token of its
-    batch's length: the non-negative least-squares fit to epochs of (seconds, steps, padded tokens, padded tokens
-    × their batch's length)."""
-    from scipy.optimize import nnls
-
-    a = np.array([e[1:] for e in epochs], dtype=float)
-    scale = np.linalg.norm(a, axis=0).clip(min=1e-12)
-    coef, _ = nnls(a / scale, np.array([e[0] for e in epochs], dtype=float))
-    return tuple(float(c) for c in coef / scale)
+def step_split(full: tuple[float, int, int], short: tuple[float, int, int]) -> tuple[float, float]:
+    """(training tokens/s, seconds a step costs whatever its tokens) from epochs of (seconds, padded tokens,
+    steps) at a window and at SHORT tokens."""
+    per_token = (full[0] - short[0]) / max(full[1] - short[1], 1)
+    if per_token <= 0:
+        return full[1] / full[0], 0.0
+    return 1 / per_token, max(0.0, (short[0] - short[1] * per_token) / short[2])
