@@ -21,7 +21,7 @@ from comp import cli, metrics
 from comp.artifacts import read_json, write_json
 from comp.config import load as load_config
 from comp.errors import CompError, run_cli
-from comp.outputs.collect import leaderboard, read_fold
+from comp.outputs.collect import average_probabilities, leaderboard, read_fold, test_logits_in_order
 from comp.tables import demos
 from comp.tables.read import load_competition
 from comp.tables.splits import load_folds
@@ -91,15 +91,10 @@ def run_auto(root: Path, limit: str, rows: int) -> dict:
 
 
 def member_lb(cfg, comp, folds_fp: str) -> float:
-    """A finished run's LB: its folds' test logits averaged, as comp.submit sends them."""
-    order = pd.Series(np.arange(len(comp.test_ids)), index=comp.test_ids)
-    logits = 0.0
-    for k in range(cfg.folds.n_splits):
-        out = read_fold(cfg, k, folds_fp, check_config=False)
-        fold = np.zeros_like(out.test_logits, dtype=np.float64)
-        fold[order[out.test_ids.astype(str)].to_numpy()] = out.test_logits
-        logits = logits + fold / cfg.folds.n_splits
-    return leaderboard(cfg, comp, metrics.activate(cfg.data.task, logits))[cfg.data.metric]
+    """A finished run's LB: the mean of its folds' test probabilities, as comp.submit sends them."""
+    outputs = [read_fold(cfg, k, folds_fp, check_config=False) for k in range(cfg.folds.n_splits)]
+    predictions = average_probabilities(test_logits_in_order(comp, outputs), cfg.data.task)
+    return leaderboard(cfg, comp, predictions)[cfg.data.metric]
 
 
 def text_features(texts: list[str]):

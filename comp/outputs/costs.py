@@ -141,10 +141,8 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, windows: tuple
         measured: dict[int, tuple[float, float]] = {}
         longest = int(max(len(t) for t in train_rows.tokens))
         for length in sorted({*windows, cfg.model.max_length}):
-            if not measured or max(measured) < longest:  # past the sample's longest row every cut is the same
-                measured[length] = step_split(fastest(length), short)
-        for length in sorted({*windows, cfg.model.max_length}):
-            measured.setdefault(length, measured[max(k for k in measured if k <= length)])
+            same = measured and max(measured) >= longest  # past the sample's longest row every cut is the same
+            measured[length] = measured[max(measured)] if same else step_split(fastest(length), short)
     eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
     inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
     predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
