@@ -73,6 +73,8 @@ def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int], 
     fits = []
     for rows in row_counts(n_train):
         for length in lengths(cfg):
+            if speed.windows and length not in speed.windows:
+                continue  # not measured: encoder_speed found it past any budget
             for epochs in range(1, cfg.train.epochs + 1):
                 if cfg.folds.n_splits * speed.fold_seconds(length, epochs, rows, n_val, n_test, every) <= seconds:
                     fits.append((rows, round(epochs * speed.per_row(length, True)), epochs, length))
@@ -80,6 +82,11 @@ def encoder_plan(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int], 
         return None
     rows, _, epochs, length = max(fits)
     return rows, length, epochs
+
+
+def least(speed: EncoderSpeed, cfg: Config, sizes: tuple[int, int, int], length: int, every: float) -> float:
+    """Seconds the folds of the least encoder run at `length` take: 1 epoch of the fewest training rows."""
+    return cfg.folds.n_splits * speed.fold_seconds(length, 1, row_counts(sizes[0])[-1], *sizes[1:], every)
 
 
 class Auto:
@@ -134,15 +141,18 @@ class Auto:
         comp = load_competition(cfg)
         n = len(comp.y)
         sizes = (n - n // cfg.folds.n_splits, n // cfg.folds.n_splits, len(comp.test))
-        speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console), tuple(lengths(cfg)))
+        def worth(speed: EncoderSpeed, length: int) -> bool:
+            return least(speed, cfg, sizes, length, checkpoint_seconds(speed, self.limit)) <= \
+                PLAN_SHARE * share * (self.left() - reserve(self.limit))
+        speed = encoder_speed(cfg, comp, tokenize_tables(cfg, comp, self.console), tuple(lengths(cfg)), worth=worth)
         budget = share * (self.left() - reserve(self.limit))
         every = checkpoint_seconds(speed, self.limit)
         chosen = encoder_plan(speed, cfg, sizes, PLAN_SHARE * budget, every)
         if chosen is None:
-            least, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
-            need = cfg.folds.n_splits * speed.fold_seconds(least, 1, rows, *sizes[1:], every)
-            self.members[name] = {"status": "skipped", "reason": f"{rated(speed, least)}: even max_length "
-                                  f"{least}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
+            short, rows = lengths(cfg)[0], row_counts(sizes[0])[-1]
+            need = least(speed, cfg, sizes, short, every)
+            self.members[name] = {"status": "skipped", "reason": f"{rated(speed, short)}: even max_length "
+                                  f"{short}, 1 epoch and {rows} training rows a fold need {need / 60:.1f} min, "
                                   f"{max(budget, 0) / 60:.1f} min left"}
             return
         rows, length, epochs = chosen

@@ -155,6 +155,19 @@ def autogluon(root: Path, rows: int, python: str, preset: str, limit_s: float) -
     return {**result, "lb": leaderboard(cfg, comp, onehot)[cfg.data.metric], "wall_s": round(wall, 1)}
 
 
+def record(out: Path, key: str, entry: dict) -> None:
+    """Merge one table's results into `out`, read just before: another bench_auto (AutoGluon on the other core,
+    say) may have written its own since this one started."""
+    results = read_json(out) if out.is_file() else {}
+    into = results.setdefault(key, {})
+    for name, value in entry.items():
+        if isinstance(value, dict) and name == "autogluon":  # one result per preset
+            into.setdefault(name, {}).update(value)
+        else:
+            into[name] = value
+    write_json(out, results)
+
+
 def show(results: dict, console) -> None:
     table = Table(title="comp.auto against the baseline (CV / LB)")
     for col in ("table", "limit", "auto (chosen)", "members", "wall, min", "baseline", "AutoGluon"):
@@ -193,20 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         console = cli.console(args.quiet)
         work = Path(args.work).resolve()
         out = work / "bench_auto.json"
-        results = read_json(out) if out.is_file() else {}
         for table in args.tables.split(","):
             if table not in demos.DEMOS:
                 raise CompError(f"--tables: unknown table {table!r}; one of {', '.join(demos.DEMOS)}")
             root = prepare(work, table, Path(args.cache).resolve(), args.rows)
-            entry = results.setdefault(f"{table}@{args.limit}", {})
+            entry: dict = {}
             if not args.skip_auto:
                 entry["auto"] = run_auto(root, args.limit, args.rows)
             entry["baseline"] = baseline(root, args.rows)
             for preset in (args.presets.split(",") if args.autogluon else []):
                 entry.setdefault("autogluon", {})[preset] = autogluon(root, args.rows, args.autogluon, preset,
                                                                       cli.duration(args.limit))
-            write_json(out, results)
-        show(results, console)
+            record(out, f"{table}@{args.limit}", entry)
+        show(read_json(out), console)
         return 0
 
     return run_cli(body)

@@ -60,7 +60,7 @@ def summary(cfg) -> dict:
 def test_a_slow_encoder_is_skipped_and_the_classical_runs_make_the_submission(tmp_path, tiny_model, clocked,
                                                                             monkeypatch):
     cfg = write_project(tmp_path, tiny_model)
-    monkeypatch.setattr(auto, "encoder_speed", lambda *a: speed(0.01))  # 60 rows need hours
+    monkeypatch.setattr(auto, "encoder_speed", lambda *a, **k: speed(0.01))  # 60 rows need hours
     assert run_auto(cfg, clocked, "10m") == 0
     members = summary(cfg)["members"]
     assert members["linear"]["status"] == members["gbm"]["status"] == "trained"
@@ -75,7 +75,7 @@ def test_a_slow_encoder_is_skipped_and_the_classical_runs_make_the_submission(tm
 def test_the_encoder_is_sized_to_what_is_left(tmp_path, tiny_model, clocked, monkeypatch):
     cfg = write_project(tmp_path, tiny_model)
     # 60 training rows a fold at 1 row/s: an epoch at max_length 48 about 60 s, 3 folds of 2 epochs ~ 7 min
-    monkeypatch.setattr(auto, "encoder_speed", lambda *a: speed(1.0))
+    monkeypatch.setattr(auto, "encoder_speed", lambda *a, **k: speed(1.0))
     clocked.per_fold = 60.0  # the classical runs take 6 of the 13 minutes; 2 epochs need 7.5, 1 epoch 4
     assert run_auto(cfg, clocked, "13m") == 0
     members = summary(cfg)["members"]
@@ -88,7 +88,7 @@ def test_the_encoder_is_sized_to_what_is_left(tmp_path, tiny_model, clocked, mon
 def test_where_a_gpu_has_the_memory_an_llm_run_shares_the_encoders_budget(tmp_path, tiny_model, clocked,
                                                                           monkeypatch):
     cfg = write_project(tmp_path, tiny_model)
-    monkeypatch.setattr(auto, "encoder_speed", lambda *a: speed(1.0))
+    monkeypatch.setattr(auto, "encoder_speed", lambda *a, **k: speed(1.0))
     monkeypatch.setattr(auto.Auto, "llm_absent", lambda self: "")  # as on a CUDA GPU with SmolLM2 installed
     planned, run = {}, auto.Auto.run
 
@@ -110,7 +110,7 @@ def test_where_a_gpu_has_the_memory_an_llm_run_shares_the_encoders_budget(tmp_pa
 def test_a_budget_spent_mid_run_stops_at_a_fold_boundary_and_a_rerun_continues(tmp_path, tiny_model, clocked,
                                                                                monkeypatch):
     cfg = write_project(tmp_path, tiny_model)
-    monkeypatch.setattr(auto, "encoder_speed", lambda *a: speed(0.01))
+    monkeypatch.setattr(auto, "encoder_speed", lambda *a, **k: speed(0.01))
     clocked.per_fold = 100.0  # the linear run expects seconds a fold; each takes 100 of a 3-minute budget
     assert run_auto(cfg, clocked, "3m") == 2  # no run finished: nothing to blend
     linear = [load(cfg, ["run.name=linear"]).fold_dir(k) / "metrics.json" for k in range(3)]
@@ -136,6 +136,11 @@ def test_the_encoders_speed_is_measured_on_the_competitions_rows(tmp_path, tiny_
     windowed = encoder_speed(cfg, comp, runs.tokenize_tables(cfg, comp, console(True)), (8, 16), rows=32)
     assert set(windowed.windows) == {8, 16, cfg.model.max_length}  # each window a plan may choose
     assert windowed.windows[cfg.model.max_length] == (windowed.train, windowed.step)
+    asked = []  # a window no plan could afford ends the measure: it and every longer one are left unmeasured
+    cut = encoder_speed(cfg, comp, runs.tokenize_tables(cfg, comp, console(True)), (8, 16), rows=32,
+                        worth=lambda s, length: asked.append((length, s.windows[length])) or length < 16)
+    assert set(cut.windows) == {8} and asked == [(16, cut.windows[8])]  # asked at the last window's rate
+    assert (cut.train, cut.step) == cut.windows[8]
 
 
 def test_a_folds_padded_tokens_follow_its_batching_not_a_samples():
@@ -173,6 +178,8 @@ def test_the_plan_takes_the_most_work_that_fits():
     assert auto.encoder_plan(fast, cfg, sizes, seconds[256, 3] - 1) == (800, 256, 2)  # 2 × 178 tokens a row over 3 × 114
     assert auto.encoder_plan(fast, cfg, sizes, seconds[64, 1] - 1) is None  # 400 rows would be below MIN_ROWS
     assert seconds[128, 1] < seconds[256, 1]  # shorter windows cost less
+    measured = EncoderSpeed(10.0, 30.0, fast.lengths, 2, 2, 1, windows={64: (10.0, 0.0), 128: (10.0, 0.0)})
+    assert auto.encoder_plan(measured, cfg, sizes, seconds[256, 3]) == (800, 128, 3)  # 256 was not measured
 
 
 def test_the_plan_trains_on_fewer_rows_before_it_skips_the_encoder():
@@ -244,3 +251,14 @@ def test_the_auto_benchmarks_baseline_reads_the_text_on_comps_folds(tmp_path):
     (root / "folds" / "folds.csv").unlink()
     bench_auto.prepare(tmp_path, "fixture", tmp_path / "cache", rows=90)
     assert bench_auto.baseline(root, rows=90)["cv"] < 0.6  # no signal left: about chance (3 classes)
+
+
+def test_the_auto_benchmark_merges_what_two_runs_beside_each_other_wrote(tmp_path):
+    from comp import bench_auto
+    from comp.artifacts import read_json
+    out = tmp_path / "bench_auto.json"
+    bench_auto.record(out, "birds@60m", {"baseline": {"cv": 0.3}, "autogluon": {"best_quality": {"lb": 0.5}}})
+    bench_auto.record(out, "birds@60m", {"auto": {"rc": 0}, "baseline": {"cv": 0.3},
+                                         "autogluon": {"medium_quality": {"lb": 0.4}}})
+    assert read_json(out)["birds@60m"] == {"baseline": {"cv": 0.3}, "auto": {"rc": 0},
+                                           "autogluon": {"best_quality": {"lb": 0.5}, "medium_quality": {"lb": 0.4}}}

@@ -32,3 +32,12 @@ def test_failed_fold_process_is_reported(tmp_path, tiny_model, capsys):
     code = train.main(["--config", str(cfg), "--all", "--jobs", "2", "--set", "model.max_length=4096"])
     err = capsys.readouterr()
     assert code == 2 and "failed" in err.err and "model.max_length" in err.out
+
+
+def test_cpu_jobs_split_the_cores_this_process_may_use(monkeypatch):
+    from comp.nn import parallel
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0}, raising=False)  # taskset -c 0
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 16)
+    assert [s.env["OMP_NUM_THREADS"] for s in parallel.make_slots(None, 1)] == ["1"]
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [s.env["OMP_NUM_THREADS"] for s in parallel.make_slots(None, 2)] == ["4", "4"]

@@ -28,7 +28,8 @@ def make_slots(devices: list[str] | None, jobs: int) -> list[Slot]:
     """One slot per listed GPU, else `jobs` CPU slots that split the cores between them."""
     if devices:
         return [Slot(f"cuda device {d}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices]
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(1, cores // jobs))  # the cores this process may use (taskset, a container's share)
     return [Slot(f"cpu job {i}", {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""})
             for i in range(jobs)]
 

@@ -113,12 +113,15 @@ class EncoderSpeed:
 
 
 def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, windows: tuple[int, ...] = (),
-                  rows: int = 64) -> EncoderSpeed:
+                  rows: int = 64, worth=None) -> EncoderSpeed:
     """Train and predict the config's model, built as a fold builds it, on `rows` random training rows: after a
     warm-up epoch, the faster of two epochs and of two prediction passes (a moment of other work on the machine
     slows one). Training is timed at the config's max_length and at each of `windows` (the rows cut to it; a cut
     that changes no row reuses the last measure), and at SHORT tokens, which splits a step's seconds into a part
-    that grows with its padded tokens and a part that does not."""
+    that grows with its padded tokens and a part that does not. `worth(speed, length)`, where given, is asked
+    before each window past the shortest, with that window costed at the rate of the last one measured (on a CPU a
+    longer window's tokens cost no less); False ends the measure there: no plan could afford that window or longer,
+    and measuring it costs the budget most (bbc: 90 s at 256 tokens)."""
     idx = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:rows]
     _, train_rows, _, _ = prepare_fold(cfg, comp, idx, idx[:1], Tokens(tokens.train, None, tokens.pad_id))
     built, model = timed(build_model, cfg.model, train_rows.meta.shape[1], len(comp.classes), root=cfg.root,
@@ -138,23 +141,29 @@ def encoder_speed(cfg: Config, comp: Competition, tokens: Tokens, windows: tuple
             epoch(part)  # warm-up: the first batches of a shape are slower
             return min((seconds, *work) for seconds, work in (timed(epoch, part) for _ in range(2)))
         short = fastest(SHORT)
+        eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
+        inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
+        predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device,
+                                              rt.amp)[0] for _ in range(2))
+        table = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:LENGTH_ROWS]
+        every = prepare_fold(cfg, comp, table, table[:1], Tokens(tokens.train, None, tokens.pad_id))[1].lengths
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as a fold's checkpoints
+        with tempfile.TemporaryDirectory() as tmp:
+            save = timed(Checkpoint(Path(tmp) / "last.pt", {}).save, state)[0]
+
+        def speed(measured: dict) -> EncoderSpeed:  # an unmeasured config window: the last one's rate
+            rate, step = measured.get(cfg.model.max_length, measured[max(measured)])
+            return EncoderSpeed(rate, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple,
+                                step, fixed=built + save, save=save, windows=measured)
         measured: dict[int, tuple[float, float]] = {}
         longest = int(max(len(t) for t in train_rows.tokens))
         for length in sorted({*windows, cfg.model.max_length}):
+            last = measured[max(measured)] if measured else None
+            if last and worth and not worth(speed({**measured, length: last}), length):
+                break
             same = measured and max(measured) >= longest  # past the sample's longest row every cut is the same
-            measured[length] = measured[max(measured)] if same else step_split(fastest(length), short)
-    eval_batch = eval_rows(cfg.train.eval_batch_size, rt.device)
-    inference = padded_tokens(train_rows.lengths, inference_batches(train_rows.lengths, eval_batch), multiple)
-    predict_speed = max(inference / timed(predict, model, train_rows, eval_batch, tokens.pad_id, rt.device, rt.amp)[0]
-                        for _ in range(2))
-    table = np.random.default_rng(cfg.train.seed).permutation(len(comp.y))[:LENGTH_ROWS]
-    every = prepare_fold(cfg, comp, table, table[:1], Tokens(tokens.train, None, tokens.pad_id))[1].lengths
-    state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as a fold's checkpoints hold
-    with tempfile.TemporaryDirectory() as tmp:
-        save = timed(Checkpoint(Path(tmp) / "last.pt", {}).save, state)[0]
-    speed, step = measured[cfg.model.max_length]
-    return EncoderSpeed(speed, predict_speed, np.asarray(every), cfg.train.batch_size, eval_batch, multiple, step,
-                        fixed=built + save, save=save, windows=measured)
+            measured[length] = last if same else step_split(fastest(length), short)
+    return speed(measured)
 
 
 def step_split(full: tuple[float, int, int], short: tuple[float, int, int]) -> tuple[float, float]:
