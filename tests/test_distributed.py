@@ -97,8 +97,10 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path, tiny_model):
     assert ra["n_train"] == rb["n_train"] and ra["n_val"] == rb["n_val"]
     assert np.array_equal(np.load(a / "oof_ids.npy"), np.load(b / "oof_ids.npy"))
     assert np.array_equal(np.load(a / "test_ids.npy"), np.load(b / "test_ids.npy"))
-    wa, wb = (load_file(str(p / "model.safetensors")) for p in (a, b))  # each rank fitted the same text_norm
-    assert all(torch.equal(wa[f"text_norm.{k}"], wb[f"text_norm.{k}"]) for k in ("center", "scale"))
+    # each rank fitted text_norm on the same rows (the one-process run's threads may round the sums differently)
+    wa, wb = (load_file(str(p / "model.safetensors")) for p in (a, b))
+    for k in ("center", "scale"):
+        assert torch.allclose(wa[f"text_norm.{k}"], wb[f"text_norm.{k}"], rtol=1e-4, atol=1e-6)
     for ea, eb in zip(ra["history"], rb["history"], strict=True):
         assert eb["val_loss"] == pytest.approx(ea["val_loss"], rel=0.05)
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=0.05)
