@@ -215,7 +215,7 @@ class Auto:
         if code != 0:
             raise CompError("comp.auto: the blend failed (the line above says why)")
         record = read_json(cfg.replace("run", name=NAME).run_dir / "blend.json")
-        if self.command(export, "export", ["--blend", NAME, "--out", str(cfg.root / "bundle")]) != 0:
+        if self.command(export, "export", ["--blend", NAME, "--out", str(cfg.root / "bundle"), "--replace"]) != 0:
             raise CompError("comp.auto: the export failed (the line above says why)")
         weights = dict(zip(record["runs"], record["weights"] or [None] * len(finished), strict=True))
         for name, member in self.members.items():

@@ -140,12 +140,15 @@ def measure_speed(cfg: Config, members: list[Member], console) -> dict | None:
 
 
 def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = None, console=None,
-           base: Path | None = None, with_full: bool = False) -> dict:
-    """Write the bundle into a temporary folder beside `out`, then move it into place. `base`: LoRA members name
-    this folder (their base model, checked by digest) instead of carrying its weights."""
+           base: Path | None = None, with_full: bool = False, replace: bool = False) -> dict:
+    """Write the bundle into a temporary folder beside `out`, then move it into place (`replace`: over the bundle
+    already there, once the new one is whole). `base`: LoRA members name this folder (their base model, checked by
+    digest) instead of carrying its weights."""
     console = console or cli.console()
-    if out.exists():
-        raise CompError(f"{out} already exists: remove it or pick another --out")
+    if out.exists() and not replace:
+        raise CompError(f"{out} already exists: remove it, pick another --out, or pass --replace")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise CompError(f"{out} is not a bundle (no manifest.json): --replace replaces only a bundle; pick another --out")
     members, stack, decision = members_of(cfg, run, blend, with_full)
     bases = {m.name: base_digest(m, base) for m in members} if base is not None else {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +171,13 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
                                 for m in members],
                     "cv": {m.name: [read_json(fm.path / "metrics.json").get("oof") for fm in m.folds] for m in members}}
         bundle.write_manifest(tmp, manifest)
-        tmp.rename(out)
+        if out.exists():  # --replace: the old bundle leaves only once the new one is complete
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--run", help="the finished run to export (default: run.name of the config)")
     which.add_argument("--blend", help="a blend made by comp.blend (its runs and weights)")
     parser.add_argument("--out", required=True, help="the bundle folder to create")
+    parser.add_argument("--replace", action="store_true", help="replace the bundle already at --out (once the new "
+                        "one is written whole)")
     parser.add_argument("--with-full", action="store_true", help="with --run: bundle the run's full-data refit "
                         "as one more fold (as comp.submit --with-full averages it)")
     parser.add_argument("--base", metavar="DIR", help="LoRA runs: name this base model folder (already uploaded) "
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         console = cli.console(args.quiet)
         export(cli.load_config(args, console), Path(args.out), args.run, args.blend, console,
-               Path(args.base) if args.base else None, args.with_full)
+               Path(args.base) if args.base else None, args.with_full, args.replace)
         return 0
 
     return run_cli(body)

@@ -70,6 +70,9 @@ def test_a_slow_encoder_is_skipped_and_the_classical_runs_make_the_submission(tm
     assert len(submission) == len(pd.read_csv(tmp_path / "data" / "test.csv"))
     assert (tmp_path / "bundle" / "manifest.json").is_file()
     assert summary(cfg)["ensemble"]["cv"] is not None
+    first = (tmp_path / "bundle" / "manifest.json").stat().st_ino
+    assert run_auto(cfg, clocked, "10m") == 0  # a finished comp.auto reruns: its runs kept, its bundle replaced
+    assert (tmp_path / "bundle" / "manifest.json").stat().st_ino != first
 
 
 def test_the_encoder_is_sized_to_what_is_left(tmp_path, tiny_model, clocked, monkeypatch):

@@ -112,6 +112,22 @@ def test_a_bundle_predicts_offline_what_submit_wrote_without_data_folds_model_or
     assert pd.read_csv(tmp_path / "sub.csv").equals(expected)
 
 
+def test_an_existing_bundle_is_replaced_only_when_asked_and_only_once_the_new_one_is_whole(trained, tmp_path, capsys):
+    out, other = tmp_path / "bundle", tmp_path / "notes"
+    assert cli(trained, export.main, "--run", "lin", "--out", str(out)) == 0
+    before = snapshot(out)
+    assert_user_error(cli(trained, export.main, "--run", "tiny", "--out", str(out)), capsys, "already exists", "--replace")
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert_user_error(cli(trained, export.main, "--run", "tiny", "--out", str(other), "--replace"), capsys,
+                      "not a bundle")
+    assert snapshot(out) == before and (other / "mine.txt").read_text() == "keep"
+    assert cli(trained, export.main, "--run", "tiny", "--out", str(out), "--replace") == 0
+    members = json.loads((out / "manifest.json").read_text())["members"]
+    assert [m["name"] for m in members] == ["tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "notes"]  # no temporary folder is left
+
+
 def test_a_bundled_linear_run_predicts_like_training(tmp_path, tiny_model):
     run = ("--set", "model.kind=linear")
     cfg, bundle_dir = exported(tmp_path, tiny_model, run)
