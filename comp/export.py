@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from comp import __version__, cli
-from comp.artifacts import read_json, read_sealed_json, sha256
+from comp.artifacts import atomic_dir, read_json, read_sealed_json, sha256
 from comp.config import Config, resolve_model_path, to_toml
 from comp.errors import CompError, run_cli
 from comp.nn.hardware import resolve_device
@@ -151,9 +150,7 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
         raise CompError(f"{out} is not a bundle (no manifest.json): --replace replaces only a bundle; pick another --out")
     members, stack, decision = members_of(cfg, run, blend, with_full)
     bases = {m.name: base_digest(m, base) for m in members} if base is not None else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:  # with --replace, the old bundle leaves only once the new one is whole
         stored = {m.name: copy_member(m, tmp, base if m.name in bases else None) for m in members}
         if stack is not None:
             (tmp / "stack").mkdir()
@@ -171,16 +168,6 @@ def export(cfg: Config, out: Path, run: str | None = None, blend: str | None = N
                                 for m in members],
                     "cv": {m.name: [read_json(fm.path / "metrics.json").get("oof") for fm in m.folds] for m in members}}
         bundle.write_manifest(tmp, manifest)
-        if out.exists():  # --replace: the old bundle leaves only once the new one is complete
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     how = "stacked" if stack else "weights " + ", ".join(f"{m.weight:.3f}" for m in members)
     console.print(f"wrote {out}: " + ", ".join(f"{m.name} ({len(m.folds)} folds)" for m in members)
