@@ -35,23 +35,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; move it into place only if the block succeeds. A folder already at
-    `path` leaves only then (the caller decides whether one may be replaced)."""
+    `path` leaves only then (the caller decides whether one may be replaced); with `replace` False it stays, and
+    what the block wrote is discarded (another process wrote the same folder first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = None
     try:
         yield work
-        if path.exists():
+        if replace and path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
             path.rename(old / path.name)
+        try:
             work.rename(path)
-            shutil.rmtree(old)
-        else:
-            work.rename(path)
+        except OSError:
+            if old is not None:
+                (old / path.name).rename(path)  # the folder that was there goes back
+            if replace or not path.is_dir():
+                raise
+            shutil.rmtree(work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

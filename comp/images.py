@@ -12,15 +12,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 import struct
-import tempfile
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 
-from comp.artifacts import write_json
+from comp.artifacts import atomic_dir, write_json
 from comp.config import user_cache
 from comp.errors import CompError
 
@@ -160,19 +158,13 @@ def rebuild(image_path: Path, out: Path) -> Path:
                         num_attention_heads=s["heads"], intermediate_size=s["intermediate"], hidden_act="gelu",
                         max_position_embeddings=s["positions"], type_vocab_size=s["types"], layer_norm_eps=s["eps"],
                         pad_token_id=image["special"][2])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out, replace=False) as work:  # a folder another process rebuilt first is kept
         config.save_pretrained(work)
         save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bert_state(image).items()},
                   str(work / "model.safetensors"), metadata={"format": "pt"})
         fast_tokenizer(image).save_pretrained(work)
         declare_mean_pooling(work)
         (work / "image.json").write_text(json.dumps({"image": image_path.name}), encoding="utf-8")
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 

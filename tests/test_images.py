@@ -100,3 +100,20 @@ def test_the_image_is_rebuilt_once_under_its_digest_and_trains(image, rebuilt, t
     assert train.main(["--config", str(cfg), "--fold", "0", *sets]) == 0
     logits = np.load(tmp_path / "p" / "folds" / "tiny" / "fold_0" / "test_logits.npy")
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+def test_a_folder_another_process_rebuilt_first_is_kept_and_a_failed_rebuild_leaves_nothing(tmp_path):
+    from comp.artifacts import atomic_dir
+    out = tmp_path / "models" / "e5"
+    with atomic_dir(out, replace=False) as work:
+        (work / "mine").write_text("second")
+        out.mkdir()  # another process finished its rebuild meanwhile
+        (out / "theirs").write_text("first")
+    assert [p.name for p in out.iterdir()] == ["theirs"] and [p.name for p in out.parent.iterdir()] == ["e5"]
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "models" / "other", replace=False) as work:
+        (work / "half").write_text("written")
+        raise RuntimeError("the conversion failed")
+    assert [p.name for p in out.parent.iterdir()] == ["e5"]
+    with atomic_dir(out) as work:  # replace: the new folder takes the place, the old one leaves
+        (work / "new").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new"] and [p.name for p in out.parent.iterdir()] == ["e5"]
